@@ -1,0 +1,1 @@
+"""Messenger client: the command line for messenger_server.py (work in progress)."""

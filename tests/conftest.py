@@ -1,0 +1,134 @@
+"""Fixtures: a real server on an ephemeral port, and a raw HTTP/1.1 client for it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+import messenger_server as ms
+
+
+@dataclasses.dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(
+    reader: asyncio.StreamReader, *, head_only: bool = False
+) -> RawResponse | None:
+    """One response from the stream (1xx skipped); None if the server closed first."""
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            assert not exc.partial, f"response cut short: {exc.partial!r}"
+            return None
+        except ConnectionResetError:
+            return None
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        version, status, _ = lines[0].split(" ", 2)
+        assert version == "HTTP/1.1"
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip()
+        if int(status) >= 200:
+            break
+    length = int(headers.get("content-length", "0"))
+    body = b"" if head_only else await reader.readexactly(length)
+    return RawResponse(int(status), headers, body)
+
+
+async def at_eof(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closed the stream (waits for the close, up to 5 s)."""
+    try:
+        data = await asyncio.wait_for(reader.read(1), 5)
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return data == b""
+
+
+class Client:
+    """Raw HTTP/1.1 on one connection to the test server."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+
+    async def __aenter__(self) -> Client:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.writer.close()
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, *, head_only: bool = False) -> RawResponse:
+        response = await read_response(self.reader, head_only=head_only)
+        assert response is not None, "the server closed the connection"
+        return response
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> RawResponse:
+        if body is None or isinstance(body, bytes):
+            data = body or b""
+        else:
+            data = json.dumps(body).encode()
+        lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+        if token is not None:
+            lines.append(f"Authorization: Bearer {token}")
+        lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
+        if data or method in ("POST", "PUT"):
+            lines.append(f"Content-Length: {len(data)}")
+        await self.send_raw(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+        return await self.response(head_only=method == "HEAD")
+
+    async def closed(self) -> bool:
+        return await at_eof(self.reader)
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> ms.ServerConfig:
+    """A server configuration for tests: port 0, state in a temporary folder."""
+    return dataclasses.replace(ms.ServerConfig(port=0, state_dir=tmp_path / "state"), **overrides)
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path) -> AsyncIterator[ms.MessengerServer]:
+    async with ms.MessengerServer(make_config(tmp_path)) as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def client(server: ms.MessengerServer) -> AsyncIterator[Client]:
+    async with Client(server.port) as connected:
+        yield connected
+
+
+@pytest.fixture
+def limits() -> ms.HttpLimits:
+    return ms.HttpLimits()

@@ -1,0 +1,398 @@
+"""The HTTP/1.1 layer without sockets: parser, chunked decoder, serializer, router."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import pytest
+
+import messenger_server as ms
+
+LIMITS = ms.HttpLimits()
+
+
+def head(*lines: str) -> bytes:
+    return "\r\n".join(lines).encode("latin-1")
+
+
+# Request line and headers ###################################################
+
+
+def test_parse_head_simple_get() -> None:
+    request = ms.parse_head(head("GET /health?x=1 HTTP/1.1", "Host: a"), LIMITS)
+    assert (request.method, request.path, request.query, request.minor) == (
+        "GET",
+        "/health",
+        "x=1",
+        1,
+    )
+    assert request.keep_alive and not request.has_body
+
+
+def test_parse_head_lowercases_names_and_keeps_obs_text() -> None:
+    request = ms.parse_head(head("GET / HTTP/1.1", "Host: a", "X-Name: D\xfcsseldorf "), LIMITS)
+    assert request.headers["x-name"] == "D\xfcsseldorf"
+
+
+def test_parse_head_joins_repeated_list_fields() -> None:
+    request = ms.parse_head(head("GET / HTTP/1.1", "Host: a", "Accept: a", "Accept: b"), LIMITS)
+    assert request.headers["accept"] == "a, b"
+
+
+@pytest.mark.parametrize(
+    ("lines", "keep_alive"),
+    [
+        (["GET / HTTP/1.1", "Host: a"], True),
+        (["GET / HTTP/1.1", "Host: a", "Connection: close"], False),
+        (["GET / HTTP/1.1", "Host: a", "Connection: keep-alive, CLOSE"], False),
+        (["GET / HTTP/1.0"], False),
+        (["GET / HTTP/1.0", "Connection: keep-alive"], True),
+        (["GET / HTTP/1.9", "Host: a"], True),
+    ],
+)
+def test_parse_head_keep_alive(lines: list[str], keep_alive: bool) -> None:
+    assert ms.parse_head(head(*lines), LIMITS).keep_alive is keep_alive
+
+
+def test_parse_head_higher_minor_version_is_served_as_1_1() -> None:
+    assert ms.parse_head(head("GET / HTTP/1.7", "Host: a"), LIMITS).minor == 1
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://example.com/health?x=1", "HTTP://example.com:80/health?x=1", "https://h/health?x=1#f"],
+)
+def test_parse_head_absolute_form(target: str) -> None:
+    request = ms.parse_head(head(f"GET {target} HTTP/1.1", "Host: other"), LIMITS)
+    assert (request.path, request.query) == ("/health", "x=1")
+
+
+def test_parse_head_absolute_form_without_path_is_root() -> None:
+    assert ms.parse_head(head("GET http://h?q HTTP/1.1", "Host: h"), LIMITS).path == "/"
+
+
+def test_parse_head_strips_fragment() -> None:
+    assert ms.parse_head(head("GET /a#frag HTTP/1.1", "Host: h"), LIMITS).path == "/a"
+
+
+def test_parse_head_options_asterisk() -> None:
+    assert ms.parse_head(head("OPTIONS * HTTP/1.1", "Host: h"), LIMITS).path == "*"
+
+
+def test_parse_head_expect_continue_only_for_1_1() -> None:
+    lines = ["POST / HTTP/1.1", "Host: h", "Expect: 100-Continue", "Content-Length: 3"]
+    assert ms.parse_head(head(*lines), LIMITS).expect_continue
+    lines = ["POST / HTTP/1.0", "Expect: 100-continue", "Content-Length: 3"]
+    assert not ms.parse_head(head(*lines), LIMITS).expect_continue
+
+
+@pytest.mark.parametrize(
+    ("value", "length"), [("0", 0), ("003", 3), ("  42 ", 42), ("\t5\t", 5), ("00", 0)]
+)
+def test_parse_head_content_length(value: str, length: int) -> None:
+    request = ms.parse_head(head("POST / HTTP/1.1", "Host: h", f"Content-Length:{value}"), LIMITS)
+    assert request.content_length == length and not request.chunked
+
+
+def test_parse_head_huge_content_length_is_kept_for_the_413() -> None:
+    request = ms.parse_head(
+        head("POST / HTTP/1.1", "Host: h", "Content-Length: " + "9" * 40), LIMITS
+    )
+    assert request.content_length is not None and request.content_length > 2**60
+
+
+@pytest.mark.parametrize("coding", ["chunked", "CHUNKED", ",chunked", "chunked , "])
+def test_parse_head_chunked(coding: str) -> None:
+    request = ms.parse_head(
+        head("POST / HTTP/1.1", "Host: h", f"Transfer-Encoding: {coding}"), LIMITS
+    )
+    assert request.chunked and request.content_length is None and request.has_body
+
+
+BAD_HEADS: list[tuple[str, list[str], type[ms.MessengerError]]] = [
+    ("missing host", ["GET / HTTP/1.1"], ms.BadRequest),
+    ("two hosts", ["GET / HTTP/1.1", "Host: a", "Host: a"], ms.BadRequest),
+    ("host list", ["GET / HTTP/1.1", "Host: a, b"], ms.BadRequest),
+    ("host userinfo", ["GET / HTTP/1.1", "Host: u@a"], ms.BadRequest),
+    ("host path", ["GET / HTTP/1.1", "Host: a/b"], ms.BadRequest),
+    ("empty host", ["GET / HTTP/1.1", "Host: "], ms.BadRequest),
+    (
+        "two authorizations",
+        ["GET / HTTP/1.1", "Host: a", "Authorization: a", "Authorization: b"],
+        ms.BadRequest,
+    ),
+    ("double space", ["GET  / HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("tab separator", ["GET\t/ HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("leading space", [" GET / HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("no target", ["GET HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("space in target", ["GET /a b HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("non-token method", ['G"T / HTTP/1.1', "Host: a"], ms.BadRequest),
+    ("lowercase version", ["GET / http/1.1", "Host: a"], ms.BadRequest),
+    ("version without minor", ["GET / HTTP/1", "Host: a"], ms.BadRequest),
+    ("version two digits", ["GET / HTTP/1.10", "Host: a"], ms.BadRequest),
+    ("version leading zero", ["GET / HTTP/01.1", "Host: a"], ms.BadRequest),
+    ("garbage after version", ["GET / HTTP/1.1 x", "Host: a"], ms.BadRequest),
+    ("http 2", ["GET / HTTP/2.0", "Host: a"], ms.VersionNotSupported),
+    ("http 0.9 shape", ["GET / HTTP/0.9"], ms.VersionNotSupported),
+    ("asterisk with get", ["GET * HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("absolute userinfo", ["GET http://u:p@a/ HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("relative target", ["GET health HTTP/1.1", "Host: a"], ms.BadRequest),
+    ("space before colon", ["GET / HTTP/1.1", "Host: a", "X-A : 1"], ms.BadRequest),
+    ("tab before colon", ["GET / HTTP/1.1", "Host: a", "X-A\t: 1"], ms.BadRequest),
+    ("obs-fold", ["GET / HTTP/1.1", "Host: a", "X-A: 1", " 2"], ms.BadRequest),
+    ("no colon", ["GET / HTTP/1.1", "Host: a", "X-A"], ms.BadRequest),
+    ("empty name", ["GET / HTTP/1.1", "Host: a", ": v"], ms.BadRequest),
+    ("bad name byte", ["GET / HTTP/1.1", "Host: a", "X[A]: v"], ms.BadRequest),
+    ("NUL in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\x00b"], ms.BadRequest),
+    ("CR in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\rb"], ms.BadRequest),
+    ("LF in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\nB: c"], ms.BadRequest),
+    ("form feed in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\x0cb"], ms.BadRequest),
+    ("DEL in name", ["GET / HTTP/1.1", "Host: a", "X\x7fA: 1"], ms.BadRequest),
+    (
+        "CL and TE",
+        ["POST / HTTP/1.1", "Host: a", "Content-Length: 3", "Transfer-Encoding: chunked"],
+        ms.BadRequest,
+    ),
+    (
+        "two CLs",
+        ["POST / HTTP/1.1", "Host: a", "Content-Length: 3", "Content-Length: 3"],
+        ms.BadRequest,
+    ),
+    ("CL list", ["POST / HTTP/1.1", "Host: a", "Content-Length: 3, 3"], ms.BadRequest),
+    ("CL sign", ["POST / HTTP/1.1", "Host: a", "Content-Length: +3"], ms.BadRequest),
+    ("CL negative", ["POST / HTTP/1.1", "Host: a", "Content-Length: -1"], ms.BadRequest),
+    ("CL hex", ["POST / HTTP/1.1", "Host: a", "Content-Length: 0x5"], ms.BadRequest),
+    ("CL underscore", ["POST / HTTP/1.1", "Host: a", "Content-Length: 1_0"], ms.BadRequest),
+    ("CL empty", ["POST / HTTP/1.1", "Host: a", "Content-Length: "], ms.BadRequest),
+    ("CL inner space", ["POST / HTTP/1.1", "Host: a", "Content-Length: 1 0"], ms.BadRequest),
+    ("CL unicode digit", ["POST / HTTP/1.1", "Host: a", "Content-Length: \xb2"], ms.BadRequest),
+    (
+        "chunked not last",
+        ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked, gzip"],
+        ms.BadRequest,
+    ),
+    (
+        "chunked twice",
+        ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked, chunked"],
+        ms.BadRequest,
+    ),
+    ("empty TE", ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: "], ms.BadRequest),
+    ("TE in 1.0", ["POST / HTTP/1.0", "Transfer-Encoding: chunked"], ms.BadRequest),
+    (
+        "gzip then chunked",
+        ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: gzip, chunked"],
+        ms.NotImplementedByServer,
+    ),
+    (
+        "unknown coding",
+        ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: x-foo"],
+        ms.NotImplementedByServer,
+    ),
+    (
+        "identity",
+        ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: identity"],
+        ms.NotImplementedByServer,
+    ),
+    (
+        "nbsp around chunked",
+        ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: \xa0chunked\xa0"],
+        ms.NotImplementedByServer,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "lines", "error"), BAD_HEADS, ids=[case[0] for case in BAD_HEADS])
+def test_parse_head_rejects(name: str, lines: list[str], error: type[ms.MessengerError]) -> None:
+    with pytest.raises(error) as caught:
+        ms.parse_head(head(*lines), LIMITS)
+    assert type(caught.value) is error
+
+
+def test_parse_head_limits() -> None:
+    limits = ms.HttpLimits(max_request_line=20, max_header_line=10, max_headers=2, max_head=60)
+    with pytest.raises(ms.UriTooLong):
+        ms.parse_head(head("GET /" + "a" * 20 + " HTTP/1.1", "Host: a"), limits)
+    with pytest.raises(ms.HeadersTooLarge):
+        ms.parse_head(head("GET / HTTP/1.1", "Host: a", "X-Long: 12345"), limits)
+    with pytest.raises(ms.HeadersTooLarge):
+        ms.parse_head(head("GET / HTTP/1.1", "Host: a", "A: 1", "B: 2"), limits)
+    with pytest.raises(ms.HeadersTooLarge):
+        ms.parse_head(head("GET / HTTP/1.1", *["A: 1234"] * 2, "Host: abcdefghi" * 3), limits)
+
+
+@pytest.mark.parametrize(
+    ("partial", "error"),
+    [
+        (b"GET / HTTP/1.1\nHost: a", ms.BadRequest),
+        (b"GET / HTTP/1.1\r\nHost: a\rX", ms.BadRequest),
+        (b"\x00GET", ms.BadRequest),
+        (b"GET /\x7f", ms.BadRequest),
+        (b"GET / HTTP/1.1 ", ms.BadRequest),
+        (b"GET /" + b"a" * 9000, ms.UriTooLong),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 9000, ms.HeadersTooLarge),
+        (b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 6000, ms.HeadersTooLarge),
+    ],
+)
+def test_check_partial_head_refuses_early(partial: bytes, error: type[ms.MessengerError]) -> None:
+    with pytest.raises(error):
+        ms.check_partial_head(partial, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [b"", b"GE", b"GET /a", b"GET / HTTP/1.", b"GET / HTTP/1.1\r", b"GET / HTTP/1.1\r\nHo"],
+)
+def test_check_partial_head_lets_a_good_start_wait(partial: bytes) -> None:
+    ms.check_partial_head(partial, LIMITS)
+
+
+# Chunked bodies ############################################################
+
+
+def decode_all(data: bytes, pieces: int = 1) -> tuple[bytes, bytes]:
+    """Feed ``data`` in ``pieces`` parts; return the body and what was left unused."""
+    decoder = ms.ChunkedDecoder(LIMITS)
+    buffer = bytearray()
+    body = []
+    step = max(1, len(data) // pieces)
+    for start in range(0, len(data), step):
+        buffer += data[start : start + step]
+        out, used = decoder.feed(buffer)
+        del buffer[:used]
+        body.append(out)
+    assert decoder.done
+    return b"".join(body), bytes(buffer)
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 1000])
+def test_chunked_decoder_any_split(pieces: int) -> None:
+    data = b'5\r\nhello\r\n6;ext="q\\"x"\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT'
+    assert decode_all(data, pieces) == (b"hello world", b"NEXT")
+
+
+@pytest.mark.parametrize(
+    "line", [b"0", b"A", b"ff", b"5;a", b"5; a=b", b"5 ;a=b", b'5;a="x y"', b"0000000000000001"]
+)
+def test_parse_chunk_size_accepts(line: bytes) -> None:
+    assert ms.parse_chunk_size(line) == int(line.split(b";")[0].strip(), 16)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b" 5",
+        b"5 ",
+        b"+5",
+        b"-1",
+        b"0x5",
+        b"1_0",
+        b"5;",
+        b"5;a=",
+        b"5;[=x",
+        b'5;a="x',
+        b"5\x00",
+        b"FFFFFFFFFFFFFFFF0",
+        b"Z",
+    ],
+)
+def test_parse_chunk_size_rejects(line: bytes) -> None:
+    with pytest.raises(ms.BadRequest):
+        ms.parse_chunk_size(line)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"5\r\nhelloX\r\n",
+        b"5\r\nhello\n0\r\n\r\n",
+        b"3\nabc",
+        b"0\r\nBad Trailer\r\n\r\n",
+        b"0\r\n : x\r\n\r\n",
+    ],
+)
+def test_chunked_decoder_rejects(data: bytes) -> None:
+    with pytest.raises(ms.BadRequest):
+        ms.ChunkedDecoder(LIMITS).feed(data)
+
+
+def test_chunked_decoder_counts_declared_sizes_before_the_data() -> None:
+    decoder = ms.ChunkedDecoder(LIMITS)
+    decoder.feed(b"500001\r\n")
+    assert decoder.declared == 0x500001 and not decoder.done
+
+
+def test_chunked_decoder_refuses_long_lines() -> None:
+    with pytest.raises(ms.HeadersTooLarge):
+        ms.ChunkedDecoder(LIMITS).feed(b"5;x=" + b"y" * 9000 + b"\r\n")
+
+
+# Responses #################################################################
+
+
+def test_response_serialize_head_json() -> None:
+    response = ms.Response.json({"a": "é"}, HTTPStatus.CREATED, [("X-A", "1")])
+    wire = response.serialize_head(close=True).decode()
+    assert wire.startswith("HTTP/1.1 201 Created\r\n")
+    assert "Content-Type: application/json; charset=utf-8\r\n" in wire
+    assert f"Content-Length: {len(response.body)}\r\n" in wire
+    assert "X-A: 1\r\nConnection: close\r\n\r\n" in wire
+    assert response.body == '{"a":"é"}'.encode()
+
+
+def test_response_204_has_no_length() -> None:
+    wire = ms.Response(HTTPStatus.NO_CONTENT).serialize_head(close=False).decode()
+    assert "Content-Length" not in wire and "Content-Type" not in wire
+
+
+def test_response_keep_alive_for_http_1_0() -> None:
+    wire = ms.Response().serialize_head(close=False, keep_alive_1_0=True).decode()
+    assert "Connection: keep-alive\r\n" in wire
+
+
+def test_error_response_is_the_contract_json() -> None:
+    response = ms.Response.error(ms.MethodNotAllowed("no", ["GET", "HEAD"]))
+    assert response.status == 405
+    assert response.headers == [("Allow", "GET, HEAD")]
+    assert response.body == b'{"error":"method_not_allowed","message":"no"}'
+
+
+# Router ####################################################################
+
+
+async def _handler(call: ms.Call) -> ms.Response:
+    return ms.Response()
+
+
+def make_router() -> ms.Router:
+    router = ms.Router()
+    router.add("GET", "/chat", _handler)
+    router.add("POST", "/chat", _handler)
+    router.add("POST", "/chat/{name}/requests/{user}", _handler)
+    return router
+
+
+def test_router_matches_static_and_params() -> None:
+    router = make_router()
+    assert router.match("GET", "/chat")[1] == ()
+    assert router.match("POST", "/chat/my%20chat/requests/bob")[1] == ("my chat", "bob")
+
+
+def test_router_head_goes_where_get_goes() -> None:
+    assert make_router().match("HEAD", "/chat")[0].handler is _handler
+
+
+def test_router_unknown_path_404() -> None:
+    with pytest.raises(ms.NotFound):
+        make_router().match("GET", "/chat/x")
+
+
+def test_router_wrong_method_405_with_allow() -> None:
+    with pytest.raises(ms.MethodNotAllowed) as caught:
+        make_router().match("DELETE", "/chat")
+    assert caught.value.allow == ["GET", "HEAD", "POST"]
+
+
+def test_router_param_does_not_cross_slashes() -> None:
+    with pytest.raises(ms.NotFound):
+        make_router().match("POST", "/chat/a/b/requests/bob")
