@@ -1,1 +1,1140 @@
-"""Messenger client: the command line for messenger_server.py (work in progress)."""
+"""Messenger client: the command line for messenger_server.py.
+
+Run it with ``python messenger_client.py --help``; every command has its own ``--help``.
+It speaks the HTTP contract of ``API.md`` with the standard library only (``http.client``)::
+
+    python messenger_client.py connect alice        # log in (the first connect registers)
+    python messenger_client.py send "hello"         # to the active chat
+    python messenger_client.py send --to bob "hi"   # a private message
+    python messenger_client.py read --follow        # print messages as they arrive
+
+Group options: ``--server`` (env ``MESSENGER_SERVER``), ``--user`` (one of the saved logins),
+``--json`` (the server's answer as is). ``connect`` saves the token in ``config.json`` under
+``click.get_app_dir("messenger")`` or ``MESSENGER_CONFIG_DIR``, readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.message
+import http.client
+import json
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, NotRequired, TypedDict, cast
+from urllib.parse import quote, urlencode, urlsplit
+
+import click
+
+logger = logging.getLogger("messenger.client")
+
+# Configuration ##############################################################
+
+VERSION: Final = "1.0.0"
+DEFAULT_SERVER: Final = "http://127.0.0.1:8000"
+CONFIG_FILE: Final = "config.json"
+REQUEST_TIMEOUT: Final = 30.0  # seconds for one request, beyond any long-poll wait
+FOLLOW_WAIT: Final = 30  # seconds each long poll of `read --follow` may wait
+RECONNECT_DELAY: Final = 2.0  # seconds between attempts while the server is unreachable
+JSON_TYPE: Final = "application/json; charset=utf-8"
+DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # seconds per unit
+
+
+class Config:
+    """The saved logins, ``{"servers": {url: {"tokens": {user: token}, "last_user": user}}}``.
+
+    The file holds tokens: it is written atomically (temporary file, rename) with mode 0600.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.servers: dict[str, dict[str, Any]] = {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise ClientError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+            raise ClientError(f"cannot read {path}: not a messenger config file")
+        self.servers = data["servers"]
+
+    def token(self, server: str, user: str) -> str | None:
+        token: str | None = self.servers.get(server, {}).get("tokens", {}).get(user)
+        return token
+
+    def last_user(self, server: str) -> str | None:
+        user: str | None = self.servers.get(server, {}).get("last_user")
+        return user
+
+    def remember(self, server: str, user: str, token: str) -> None:
+        entry = self.servers.setdefault(server, {})
+        entry.setdefault("tokens", {})[user] = token
+        entry["last_user"] = user
+        self.save()
+
+    def forget(self, server: str, user: str) -> None:
+        entry = self.servers.get(server, {})
+        entry.get("tokens", {}).pop(user, None)
+        if entry.get("last_user") == user:
+            entry.pop("last_user")
+        self.save()
+
+    def save(self) -> None:
+        data = json.dumps({"servers": self.servers}, indent=2, sort_keys=True)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".config-")  # mode 0600
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except OSError as exc:
+            raise ClientError(f"cannot save {self.path}: {exc}") from exc
+
+
+# Errors ####################################################################
+
+
+class ClientError(click.ClickException):
+    """Root of the client's errors: click prints ``Error: <message>`` and exits 1."""
+
+
+class NotLoggedIn(ClientError):
+    """No saved token for the chosen server and user."""
+
+
+class ServerUnreachable(ClientError):
+    """The request did not get an answer: refused, reset, timed out, cut short."""
+
+    def __init__(self, server: str, exc: Exception) -> None:
+        if isinstance(exc, ConnectionRefusedError):
+            reason = "connection refused"
+        elif isinstance(exc, TimeoutError):
+            reason = "timed out"
+        elif isinstance(exc, http.client.RemoteDisconnected):
+            reason = "the server closed the connection"
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror.lower()
+        else:
+            reason = str(exc) or type(exc).__name__
+        super().__init__(f"cannot reach {server}: {reason}")
+
+
+class ApiError(ClientError):
+    """An error answer: its HTTP status, the error code and the server's message."""
+
+    def __init__(self, status: int, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.hint = hint
+
+    def format_message(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+# HTTP client ###############################################################
+
+
+class FileInfo(TypedDict):
+    id: str
+    name: str
+    size: int
+    type: str
+
+
+class UploadedFile(FileInfo):
+    sha256: str
+
+
+# The functional form, because "from" is a keyword.
+Message = TypedDict(
+    "Message",
+    {
+        "id": int,
+        "chat": str | None,
+        "to": str | None,
+        "from": str,
+        "text": str,
+        "ts": float,
+        "reply_to": int | None,
+        "file": FileInfo | None,
+    },
+)
+
+
+class Scheduled(TypedDict):
+    id: str
+    send_at: float
+    text: str
+    chat: str | None
+    to: str | None
+    reply_to: int | None
+    file: str | None  # the file's id
+
+
+class Chat(TypedDict):
+    name: str
+    private: bool
+    owner: str | None
+    members: int
+    unread: int
+
+
+class ConnectAnswer(TypedDict):
+    token: str
+    user: str
+    chat: str
+    history: list[Message]
+    unread: int
+
+
+class SendAnswer(TypedDict):
+    message: NotRequired[Message]
+    scheduled: NotRequired[Scheduled]
+
+
+class MessagesPage(TypedDict):
+    messages: list[Message]
+    next: int
+
+
+class HistoryPage(TypedDict):
+    messages: list[Message]
+
+
+class Thread(TypedDict):
+    message: Message
+    comments: list[Message]
+
+
+class ScheduledList(TypedDict):
+    scheduled: list[Scheduled]
+
+
+class ChatList(TypedDict):
+    chats: list[Chat]
+
+
+class JoinAnswer(TypedDict):
+    chat: Chat
+    history: list[Message]
+
+
+class ChatAnswer(TypedDict):
+    chat: Chat
+
+
+class LinkAnswer(TypedDict):
+    link: str
+
+
+class JoinRequestAnswer(TypedDict):
+    status: str
+    chat: NotRequired[str]
+
+
+class JoinRequest(TypedDict):
+    user: str
+    ts: float
+
+
+class RequestList(TypedDict):
+    requests: list[JoinRequest]
+
+
+class ReportAnswer(TypedDict):
+    user: str
+    reports: int
+    banned_until: float | None
+
+
+class UploadAnswer(TypedDict):
+    file: UploadedFile
+
+
+class Unread(TypedDict):
+    total: int
+    chats: dict[str, int]
+    private: dict[str, int]
+
+
+class Limits(TypedDict):
+    general_left: int
+    general_reset: float | None
+    reports: int
+    banned_until: float | None
+
+
+class ServerInfo(TypedDict):
+    version: str
+    uptime: float
+    users: int
+    online: int
+
+
+class Status(TypedDict):
+    user: str
+    chat: str
+    sessions: int
+    chats: list[Chat]
+    unread: Unread
+    limits: Limits
+    server: ServerInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One HTTP answer, read whole."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self, server: str) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise ClientError(f"{server} answered {self.status} with something not JSON") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    data: bytes
+    filename: str | None
+    content_type: str
+
+
+class MessengerClient:
+    """One method per route of API.md; errors raise ``ApiError`` or ``ServerUnreachable``.
+
+    Each request uses a new connection, so nothing depends on a keep-alive that went stale.
+    """
+
+    def __init__(self, server: str, token: str | None = None) -> None:
+        parts = urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError(f"not an http:// server address: {server}")
+        self.server = server
+        self.token = token
+        self._connection_class = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+
+    # Identity
+
+    def connect(self, user: str, password: str) -> tuple[ConnectAnswer, bool]:
+        """Log in, registering ``user`` on its first connect; also whether it was created."""
+        reply = self._request("POST", "/connect", body={"user": user, "password": password})
+        return cast(ConnectAnswer, reply.json(self.server)), reply.status == 201
+
+    def disconnect(self) -> None:
+        self._request("POST", "/disconnect")
+
+    def status(self) -> Status:
+        return cast(Status, self._json("GET", "/status"))
+
+    # Messages
+
+    def send(
+        self,
+        text: str,
+        *,
+        chat: str | None = None,
+        to: str | None = None,
+        reply_to: int | None = None,
+        send_at: float | None = None,
+        file_id: str | None = None,
+    ) -> SendAnswer:
+        """Send once: a dropped connection is retried once with the same ``client_id``."""
+        body: dict[str, Any] = {"text": text, "client_id": secrets.token_urlsafe(16)}
+        optional = {"chat": chat, "to": to, "reply_to": reply_to, "send_at": send_at}
+        body.update({name: value for name, value in optional.items() if value is not None})
+        if file_id is not None:
+            body["file"] = file_id
+        try:
+            return cast(SendAnswer, self._json("POST", "/send", body=body))
+        except ServerUnreachable as exc:
+            logger.info("%s; sending again with the same client_id", exc.format_message())
+            return cast(SendAnswer, self._json("POST", "/send", body=body))
+
+    def messages(
+        self,
+        *,
+        since: int | None = None,
+        wait: int | None = None,
+        chat: str | None = None,
+        limit: int | None = None,
+    ) -> MessagesPage:
+        query = {"since": since, "wait": wait, "chat": chat, "limit": limit}
+        timeout = REQUEST_TIMEOUT + (wait or 0)
+        return cast(MessagesPage, self._json("GET", "/messages", query=query, timeout=timeout))
+
+    def history(
+        self, chat: str, *, before: int | None = None, limit: int | None = None
+    ) -> HistoryPage:
+        query = {"chat": chat, "before": before, "limit": limit}
+        return cast(HistoryPage, self._json("GET", "/history", query=query))
+
+    def message(self, message_id: int) -> Thread:
+        return cast(Thread, self._json("GET", f"/messages/{message_id}"))
+
+    def scheduled(self) -> ScheduledList:
+        return cast(ScheduledList, self._json("GET", "/scheduled"))
+
+    def cancel(self, scheduled_id: str) -> None:
+        self._request("DELETE", f"/scheduled/{_segment(scheduled_id)}")
+
+    # Chats
+
+    def chats(self) -> ChatList:
+        return cast(ChatList, self._json("GET", "/chat"))
+
+    def join(self, chat: str, *, private: bool = False) -> tuple[JoinAnswer, bool]:
+        """Join ``chat`` (it becomes active), creating it if new; also whether it was created."""
+        reply = self._request("POST", "/chat", body={"chat_name": chat, "private": private})
+        return cast(JoinAnswer, reply.json(self.server)), reply.status == 201
+
+    def leave(self, chat: str) -> ChatAnswer:
+        return cast(ChatAnswer, self._json("POST", f"/chat/{_segment(chat)}/leave"))
+
+    def invite(self, chat: str, user: str) -> ChatAnswer:
+        path = f"/chat/{_segment(chat)}/invite"
+        return cast(ChatAnswer, self._json("POST", path, body={"user": user}))
+
+    def link(self, chat: str) -> LinkAnswer:
+        return cast(LinkAnswer, self._json("POST", f"/chat/{_segment(chat)}/link"))
+
+    def request_join(self, token: str) -> JoinRequestAnswer:
+        return cast(JoinRequestAnswer, self._json("POST", f"/join/{_segment(token)}"))
+
+    def requests(self, chat: str) -> RequestList:
+        return cast(RequestList, self._json("GET", f"/chat/{_segment(chat)}/requests"))
+
+    def decide(self, chat: str, user: str, *, approve: bool) -> ChatAnswer:
+        path = f"/chat/{_segment(chat)}/requests/{_segment(user)}"
+        return cast(ChatAnswer, self._json("POST", path, body={"approve": approve}))
+
+    # Moderation and files
+
+    def report(self, user: str, reason: str | None = None) -> ReportAnswer:
+        body = {"user": user} if reason is None else {"user": user, "reason": reason}
+        return cast(ReportAnswer, self._json("POST", "/report", body=body))
+
+    def upload(self, name: str, data: bytes) -> UploadAnswer:
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        reply = self._request(
+            "POST", "/files", query={"name": name}, data=data, content_type=content_type
+        )
+        return cast(UploadAnswer, reply.json(self.server))
+
+    def download(self, file_id: str) -> Download:
+        reply = self._request("GET", f"/files/{_segment(file_id)}")
+        disposition = email.message.EmailMessage()
+        disposition["Content-Disposition"] = reply.headers.get("Content-Disposition", "")
+        content_type = reply.headers.get("Content-Type", "application/octet-stream")
+        return Download(reply.body, disposition.get_filename(), content_type)
+
+    # Transport
+
+    def _json(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Any:
+        return self._request(method, path, query=query, body=body, timeout=timeout).json(
+            self.server
+        )
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        data: bytes | None = None,
+        content_type: str = JSON_TYPE,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Reply:
+        """Send one request on a new connection; an error status raises ``ApiError``."""
+        target = self._prefix + path
+        params = {name: value for name, value in (query or {}).items() if value is not None}
+        if params:
+            target += "?" + urlencode(params)
+        headers = {"Accept": "application/json", "User-Agent": f"messenger-client/{VERSION}"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if body is not None:
+            data = json.dumps(body).encode()
+        if data is not None:
+            headers["Content-Type"] = content_type
+        connection = self._connection_class(self._host, self._port, timeout=timeout)
+        try:
+            connection.request(method, target, body=data, headers=headers)
+            response = connection.getresponse()
+            reply = Reply(response.status, response.headers, response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerUnreachable(self.server, exc) from exc
+        finally:
+            connection.close()
+        logger.debug("%s %s -> %d", method, target, reply.status)
+        if reply.status >= 400:
+            raise self._error(reply)
+        return reply
+
+    def _error(self, reply: Reply) -> ApiError:
+        try:
+            answer = json.loads(reply.body)
+            code, message = str(answer["error"]), str(answer["message"])
+        except (ValueError, TypeError, KeyError):
+            answer = {}
+            code, message = "http_error", f"the server answered {reply.status}"
+        hint = ""
+        if reply.status == 401 and self.token is not None:
+            hint = "log in again with: connect USER"
+        elif reply.status == 429 and reply.headers.get("Retry-After"):
+            hint = f"try again in {reply.headers['Retry-After']} s"
+        elif isinstance(answer.get("until"), int | float):
+            hint = f"until {format_time(answer['until'])}"
+        return ApiError(reply.status, code, message, hint)
+
+
+def _segment(value: str) -> str:
+    """One path segment, percent-encoded."""
+    return quote(value, safe="")
+
+
+# Output ####################################################################
+
+
+def format_time(ts: float) -> str:
+    """Local time: ``18:30`` today, ``2024-05-01 18:30`` on another day."""
+    moment = dt.datetime.fromtimestamp(ts)
+    if moment.date() == dt.date.today():
+        return moment.strftime("%H:%M")
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def format_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+def clean(text: str) -> str:
+    """Text from others, safe for a terminal: control characters (escapes) shown as ``\\x1b``."""
+    return "".join(
+        char if char == "\n" or unicodedata.category(char) != "Cc" else f"\\x{ord(char):02x}"
+        for char in text
+    )
+
+
+def where(chat: str | None, to: str | None, sender: str, me: str) -> str:
+    """The conversation: the chat's name, or ``@user`` for the other one of a private exchange."""
+    if chat is not None:
+        return chat
+    return f"@{sender if to == me else to}"
+
+
+def format_message(message: Message, me: str) -> str:
+    """``#12 18:30 general alice (on #9): hello [file 3: cat.png, 1.2 KiB]``."""
+    sender = message["from"] + (f" (on #{message['reply_to']})" if message["reply_to"] else "")
+    chat = where(message["chat"], message["to"], message["from"], me)
+    line = f"#{message['id']} {format_time(message['ts'])} {chat} {sender}:"
+    if message["text"]:
+        line += " " + clean(message["text"]).replace("\n", "\n    ")
+    if message["file"] is not None:
+        file = message["file"]
+        line += f" [file {file['id']}: {clean(file['name'])}, {format_size(file['size'])}]"
+    return line
+
+
+def format_chat(chat: Chat) -> str:
+    privacy = "private" if chat["private"] else "public"
+    owner = f"owner {chat['owner']}" if chat["owner"] else ""
+    members = f"{chat['members']} member" + ("" if chat["members"] == 1 else "s")
+    unread = f"{chat['unread']} unread" if chat["unread"] else ""
+    return f"{chat['name']:<20} {privacy:<8} {members:<12} {owner:<20} {unread}".rstrip()
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def print_json(answer: object) -> None:
+    click.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+
+
+# Commands ##################################################################
+
+
+def parse_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--in``: ``90``, ``90s``, ``10m``, ``2h`` or ``1d``, as seconds."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a duration like 90s, 10m, 2h or 1d")
+    return int(match[1]) * DURATION_UNITS[match[2] or "s"]
+
+
+def parse_time(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``--at``: ``18:30`` (today, or tomorrow if past) or an ISO datetime, as unix seconds."""
+    if value is None:
+        return None
+    try:
+        clock = dt.time.fromisoformat(value)
+    except ValueError:
+        pass
+    else:
+        now = dt.datetime.now(clock.tzinfo)  # naive local time unless the value has an offset
+        moment = dt.datetime.combine(now.date(), clock)
+        if moment <= now:
+            moment += dt.timedelta(days=1)
+        return moment.timestamp()
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a time like 18:30 or 2024-05-01T18:30"
+        ) from None
+
+
+@dataclass(slots=True)
+class App:
+    """The group's options, shared by every command (``pass_app``)."""
+
+    server: str
+    user: str | None
+    json_output: bool
+    config: Config
+
+    def anonymous(self) -> MessengerClient:
+        return MessengerClient(self.server)
+
+    def login(self) -> tuple[MessengerClient, str]:
+        """A client with the chosen user's saved token, and that user's name."""
+        user = self.user or self.config.last_user(self.server)
+        if user is None:
+            raise NotLoggedIn(f"not logged in to {self.server}; log in with: connect USER")
+        token = self.config.token(self.server, user)
+        if token is None:
+            raise NotLoggedIn(f"no saved login for {user} on {self.server}; run: connect {user}")
+        return MessengerClient(self.server, token), user
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group(context_settings={"auto_envvar_prefix": "MESSENGER"})
+@click.option(
+    "--server",
+    metavar="URL",
+    default=DEFAULT_SERVER,
+    show_default=True,
+    envvar="MESSENGER_SERVER",
+    show_envvar=True,
+    help="The server's address.",
+)
+@click.option(
+    "--user", metavar="NAME", help="Which saved login to use (default: the last one connected)."
+)
+@click.option("--json", "json_output", is_flag=True, help="Print the server's JSON answer.")
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="MESSENGER_CONFIG_DIR",
+    show_envvar=True,
+    help="Folder of the saved logins (default: the platform's app folder).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every request to stderr.")
+@click.version_option(VERSION)
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    *,
+    server: str,
+    user: str | None,
+    json_output: bool,
+    config_dir: Path | None,
+    verbose: bool,
+) -> None:
+    """A command-line client for the messenger server."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    folder = config_dir or Path(click.get_app_dir("messenger"))
+    ctx.obj = App(server.rstrip("/"), user, json_output, Config(folder / CONFIG_FILE))
+
+
+@cli.command()
+@click.argument("user")
+@click.password_option(
+    "--password",
+    envvar="MESSENGER_PASSWORD",
+    show_envvar=True,
+    confirmation_prompt=False,
+    help="The password (asked if not given). The first connect sets it.",
+)
+@pass_app
+def connect(app: App, user: str, password: str) -> None:
+    """Log in as USER (registering the name on its first connect) and save the token.
+
+    Prints the active chat's last messages and the number of unread ones.
+    """
+    answer, created = app.anonymous().connect(user, password)
+    app.config.remember(app.server, answer["user"], answer["token"])
+    if app.json_output:
+        print_json(answer)
+        return
+    account = " (new account)" if created else ""
+    click.echo(f"Connected to {app.server} as {answer['user']}{account}.")
+    click.echo(f"Active chat: {answer['chat']}")
+    for message in answer["history"]:
+        click.echo(format_message(message, answer["user"]))
+    unread = answer["unread"]
+    click.echo(f"{plural(unread, 'unread message')}." + (" Show them with: read" if unread else ""))
+
+
+@cli.command()
+@pass_app
+def disconnect(app: App) -> None:
+    """Log out: revoke this login's token and forget it."""
+    client, user = app.login()
+    try:
+        client.disconnect()
+    except ApiError as exc:
+        if exc.status != 401:  # a token the server no longer knows is as good as revoked
+            raise
+    app.config.forget(app.server, user)
+    if not app.json_output:
+        click.echo(f"Disconnected {user} from {app.server}.")
+
+
+@cli.command()
+@pass_app
+def chats(app: App) -> None:
+    """List the public chats and the private ones you belong to."""
+    client, _ = app.login()
+    answer = client.chats()
+    if app.json_output:
+        print_json(answer)
+        return
+    for chat in answer["chats"]:
+        click.echo(format_chat(chat))
+
+
+@cli.command()
+@click.argument("chat")
+@click.option("--private", is_flag=True, help="Create it private: members join by invitation.")
+@pass_app
+def join(app: App, chat: str, private: bool) -> None:
+    """Join CHAT, creating it if it does not exist, and make it the active chat."""
+    client, user = app.login()
+    answer, created = client.join(chat, private=private)
+    if app.json_output:
+        print_json(answer)
+        return
+    joined = answer["chat"]
+    privacy = "private" if joined["private"] else "public"
+    verb = "Created" if created else "Joined"
+    click.echo(f"{verb} {privacy} chat {joined['name']}; it is now your active chat.")
+    for message in answer["history"]:
+        click.echo(format_message(message, user))
+
+
+@cli.command()
+@click.argument("chat")
+@pass_app
+def leave(app: App, chat: str) -> None:
+    """Leave CHAT (not general)."""
+    client, _ = app.login()
+    answer = client.leave(chat)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(f"Left {answer['chat']['name']}.")
+
+
+@cli.command()
+@click.argument("text", required=False)
+@click.option("--to", metavar="USER", help="Send a private message to USER.")
+@click.option("--chat", metavar="CHAT", help="Send to CHAT (default: the active chat).")
+@click.option("--reply-to", type=int, metavar="ID", help="Comment on message ID.")
+@click.option(
+    "--at",
+    "send_at",
+    metavar="TIME",
+    callback=parse_time,
+    help="Send at a time: 18:30 or an ISO datetime.",
+)
+@click.option(
+    "--in",
+    "delay",
+    metavar="DURATION",
+    callback=parse_duration,
+    help="Send after a delay: 90s, 10m, 2h, 1d.",
+)
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Attach a file (TEXT may then be left out).",
+)
+@pass_app
+def send(
+    app: App,
+    *,
+    text: str | None,
+    to: str | None,
+    chat: str | None,
+    reply_to: int | None,
+    send_at: float | None,
+    delay: int | None,
+    path: Path | None,
+) -> None:
+    """Send TEXT to the active chat, a chat, or a user; now or later."""
+    if to is not None and chat is not None:
+        raise click.UsageError("give --to or --chat, not both")
+    if send_at is not None and delay is not None:
+        raise click.UsageError("give --at or --in, not both")
+    if text is None and path is None:
+        raise click.UsageError("give a TEXT, a --file, or both")
+    if delay is not None:
+        send_at = time.time() + delay
+    client, user = app.login()
+    file_id = None
+    if path is not None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ClientError(f"cannot read {path}: {exc.strerror}") from exc
+        file_id = client.upload(path.name, data)["file"]["id"]
+    answer = client.send(
+        text or "", chat=chat, to=to, reply_to=reply_to, send_at=send_at, file_id=file_id
+    )
+    if app.json_output:
+        print_json(answer)
+    elif "scheduled" in answer:
+        scheduled = answer["scheduled"]
+        click.echo(
+            f"Scheduled {scheduled['id']} for {format_time(scheduled['send_at'])}"
+            f" to {where(scheduled['chat'], scheduled['to'], user, user)};"
+            f" cancel it with: cancel {scheduled['id']}"
+        )
+    elif "message" in answer:
+        click.echo(format_message(answer["message"], user))
+
+
+@cli.command()
+@click.option("--chat", metavar="CHAT", help="Only this chat's messages.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new messages until Ctrl-C.")
+@pass_app
+def read(app: App, chat: str | None, follow: bool) -> None:
+    """Print the unread messages and mark them read.
+
+    With --follow, keep waiting for new ones (reconnecting if the server restarts).
+    """
+    client, user = app.login()
+    if follow:
+        follow_messages(app, client, user, chat)
+        return
+    # Without since the server starts at the read position; since=X marks up to X read.
+    seen: list[Message] = []
+    page = client.messages(chat=chat)
+    while page["messages"]:
+        seen += page["messages"]
+        if not app.json_output:
+            for message in page["messages"]:
+                click.echo(format_message(message, user))
+        page = client.messages(since=page["next"], chat=chat)
+    if app.json_output:
+        print_json({"messages": seen, "next": page["next"]})
+    elif not seen:
+        click.echo("No unread messages.")
+
+
+def follow_messages(app: App, client: MessengerClient, user: str, chat: str | None) -> None:
+    """Long-poll and print messages as they come, marking them read, until Ctrl-C."""
+    position: int | None = None
+    lost = False
+    try:
+        while True:
+            try:
+                page = client.messages(since=position, wait=FOLLOW_WAIT, chat=chat)
+            except ServerUnreachable as exc:
+                if not lost:
+                    click.echo(f"{exc.format_message()}; retrying until Ctrl-C", err=True)
+                    lost = True
+                time.sleep(RECONNECT_DELAY)
+                continue
+            if lost:
+                click.echo(f"Reconnected to {app.server}.", err=True)
+                lost = False
+            if app.json_output and page["messages"]:
+                click.echo(json.dumps(page, ensure_ascii=False))
+            elif not app.json_output:
+                for message in page["messages"]:
+                    click.echo(format_message(message, user))
+            position = page["next"]
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command()
+@click.argument("chat")
+@click.option("--before", type=int, metavar="ID", help="Only messages older than ID.")
+@click.option("--limit", type=click.IntRange(1, 1000), help="How many (server default: 20).")
+@pass_app
+def history(app: App, chat: str, before: int | None, limit: int | None) -> None:
+    """Print CHAT's last messages, from before you joined too."""
+    client, user = app.login()
+    answer = client.history(chat, before=before, limit=limit)
+    if app.json_output:
+        print_json(answer)
+        return
+    for message in answer["messages"]:
+        click.echo(format_message(message, user))
+    if not answer["messages"]:
+        click.echo(f"No messages in {chat}.")
+
+
+@cli.command()
+@click.argument("message_id", metavar="ID", type=int)
+@pass_app
+def show(app: App, message_id: int) -> None:
+    """Print message ID and its comments."""
+    client, user = app.login()
+    answer = client.message(message_id)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(format_message(answer["message"], user))
+    for comment in answer["comments"]:
+        click.echo("    " + format_message(comment, user))
+
+
+@cli.command()
+@pass_app
+def status(app: App) -> None:
+    """Print who you are, your unread counts, your limits and the server's state."""
+    client, _ = app.login()
+    answer = client.status()
+    if app.json_output:
+        print_json(answer)
+        return
+    unread, limits, server = answer["unread"], answer["limits"], answer["server"]
+    sessions = plural(answer["sessions"], "session")
+    click.echo(f"{answer['user']} on {app.server}, {sessions}, active chat {answer['chat']}")
+    counts = [f"{name} {count}" for name, count in unread["chats"].items() if count]
+    counts += [f"@{name} {count}" for name, count in unread["private"].items() if count]
+    details = f" ({', '.join(counts)})" if counts else ""
+    click.echo(f"Unread: {unread['total']}{details}")
+    click.echo(f"Chats: {', '.join(chat['name'] for chat in answer['chats'])}")
+    reset = limits["general_reset"]
+    resets = f" (resets at {format_time(reset)})" if reset is not None else ""
+    click.echo(f"Messages left in general: {limits['general_left']}{resets}")
+    click.echo(f"Reported by: {plural(limits['reports'], 'user')}")
+    if limits["banned_until"] is not None:
+        click.echo(f"Banned until {format_time(limits['banned_until'])}")
+    uptime = dt.timedelta(seconds=int(server["uptime"]))
+    click.echo(
+        f"Server {server['version']}, up {uptime}, {plural(server['users'], 'user')},"
+        f" {server['online']} online"
+    )
+
+
+@cli.command()
+@pass_app
+def scheduled(app: App) -> None:
+    """List your scheduled messages that are not sent yet."""
+    client, user = app.login()
+    answer = client.scheduled()
+    if app.json_output:
+        print_json(answer)
+        return
+    for item in answer["scheduled"]:
+        text = clean(item["text"]).replace("\n", " ")
+        file = f" [file {item['file']}]" if item["file"] else ""
+        target = where(item["chat"], item["to"], user, user)
+        click.echo(f"{item['id']} {format_time(item['send_at'])} {target}: {text}{file}")
+    if not answer["scheduled"]:
+        click.echo("No scheduled messages.")
+
+
+@cli.command()
+@click.argument("scheduled_id", metavar="ID")
+@pass_app
+def cancel(app: App, scheduled_id: str) -> None:
+    """Cancel scheduled message ID (see: scheduled)."""
+    client, _ = app.login()
+    client.cancel(scheduled_id)
+    if not app.json_output:
+        click.echo(f"Cancelled {scheduled_id}.")
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--reason", help="Why, for the moderators.")
+@pass_app
+def report(app: App, user: str, reason: str | None) -> None:
+    """Report USER; enough reports ban them from sending for a while."""
+    client, _ = app.login()
+    answer = client.report(user, reason)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(f"Reported {answer['user']} ({plural(answer['reports'], 'report')}).")
+    if answer["banned_until"] is not None:
+        click.echo(f"{answer['user']} is banned until {format_time(answer['banned_until'])}.")
+
+
+@cli.command()
+@click.argument("chat")
+@click.argument("user")
+@pass_app
+def invite(app: App, chat: str, user: str) -> None:
+    """Invite USER to your chat CHAT; they may then join it."""
+    client, _ = app.login()
+    answer = client.invite(chat, user)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(f"Invited {user} to {answer['chat']['name']}; they can now run: join {chat}")
+
+
+@cli.command()
+@click.argument("chat")
+@pass_app
+def link(app: App, chat: str) -> None:
+    """Make a join link for your chat CHAT (the previous link stops working)."""
+    client, _ = app.login()
+    answer = client.link(chat)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(app.server + answer["link"])
+
+
+@cli.command()
+@click.argument("link")
+@pass_app
+def request(app: App, link: str) -> None:
+    """Ask to join a chat with LINK: a URL, /join/TOKEN, or the bare token."""
+    token = urlsplit(link).path.rstrip("/").rpartition("/")[2]
+    if not token:
+        raise click.BadParameter(f"{link!r} is not a join link", param_hint="LINK")
+    client, _ = app.login()
+    answer = client.request_join(token)
+    if app.json_output:
+        print_json(answer)
+    elif answer["status"] == "member":
+        click.echo("You are already a member of that chat.")
+    else:
+        click.echo(f"Asked to join {answer.get('chat', 'the chat')}; its owner must approve.")
+
+
+@cli.command()
+@click.argument("chat")
+@pass_app
+def requests(app: App, chat: str) -> None:
+    """List the pending requests to join your chat CHAT."""
+    client, _ = app.login()
+    answer = client.requests(chat)
+    if app.json_output:
+        print_json(answer)
+        return
+    for pending in answer["requests"]:
+        click.echo(f"{pending['user']} (asked {format_time(pending['ts'])})")
+    if not answer["requests"]:
+        click.echo(f"No pending requests for {chat}.")
+
+
+@cli.command()
+@click.argument("chat")
+@click.argument("user")
+@pass_app
+def approve(app: App, chat: str, user: str) -> None:
+    """Let USER into your chat CHAT."""
+    client, _ = app.login()
+    answer = client.decide(chat, user, approve=True)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(f"Approved: {user} is now a member of {answer['chat']['name']}.")
+
+
+@cli.command()
+@click.argument("chat")
+@click.argument("user")
+@pass_app
+def deny(app: App, chat: str, user: str) -> None:
+    """Turn down USER's request to join your chat CHAT."""
+    client, _ = app.login()
+    answer = client.decide(chat, user, approve=False)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(f"Denied {user}'s request to join {answer['chat']['name']}.")
+
+
+@cli.command()
+@click.argument("file_id", metavar="FILE_ID")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Where to save it (a file or a folder; default: its name, here).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@pass_app
+def download(app: App, file_id: str, output: Path | None, force: bool) -> None:
+    """Save the file FILE_ID (shown in messages as [file ID: name])."""
+    client, _ = app.login()
+    got = client.download(file_id)
+    # Only the base name of the server's filename: never a path it chose.
+    name = PurePosixPath((got.filename or "").replace("\\", "/")).name
+    if name in ("", ".", ".."):
+        name = f"file-{file_id}"
+    target = output or Path(name)
+    if target.is_dir():
+        target /= name
+    try:
+        with target.open("wb" if force else "xb") as file:
+            file.write(got.data)
+    except FileExistsError as exc:
+        raise ClientError(f"{target} exists; add --force to overwrite it") from exc
+    except OSError as exc:
+        raise ClientError(f"cannot write {target}: {exc.strerror}") from exc
+    if app.json_output:
+        print_json({"path": str(target), "size": len(got.data), "type": got.content_type})
+    else:
+        click.echo(f"Saved {target} ({format_size(len(got.data))}, {got.content_type}).")
+
+
+if __name__ == "__main__":
+    cli()

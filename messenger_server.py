@@ -12,20 +12,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import email.utils
+import hashlib
+import heapq
+import hmac
+import io
+import itertools
 import json
 import logging
+import math
+import os
+import pickle
 import re
+import secrets
 import signal
+import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, ClassVar, Final, Protocol
-from urllib.parse import parse_qsl, unquote
+from typing import Any, BinaryIO, ClassVar, Final, NamedTuple, Protocol
+from urllib.parse import parse_qsl, quote, unquote
 
 logger = logging.getLogger("messenger")
 
@@ -46,6 +59,9 @@ IDLE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection is kept
 SHUTDOWN_TIMEOUT: Final = 10.0  # seconds in-flight requests get to finish at shutdown
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
+PASSWORD_COST: Final = 17  # log2 of scrypt's n
+MAX_WAIT: Final = 60.0  # seconds a long-poll may wait
+SNAPSHOT_INTERVAL: Final = 30.0  # seconds between snapshots (when something changed)
 
 JSON_TYPE: Final = "application/json; charset=utf-8"
 
@@ -58,6 +74,21 @@ class HttpLimits:
     max_header_line: int = MAX_HEADER_LINE
     max_headers: int = MAX_HEADERS
     max_head: int = MAX_HEAD
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The messenger's rules; each one is a server flag."""
+
+    history: int = 20  # messages shown on connect and on join
+    message_ttl: float = 3600.0  # seconds a message lives after delivery
+    rate_limit: int = 20  # messages per user to general per window
+    rate_window: float = 3600.0  # seconds
+    report_limit: int = 10  # new reports per user per rate window
+    ban_threshold: int = 3  # distinct reporters that ban a user
+    ban_duration: float = 4 * 3600.0  # seconds
+    login_failures: int = 10  # wrong passwords per name per login window; 429 above
+    login_window: float = 60.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +107,11 @@ class ServerConfig:
     idle_timeout: float = IDLE_TIMEOUT
     shutdown_timeout: float = SHUTDOWN_TIMEOUT
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    rules: Rules = field(default_factory=Rules)
+    password_cost: int = PASSWORD_COST
+    max_wait: float = MAX_WAIT
+    snapshot_interval: float = SNAPSHOT_INTERVAL
+    fsync: str = "everysec"  # or "always"
 
 
 # Errors ####################################################################
@@ -467,7 +503,7 @@ class Response:
     body: bytes = b""
     content_type: str = JSON_TYPE
     headers: list[tuple[str, str]] = field(default_factory=list)
-    file: Path | None = None
+    file: BinaryIO | None = None  # an open file whose ``file_size`` bytes are the body
     file_size: int = 0
 
     @classmethod
@@ -578,7 +614,1256 @@ def _decode_segment(segment: str) -> str:
         raise NotFound("a path segment is not valid UTF-8") from exc
 
 
-# API handlers ##############################################################
+# Domain model ###############################################################
+
+GENERAL: Final = "general"
+USER_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+CHAT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TEXT: Final = 4096  # characters in a message
+MAX_SCHEDULE_AHEAD: Final = 7 * 24 * 3600.0  # seconds; send_at beyond is refused
+IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at least
+
+Event = tuple[Any, ...]  # ("kind", *fields): the unit of the journal
+
+
+class Unauthorized(MessengerError):
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("WWW-Authenticate", 'Bearer realm="messenger"')]
+
+
+class Forbidden(MessengerError):
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"
+
+
+class NotAMember(Forbidden):
+    code = "not_a_member"
+
+    def __init__(self, chat: str) -> None:
+        super().__init__(f"you are not a member of {chat}")
+
+
+class Banned(Forbidden):
+    code = "banned"
+
+    def __init__(self, until: float) -> None:
+        super().__init__("you are banned from sending after reports from other users")
+        self.until = until
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "until": self.until}
+
+
+class UnknownUser(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no user named {name!r}")
+
+
+class UnknownChat(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no chat named {name!r}")
+
+
+class UnknownMessage(NotFound):
+    def __init__(self, message_id: int | str) -> None:
+        super().__init__(f"no message {message_id} that you can see")
+
+
+class Conflict(MessengerError):
+    status = HTTPStatus.CONFLICT
+    code = "conflict"
+
+
+class InvalidField(BadRequest):
+    code = "invalid_field"
+
+
+class RateLimited(MessengerError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "rate_limited"
+
+    def __init__(
+        self, message: str, retry_after: float, headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+        self._headers = headers or []
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after)), *self._headers]
+
+
+class Message(NamedTuple):
+    """A message. Immutable: a snapshot can keep a shallow copy while the loop runs on."""
+
+    id: int
+    chat: str | None
+    to: str | None
+    sender: str
+    text: str
+    ts: float
+    reply_to: int | None
+    file: str | None
+
+
+@dataclass(slots=True)
+class Window:
+    """A counting window that opens with its first count and resets when it ends."""
+
+    start: float | None = None
+    count: int = 0
+
+    def used(self, now: float, length: float) -> int:
+        return self.count if self.start is not None and now < self.start + length else 0
+
+    def add(self, now: float, length: float) -> None:
+        if self.used(now, length) == 0:
+            self.start, self.count = now, 0
+        self.count += 1
+
+    def reset_at(self, now: float, length: float) -> float | None:
+        return self.start + length if self.used(now, length) and self.start is not None else None
+
+
+@dataclass(slots=True)
+class User:
+    name: str
+    password: bytes  # scrypt of the password with salt, n = 2**cost
+    salt: bytes
+    cost: int
+    created: float
+    active_chat: str = GENERAL
+    read_pos: int = 0  # every message id up to here has been read
+    chats: dict[str, int] = field(default_factory=dict)  # chat -> the last id when it joined
+    sessions: set[str] = field(default_factory=set)  # token hashes
+    reporters: set[str] = field(default_factory=set)
+    banned_until: float | None = None
+    general: Window = field(default_factory=Window)  # messages sent to general
+    reports_made: Window = field(default_factory=Window)
+    client_ids: dict[str, tuple[str, int | str, float]] = field(default_factory=dict)
+    private: list[int] = field(default_factory=list)  # private message ids to or from it
+
+
+@dataclass(slots=True)
+class Chat:
+    name: str
+    private: bool
+    owner: str | None
+    created: float
+    members: set[str] = field(default_factory=set)
+    invited: set[str] = field(default_factory=set)
+    requests: dict[str, float] = field(default_factory=dict)  # user -> when it asked
+    link: str | None = None  # the hash of the current join link's token
+    messages: list[int] = field(default_factory=list)  # live message ids, oldest first
+
+
+@dataclass(slots=True)
+class Session:
+    user: str
+    created: float
+
+
+@dataclass(slots=True)
+class StoredFile:
+    id: str
+    owner: str
+    name: str
+    size: int
+    type: str
+    sha256: str
+    ts: float
+    messages: set[int] = field(default_factory=set)  # live messages carrying it
+    scheduled: int = 0  # pending scheduled messages carrying it
+
+
+@dataclass(slots=True)
+class Scheduled:
+    id: str
+    sender: str
+    send_at: float
+    text: str
+    chat: str | None
+    to: str | None
+    reply_to: int | None
+    file: str | None
+    client_id: str | None
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """What a user asks to send."""
+
+    text: str
+    chat: str | None = None
+    to: str | None = None
+    reply_to: int | None = None
+    file: str | None = None
+    client_id: str | None = None
+    send_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateInfo:
+    """The sender's standing against the general chat's limit after a send."""
+
+    limit: int
+    remaining: int
+    reset: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    message: Message | None
+    scheduled: Scheduled | None
+    created: bool  # False for a retry with a known client_id
+    rate: RateInfo | None  # set for sends to general
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _ignore(*args: Any) -> None:
+    """The default hook: the domain runs alone in unit tests."""
+
+
+class Messenger:
+    """The messenger's state and rules, with no I/O and no HTTP.
+
+    Time comes from ``clock``. Every change is an event: ``record`` (the journal) takes it
+    first, then it is applied, so a replay of the journal rebuilds the same state. Methods
+    check everything before they record anything: a refused request changes nothing.
+    """
+
+    def __init__(self, rules: Rules, clock: Callable[[], float] = time.time) -> None:
+        self.rules = rules
+        self.clock = clock
+        self.record: Callable[[Event], None] = _ignore
+        self.on_message: Callable[[Message], None] = _ignore
+        self.on_file_gone: Callable[[str], None] = _ignore
+        self.users: dict[str, User] = {}
+        self.sessions: dict[str, Session] = {}
+        self.chats: dict[str, Chat] = {GENERAL: Chat(GENERAL, False, None, 0.0)}
+        self.messages: dict[int, Message] = {}
+        self.files: dict[str, StoredFile] = {}
+        self.scheduled: dict[str, Scheduled] = {}
+        self.last_id = 0
+        self.changes = 0  # events applied and messages expired; snapshots watch it
+        self._delivered: dict[int, float] = {}  # private message id -> first received
+        self._replies: dict[int, list[int]] = {}  # message id -> comment ids
+        self._links: dict[str, str] = {}  # link token hash -> chat
+        self._chat_expiry: deque[int] = deque()  # chat messages, oldest first
+        self._private_expiry: deque[int] = deque()  # private messages, first delivered first
+        self._file_expiry: deque[str] = deque()  # files, oldest first
+        self._due: list[tuple[float, str]] = []  # heap of scheduled messages (send_at, id)
+        self._login_failures: dict[str, Window] = {}
+        self._apply: dict[str, Callable[..., None]] = {
+            "user": self._apply_user,
+            "session": self._apply_session,
+            "revoke": self._apply_revoke,
+            "message": self._apply_message,
+            "deliver": self._apply_deliver,
+            "read": self._apply_read,
+            "join": self._apply_join,
+            "leave": self._apply_leave,
+            "invite": self._apply_invite,
+            "link": self._apply_link,
+            "request": self._apply_request,
+            "decide": self._apply_decide,
+            "report": self._apply_report,
+            "file": self._apply_file,
+            "schedule": self._apply_schedule,
+            "cancel": self._apply_cancel,
+        }
+
+    # Events -----------------------------------------------------------------
+
+    def _emit(self, *event: Any) -> None:
+        self.record(event)
+        self.replay(event)
+
+    def replay(self, event: Event) -> None:
+        """Apply one event, recorded now or read back from the journal."""
+        self._apply[event[0]](*event[1:])
+        self.changes += 1
+
+    # Identity ---------------------------------------------------------------
+
+    def check_login_allowed(self, name: str) -> None:
+        """429 while a name has had too many wrong passwords in the login window."""
+        failures = self._login_failures.get(name)
+        now = self.clock()
+        window = self.rules.login_window
+        if failures is not None and failures.used(now, window) >= self.rules.login_failures:
+            reset = failures.reset_at(now, window) or now
+            raise RateLimited("too many wrong passwords: try again later", reset - now)
+
+    def login_failed(self, name: str) -> None:
+        self._login_failures.setdefault(name, Window()).add(self.clock(), self.rules.login_window)
+
+    def register(self, name: str, password: bytes, salt: bytes, cost: int, token: str) -> User:
+        if name in self.users:
+            raise Conflict(f"the name {name} was taken a moment ago")
+        now = self.clock()
+        self._emit("user", name, password, salt, cost, now)
+        self._emit("session", hash_token(token), name, now)
+        return self.users[name]
+
+    def open_session(self, name: str, token: str) -> User:
+        self._emit("session", hash_token(token), name, self.clock())
+        return self.users[name]
+
+    def authenticate(self, token: str) -> tuple[User, str]:
+        """The user a bearer token belongs to, and the token's hash; 401 if none."""
+        token_hash = hash_token(token)
+        session = self.sessions.get(token_hash)
+        if session is None:
+            raise Unauthorized("unknown or revoked token: connect again")
+        return self.users[session.user], token_hash
+
+    def disconnect(self, token_hash: str) -> None:
+        self._emit("revoke", token_hash)
+
+    # Sending ----------------------------------------------------------------
+
+    def send(self, name: str, draft: Draft) -> SendResult:
+        """Post a message now, or schedule it for ``draft.send_at``."""
+        user = self.users[name]
+        now = self.clock()
+        known = self._known_client_id(user, draft.client_id, now)
+        if known is not None:
+            return known
+        self._check_not_banned(user, now)
+        chat, to, reply_to = self._destination(user, draft)
+        file_id = self._check_file(user, draft.file)
+        counted = chat == GENERAL
+        if counted:
+            self._check_rate(user, now)
+        if draft.send_at is not None:
+            if not now < draft.send_at <= now + MAX_SCHEDULE_AHEAD:
+                raise InvalidField("send_at must be in the future, at most 7 days ahead")
+            scheduled_id = secrets.token_urlsafe(12)
+            self._emit(
+                "schedule", scheduled_id, name, draft.send_at, draft.text, chat, to, reply_to,
+                file_id, draft.client_id, now, counted,
+            )
+            return SendResult(None, self.scheduled[scheduled_id], True, self._rate(user, chat))
+        message_id = self.last_id + 1
+        self._emit(
+            "message", message_id, chat, to, name, draft.text, now, reply_to, file_id,
+            draft.client_id, counted, None,
+        )
+        return SendResult(self.messages[message_id], None, True, self._rate(user, chat))
+
+    def _known_client_id(self, user: User, client_id: str | None, now: float) -> SendResult | None:
+        """The first answer to a retried send, found by its client_id."""
+        if client_id is None:
+            return None
+        keep = max(IDEMPOTENCY_WINDOW, self.rules.message_ttl)
+        while user.client_ids:  # the oldest keys come first: forget the expired ones
+            oldest = next(iter(user.client_ids))
+            if user.client_ids[oldest][2] + keep > now:
+                break
+            del user.client_ids[oldest]
+        known = user.client_ids.get(client_id)
+        if known is None:
+            return None
+        kind, ref, _ = known
+        if kind == "scheduled" and ref in self.scheduled:
+            return SendResult(None, self.scheduled[str(ref)], False, None)
+        message = self.messages.get(ref) if isinstance(ref, int) else None
+        if message is None:
+            raise NotFound(f"the message sent with client_id {client_id} has expired")
+        return SendResult(message, None, False, None)
+
+    def _destination(self, user: User, draft: Draft) -> tuple[str | None, str | None, int | None]:
+        """Where a draft goes: (chat, to, reply_to); a comment goes where its parent is."""
+        if draft.chat is not None and draft.to is not None:
+            raise InvalidField("give chat or to, not both")
+        if draft.reply_to is not None:
+            parent = self.visible_message(user.name, draft.reply_to)
+            if parent.chat is not None:
+                chat, to = parent.chat, None
+            else:
+                chat, to = None, parent.to if parent.sender == user.name else parent.sender
+            if draft.chat not in (None, chat) or draft.to not in (None, to):
+                raise InvalidField("a comment goes where its parent is: drop chat and to")
+            return chat, to, parent.id
+        if draft.to is not None:
+            if draft.to not in self.users:
+                raise UnknownUser(draft.to)
+            return None, draft.to, None
+        chat_name = draft.chat if draft.chat is not None else user.active_chat
+        self._member_chat(user, chat_name)
+        return chat_name, None, None
+
+    def _check_file(self, user: User, file_id: str | None) -> str | None:
+        if file_id is None:
+            return None
+        stored = self.files.get(file_id)
+        if stored is None or stored.owner != user.name:
+            raise NotFound(f"no file {file_id} uploaded by you")
+        return file_id
+
+    def _check_not_banned(self, user: User, now: float) -> None:
+        self._lift_ended_ban(user, now)
+        if user.banned_until is not None:
+            raise Banned(user.banned_until)
+
+    def _check_rate(self, user: User, now: float) -> None:
+        window = self.rules.rate_window
+        if user.general.used(now, window) >= self.rules.rate_limit:
+            rate = self._rate(user, GENERAL)
+            reset = rate.reset if rate is not None and rate.reset is not None else now
+            raise RateLimited(
+                f"at most {self.rules.rate_limit} messages per window in {GENERAL}",
+                reset - now,
+                rate_headers(rate),
+            )
+
+    def _rate(self, user: User, chat: str | None) -> RateInfo | None:
+        if chat != GENERAL:
+            return None
+        now = self.clock()
+        used = user.general.used(now, self.rules.rate_window)
+        reset = user.general.reset_at(now, self.rules.rate_window)
+        return RateInfo(self.rules.rate_limit, max(0, self.rules.rate_limit - used), reset)
+
+    def rate_status(self, name: str) -> RateInfo:
+        rate = self._rate(self.users[name], GENERAL)
+        assert rate is not None
+        return rate
+
+    # Reading ----------------------------------------------------------------
+
+    def poll(
+        self, name: str, since: int | None, chat_name: str | None, limit: int
+    ) -> tuple[list[Message], int]:
+        """Messages the user can see after ``since`` (default: its read position), oldest
+        first, and the position to poll from next. ``since`` also marks everything up to
+        it as read, for every session of the user."""
+        user = self.users[name]
+        self.expire(self.clock())
+        start = user.read_pos if since is None else since
+        if chat_name is not None:
+            chat = self._member_chat(user, chat_name)
+            sources = [self._after(chat.messages, max(start, user.chats[chat_name]))]
+        else:
+            sources = [
+                self._after(self.chats[joined].messages, max(start, position))
+                for joined, position in user.chats.items()
+            ]
+            sources.append(self._after(user.private, start))
+        ids = list(itertools.islice(heapq.merge(*sources), limit))
+        found = [self.messages[message_id] for message_id in ids]
+        self._mark_delivered(user, found)
+        if since is not None and min(since, self.last_id) > user.read_pos:
+            self._emit("read", name, min(since, self.last_id))
+        return found, ids[-1] if ids else start
+
+    @staticmethod
+    def _after(ids: list[int], position: int) -> Iterator[int]:
+        return itertools.islice(ids, bisect.bisect_right(ids, position), None)
+
+    def history(self, name: str, chat_name: str, before: int | None, limit: int) -> list[Message]:
+        """The newest ``limit`` messages of a chat below ``before``, oldest first."""
+        self.expire(self.clock())
+        chat = self._member_chat(self.users[name], chat_name)
+        end = len(chat.messages) if before is None else bisect.bisect_left(chat.messages, before)
+        return [self.messages[i] for i in chat.messages[max(0, end - limit) : end]]
+
+    def visible_message(self, name: str, message_id: int) -> Message:
+        """A message the user may see; 404 for every other, existing or not."""
+        self.expire(self.clock())
+        message = self.messages.get(message_id)
+        if message is None or not self._can_see(name, message):
+            raise UnknownMessage(message_id)
+        return message
+
+    def thread(self, name: str, message_id: int) -> tuple[Message, list[Message]]:
+        """A message and its comments, oldest first."""
+        message = self.visible_message(name, message_id)
+        comments = [
+            self.messages[i] for i in self._replies.get(message_id, ()) if i in self.messages
+        ]
+        self._mark_delivered(self.users[name], [message, *comments])
+        return message, comments
+
+    def _can_see(self, name: str, message: Message) -> bool:
+        if message.chat is not None:
+            return name in self.chats[message.chat].members
+        return name in (message.sender, message.to)
+
+    def _mark_delivered(self, user: User, messages: list[Message]) -> None:
+        """Private messages reaching their recipient start to age (their TTL starts)."""
+        first_time = [
+            m.id for m in messages
+            if m.to == user.name and m.chat is None and m.id not in self._delivered
+        ]
+        if first_time:
+            self._emit("deliver", first_time, self.clock())
+
+    def unread(self, name: str) -> tuple[dict[str, int], dict[str, int]]:
+        """Unread messages by others after the read position: by chat, and by private peer."""
+        user = self.users[name]
+        self.expire(self.clock())
+        by_chat = {
+            chat: self._count_from_others(
+                name, self._after(self.chats[chat].messages, max(user.read_pos, position))
+            )
+            for chat, position in user.chats.items()
+        }
+        by_peer: dict[str, int] = {}
+        for message_id in self._after(user.private, user.read_pos):
+            sender = self.messages[message_id].sender
+            if sender != name:
+                by_peer[sender] = by_peer.get(sender, 0) + 1
+        return by_chat, by_peer
+
+    def _count_from_others(self, name: str, ids: Iterator[int]) -> int:
+        return sum(1 for i in ids if self.messages[i].sender != name)
+
+    # Chats ------------------------------------------------------------------
+
+    def _member_chat(self, user: User, chat_name: str) -> Chat:
+        chat = self.chats.get(chat_name)
+        if chat is None:
+            raise UnknownChat(chat_name)
+        if user.name not in chat.members:
+            raise NotAMember(chat_name)
+        return chat
+
+    def _owned_chat(self, name: str, chat_name: str) -> Chat:
+        chat = self.chats.get(chat_name)
+        if chat is None:
+            raise UnknownChat(chat_name)
+        if chat.owner != name:
+            raise Forbidden(f"only the owner of {chat_name} may do that")
+        return chat
+
+    def visible_chats(self, name: str) -> list[Chat]:
+        """Public chats and the private ones the user belongs to."""
+        return [c for c in self.chats.values() if not c.private or name in c.members]
+
+    def join(self, name: str, chat_name: str, private: bool | None) -> tuple[Chat, bool]:
+        """Join a chat (creating it, owned by the user) and make it the active one."""
+        user = self.users[name]
+        chat = self.chats.get(chat_name)
+        if chat is not None:
+            if private is not None and private != chat.private:
+                kind = "private" if chat.private else "public"
+                raise Conflict(f"{chat_name} is already taken by a {kind} chat")
+            allowed = name in chat.members or name in chat.invited or name == chat.owner
+            if chat.private and not allowed:
+                raise Forbidden(f"{chat_name} is private: ask its owner for an invitation")
+            if name in chat.members and user.active_chat == chat_name:
+                return chat, False
+        self._emit("join", chat_name, name, bool(private), self.clock())
+        return self.chats[chat_name], chat is None
+
+    def leave(self, name: str, chat_name: str) -> Chat:
+        if chat_name == GENERAL:
+            raise InvalidField(f"nobody leaves {GENERAL}")
+        chat = self._member_chat(self.users[name], chat_name)
+        self._emit("leave", chat_name, name)
+        return chat
+
+    def invite(self, owner: str, chat_name: str, guest: str) -> Chat:
+        chat = self._owned_chat(owner, chat_name)
+        if guest not in self.users:
+            raise UnknownUser(guest)
+        if guest not in chat.members and guest not in chat.invited:
+            self._emit("invite", chat_name, guest)
+        return chat
+
+    def make_link(self, owner: str, chat_name: str) -> str:
+        """A new join link token for the chat; the previous one stops working."""
+        self._owned_chat(owner, chat_name)
+        token = secrets.token_urlsafe(24)
+        self._emit("link", chat_name, hash_token(token))
+        return token
+
+    def request_join(self, name: str, token: str) -> tuple[Chat, bool]:
+        """Ask to join through a link: (the chat, whether the user is already a member)."""
+        chat_name = self._links.get(hash_token(token))
+        if chat_name is None:
+            raise NotFound("unknown or revoked join link")
+        chat = self.chats[chat_name]
+        if name in chat.members:
+            return chat, True
+        if name not in chat.requests:
+            self._emit("request", chat_name, name, self.clock())
+        return chat, False
+
+    def pending_requests(self, owner: str, chat_name: str) -> dict[str, float]:
+        return self._owned_chat(owner, chat_name).requests
+
+    def decide(self, owner: str, chat_name: str, guest: str, approve: bool) -> Chat:
+        chat = self._owned_chat(owner, chat_name)
+        if guest not in chat.requests:
+            raise NotFound(f"{guest} has no pending request to join {chat_name}")
+        self._emit("decide", chat_name, guest, approve, self.clock())
+        return chat
+
+    # Moderation -------------------------------------------------------------
+
+    def report(self, reporter: str, target: str, reason: str) -> User:
+        """One report per reporter and target; enough of them ban the target from sending."""
+        if target == reporter:
+            raise InvalidField("you cannot report yourself")
+        user = self.users.get(target)
+        if user is None:
+            raise UnknownUser(target)
+        now = self.clock()
+        self._lift_ended_ban(user, now)
+        if reporter not in user.reporters:
+            made = self.users[reporter].reports_made
+            if made.used(now, self.rules.rate_window) >= self.rules.report_limit:
+                reset = made.reset_at(now, self.rules.rate_window) or now
+                raise RateLimited("too many reports: try again later", reset - now)
+            self._emit("report", reporter, target, reason, now)
+        return user
+
+    def _lift_ended_ban(self, user: User, now: float) -> None:
+        """When a ban ends, its reports are forgotten: the count starts again."""
+        if user.banned_until is not None and user.banned_until <= now:
+            user.banned_until = None
+            user.reporters.clear()
+
+    def standing(self, name: str) -> User:
+        user = self.users[name]
+        self._lift_ended_ban(user, self.clock())
+        return user
+
+    # Files ------------------------------------------------------------------
+
+    def add_file(
+        self, owner: str, file_id: str, name: str, size: int, media_type: str, sha256: str
+    ) -> StoredFile:
+        self._emit("file", file_id, owner, name, size, media_type, sha256, self.clock())
+        return self.files[file_id]
+
+    def readable_file(self, name: str, file_id: str) -> StoredFile:
+        """A file for its uploader or a user who can see a message carrying it; else 404."""
+        self.expire(self.clock())
+        stored = self.files.get(file_id)
+        if stored is None or not (
+            stored.owner == name
+            or any(self._can_see(name, self.messages[i]) for i in stored.messages)
+        ):
+            raise NotFound(f"no file {file_id} that you can see")
+        return stored
+
+    # Scheduled messages -----------------------------------------------------
+
+    def scheduled_of(self, name: str) -> list[Scheduled]:
+        return sorted(
+            (s for s in self.scheduled.values() if s.sender == name), key=lambda s: s.send_at
+        )
+
+    def cancel(self, name: str, scheduled_id: str) -> None:
+        scheduled = self.scheduled.get(scheduled_id)
+        if scheduled is None or scheduled.sender != name:
+            raise NotFound(f"no pending scheduled message {scheduled_id} of yours")
+        self._emit("cancel", scheduled_id, self.clock())
+
+    # Time -------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` has something to do next: a scheduled message or an expiry."""
+        ttl = self.rules.message_ttl
+        candidates = []
+        if self._due:
+            candidates.append(self._due[0][0])
+        if self._chat_expiry:
+            candidates.append(self.messages[self._chat_expiry[0]].ts + ttl)
+        if self._private_expiry:
+            candidates.append(self._delivered[self._private_expiry[0]] + ttl)
+        if self._file_expiry:
+            candidates.append(self.files[self._file_expiry[0]].ts + ttl)
+        return min(candidates, default=None)
+
+    def tick(self) -> None:
+        """Send the scheduled messages now due, in due order, and drop expired data."""
+        now = self.clock()
+        self.expire(now)
+        while self._due and self._due[0][0] <= now:
+            _, scheduled_id = heapq.heappop(self._due)
+            scheduled = self.scheduled.get(scheduled_id)
+            if scheduled is not None:
+                self._send_scheduled(scheduled, now)
+
+    def _send_scheduled(self, scheduled: Scheduled, now: float) -> None:
+        """Check a due message again: a banned sender or a lost membership drops it."""
+        user = self.users[scheduled.sender]
+        try:
+            self._check_not_banned(user, now)
+            if scheduled.chat is not None:
+                self._member_chat(user, scheduled.chat)
+            if scheduled.reply_to is not None:
+                self.visible_message(user.name, scheduled.reply_to)
+        except MessengerError as exc:
+            logger.info("dropped scheduled message %s of %s: %s", scheduled.id, user.name, exc)
+            self._emit("cancel", scheduled.id, now)
+            return
+        self._emit(
+            "message", self.last_id + 1, scheduled.chat, scheduled.to, scheduled.sender,
+            scheduled.text, now, scheduled.reply_to, scheduled.file, scheduled.client_id,
+            False, scheduled.id,
+        )
+
+    def expire(self, now: float) -> None:
+        """Drop the messages and files whose time is over; costs O(what expires)."""
+        ttl = self.rules.message_ttl
+        expired: list[int] = []
+        while self._chat_expiry and self.messages[self._chat_expiry[0]].ts + ttl <= now:
+            expired.append(self._chat_expiry.popleft())
+        while self._private_expiry and self._delivered[self._private_expiry[0]] + ttl <= now:
+            expired.append(self._private_expiry.popleft())
+        if expired:
+            self._remove_messages(expired, now)
+        while self._file_expiry and self.files[self._file_expiry[0]].ts + ttl <= now:
+            self._drop_file_if_unused(self.files[self._file_expiry.popleft()], now)
+
+    def _remove_messages(self, ids: list[int], now: float) -> None:
+        by_chat: dict[str, int] = {}
+        for message_id in ids:
+            message = self.messages.pop(message_id)
+            self._replies.pop(message_id, None)
+            if message.chat is not None:  # expiring chat messages are a prefix of their chat
+                by_chat[message.chat] = by_chat.get(message.chat, 0) + 1
+            else:
+                del self._delivered[message_id]
+                for name in {message.sender, message.to}:
+                    if name is not None:
+                        _remove_sorted(self.users[name].private, message_id)
+            if message.file is not None:
+                stored = self.files[message.file]
+                stored.messages.discard(message_id)
+                self._drop_file_if_unused(stored, now)
+        for chat_name, count in by_chat.items():
+            del self.chats[chat_name].messages[:count]
+        self.changes += len(ids)
+
+    def _drop_file_if_unused(self, stored: StoredFile, now: float) -> None:
+        """A file goes when no live message carries it and it is older than the TTL."""
+        unused = not stored.messages and not stored.scheduled
+        if unused and stored.ts + self.rules.message_ttl <= now and stored.id in self.files:
+            del self.files[stored.id]
+            self.changes += 1
+            self.on_file_gone(stored.id)
+
+    # Applying events --------------------------------------------------------
+
+    def _apply_user(self, name: str, password: bytes, salt: bytes, cost: int, ts: float) -> None:
+        self.users[name] = User(name, password, salt, cost, ts)
+        self._add_member(self.chats[GENERAL], name)
+
+    def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
+        self.sessions[token_hash] = Session(name, ts)
+        self.users[name].sessions.add(token_hash)
+
+    def _apply_revoke(self, token_hash: str) -> None:
+        session = self.sessions.pop(token_hash, None)
+        if session is not None:
+            self.users[session.user].sessions.discard(token_hash)
+
+    def _apply_message(
+        self, message_id: int, chat: str | None, to: str | None, sender: str, text: str,
+        ts: float, reply_to: int | None, file_id: str | None, client_id: str | None,
+        counted: bool, scheduled_id: str | None,
+    ) -> None:
+        message = Message(message_id, chat, to, sender, text, ts, reply_to, file_id)
+        self._add_message(message)
+        user = self.users[sender]
+        if counted:
+            user.general.add(ts, self.rules.rate_window)
+        if client_id is not None:
+            user.client_ids.pop(client_id, None)
+            user.client_ids[client_id] = ("message", message_id, ts)
+        if scheduled_id is not None:
+            self._remove_scheduled(scheduled_id, ts)
+        self.on_message(message)
+
+    def _add_message(self, message: Message) -> None:
+        self.messages[message.id] = message
+        self.last_id = max(self.last_id, message.id)
+        if message.chat is not None:
+            self.chats[message.chat].messages.append(message.id)
+            self._chat_expiry.append(message.id)
+        else:
+            for name in {message.sender, message.to}:
+                if name is not None:
+                    self.users[name].private.append(message.id)
+        if message.reply_to is not None:
+            self._replies.setdefault(message.reply_to, []).append(message.id)
+        if message.file is not None:
+            self.files[message.file].messages.add(message.id)
+
+    def _apply_deliver(self, ids: list[int], ts: float) -> None:
+        for message_id in ids:
+            if message_id in self.messages and message_id not in self._delivered:
+                self._delivered[message_id] = ts
+                self._private_expiry.append(message_id)
+
+    def _apply_read(self, name: str, position: int) -> None:
+        user = self.users[name]
+        user.read_pos = max(user.read_pos, position)
+
+    def _apply_join(self, chat_name: str, name: str, private: bool, ts: float) -> None:
+        chat = self.chats.get(chat_name)
+        if chat is None:
+            chat = self.chats[chat_name] = Chat(chat_name, private, name, ts)
+        self._add_member(chat, name)
+        self.users[name].active_chat = chat_name
+
+    def _add_member(self, chat: Chat, name: str) -> None:
+        if name not in chat.members:
+            chat.members.add(name)
+            self.users[name].chats[chat.name] = self.last_id
+        chat.invited.discard(name)
+        chat.requests.pop(name, None)
+
+    def _apply_leave(self, chat_name: str, name: str) -> None:
+        user = self.users[name]
+        self.chats[chat_name].members.discard(name)
+        user.chats.pop(chat_name, None)
+        if user.active_chat == chat_name:
+            user.active_chat = GENERAL
+
+    def _apply_invite(self, chat_name: str, name: str) -> None:
+        self.chats[chat_name].invited.add(name)
+
+    def _apply_link(self, chat_name: str, token_hash: str) -> None:
+        chat = self.chats[chat_name]
+        if chat.link is not None:
+            self._links.pop(chat.link, None)
+        chat.link = token_hash
+        self._links[token_hash] = chat_name
+
+    def _apply_request(self, chat_name: str, name: str, ts: float) -> None:
+        self.chats[chat_name].requests.setdefault(name, ts)
+
+    def _apply_decide(self, chat_name: str, name: str, approve: bool, ts: float) -> None:
+        chat = self.chats[chat_name]
+        chat.requests.pop(name, None)
+        if approve:
+            self._add_member(chat, name)
+
+    def _apply_report(self, reporter: str, target: str, reason: str, ts: float) -> None:
+        user = self.users[target]
+        self._lift_ended_ban(user, ts)
+        if reporter in user.reporters:
+            return
+        user.reporters.add(reporter)
+        self.users[reporter].reports_made.add(ts, self.rules.rate_window)
+        if len(user.reporters) >= self.rules.ban_threshold and user.banned_until is None:
+            user.banned_until = ts + self.rules.ban_duration
+            logger.info("%s is banned until %s after %d reports", target, user.banned_until,
+                        len(user.reporters))
+
+    def _apply_file(
+        self, file_id: str, owner: str, name: str, size: int, media_type: str, sha256: str,
+        ts: float,
+    ) -> None:
+        self.files[file_id] = StoredFile(file_id, owner, name, size, media_type, sha256, ts)
+        self._file_expiry.append(file_id)
+
+    def _apply_schedule(
+        self, scheduled_id: str, sender: str, send_at: float, text: str, chat: str | None,
+        to: str | None, reply_to: int | None, file_id: str | None, client_id: str | None,
+        ts: float, counted: bool,
+    ) -> None:
+        scheduled = Scheduled(
+            scheduled_id, sender, send_at, text, chat, to, reply_to, file_id, client_id, ts
+        )
+        self._add_scheduled(scheduled)
+        user = self.users[sender]
+        if counted:
+            user.general.add(ts, self.rules.rate_window)
+        if client_id is not None:
+            user.client_ids[client_id] = ("scheduled", scheduled_id, ts)
+
+    def _add_scheduled(self, scheduled: Scheduled) -> None:
+        self.scheduled[scheduled.id] = scheduled
+        heapq.heappush(self._due, (scheduled.send_at, scheduled.id))
+        if scheduled.file is not None:
+            self.files[scheduled.file].scheduled += 1
+
+    def _apply_cancel(self, scheduled_id: str, ts: float) -> None:
+        self._remove_scheduled(scheduled_id, ts)
+
+    def _remove_scheduled(self, scheduled_id: str, now: float) -> None:
+        scheduled = self.scheduled.pop(scheduled_id, None)
+        if scheduled is not None and scheduled.file is not None:
+            stored = self.files[scheduled.file]
+            stored.scheduled -= 1
+            self._drop_file_if_unused(stored, now)
+
+    # Snapshots: plain builtins out and in ------------------------------------
+
+    def export(self) -> tuple[dict[str, Any], list[Message]]:
+        """The state as plain builtins, and the messages (immutable) to pickle in steps."""
+        self.expire(self.clock())
+        state = {
+            "last_id": self.last_id,
+            "users": [
+                (u.name, u.password, u.salt, u.cost, u.created, u.active_chat, u.read_pos,
+                 list(u.chats.items()), sorted(u.reporters), u.banned_until,
+                 (u.general.start, u.general.count),
+                 (u.reports_made.start, u.reports_made.count),
+                 [(key, *value) for key, value in u.client_ids.items()])
+                for u in self.users.values()
+            ],
+            "sessions": [(h, s.user, s.created) for h, s in self.sessions.items()],
+            "chats": [
+                (c.name, c.private, c.owner, c.created, sorted(c.members), sorted(c.invited),
+                 list(c.requests.items()), c.link)
+                for c in self.chats.values()
+            ],
+            "delivered": list(self._delivered.items()),
+            "files": [
+                (f.id, f.owner, f.name, f.size, f.type, f.sha256, f.ts)
+                for f in self.files.values()
+            ],
+            "scheduled": [
+                (s.id, s.sender, s.send_at, s.text, s.chat, s.to, s.reply_to, s.file,
+                 s.client_id, s.created)
+                for s in self.scheduled.values()
+            ],
+        }
+        return state, list(self.messages.values())
+
+    def restore(self, state: dict[str, Any], messages: Iterable[tuple[Any, ...]]) -> None:
+        """Rebuild the state from ``export``'s builtins (into a new, empty Messenger)."""
+        self.last_id = state["last_id"]
+        for (name, password, salt, cost, created, active, read_pos, chats, reporters,
+             banned_until, general, reports_made, client_ids) in state["users"]:
+            self.users[name] = User(
+                name, password, salt, cost, created, active, read_pos, dict(chats),
+                set(), set(reporters), banned_until, Window(*general), Window(*reports_made),
+                {key: (kind, ref, ts) for key, kind, ref, ts in client_ids},
+            )
+        for token_hash, name, created in state["sessions"]:
+            self._apply_session(token_hash, name, created)
+        for name, private, owner, created, members, invited, requests, link in state["chats"]:
+            self.chats[name] = Chat(
+                name, private, owner, created, set(members), set(invited), dict(requests)
+            )
+            if link is not None:
+                self._apply_link(name, link)
+        for row in state["files"]:
+            self._apply_file(*row)
+        for row in messages:
+            self._add_message(Message(*row))
+        for message_id, ts in sorted(state["delivered"], key=lambda item: item[1]):
+            self._apply_deliver([message_id], ts)
+        for row in state["scheduled"]:
+            self._add_scheduled(Scheduled(*row))
+
+
+def _remove_sorted(ids: list[int], value: int) -> None:
+    index = bisect.bisect_left(ids, value)
+    if index < len(ids) and ids[index] == value:
+        del ids[index]
+
+
+def rate_headers(rate: RateInfo | None) -> list[tuple[str, str]]:
+    """GitHub's X-RateLimit-* headers for a send to the general chat."""
+    if rate is None:
+        return []
+    reset = rate.reset if rate.reset is not None else time.time()
+    return [
+        ("X-RateLimit-Limit", str(rate.limit)),
+        ("X-RateLimit-Remaining", str(rate.remaining)),
+        ("X-RateLimit-Reset", str(math.ceil(reset))),
+    ]
+
+
+# Persistence ################################################################
+
+SNAPSHOT_MAGIC: Final = b"MSGRSNAP"
+SNAPSHOT_FORMAT: Final = 1
+SNAPSHOT_HEADER: Final = struct.Struct(">8sIQ32s")  # magic, format, payload bytes, sha256
+RECORD_HEADER: Final = struct.Struct(">II")  # journal record: payload bytes, crc32
+SNAPSHOT_CHUNK: Final = 20_000  # messages pickled per step; bounds the event-loop stall
+KEEP_SNAPSHOTS: Final = 2  # the newest and one to fall back on
+
+
+class DamagedState(Exception):
+    """A snapshot that cannot be trusted: wrong magic, size or checksum."""
+
+
+class _BuiltinsUnpickler(pickle.Unpickler):
+    """Loads plain builtins only: a state file can never name a class or a function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name}: state files hold plain builtins only")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """The append-only log of the events since the last snapshot.
+
+    ``append`` hands each record to the OS before it returns, so a killed process loses
+    nothing. With ``always``, ``durable`` also waits for an fsync covering it (fsyncs are
+    shared by the requests that wait together); otherwise ``sync`` runs every second.
+    """
+
+    def __init__(self, path: Path, *, always: bool) -> None:
+        self.always = always
+        self._fd = self._open(path)
+        self._size = 0
+        self._written = 0  # records appended
+        self._synced = 0  # records known to be on disk
+        self._syncing: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def append(self, event: Event) -> None:
+        data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
+        record = RECORD_HEADER.pack(len(data), zlib.crc32(data)) + data
+        try:
+            _write_all(self._fd, record)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # never leave half a record behind
+            logger.error("journal write failed: %s", exc)
+            raise Unavailable("the state cannot be written: nothing was stored") from exc
+        self._size += len(record)
+        self._written += 1
+
+    async def durable(self) -> None:
+        """With ``--fsync always``: return once every record appended so far is on disk."""
+        if not self.always:
+            return
+        target = self._written
+        while self._synced < target:
+            if self._syncing is None:
+                self._syncing = asyncio.ensure_future(self.sync())
+            await asyncio.shield(self._syncing)
+
+    async def sync(self) -> None:
+        written, fd = self._written, self._fd
+        try:
+            if written > self._synced:
+                try:
+                    await asyncio.to_thread(os.fsync, fd)
+                except OSError as exc:
+                    logger.error("journal fsync failed: %s", exc)
+                    raise Unavailable("the state cannot be written to disk") from exc
+                self._synced = max(self._synced, written)
+        finally:
+            self._syncing = None
+
+    def switch(self, path: Path) -> int:
+        """Continue in a new file; return the old descriptor for ``retire``."""
+        old, self._fd, self._size = self._fd, self._open(path), 0
+        return old
+
+    async def retire(self, fd: int) -> None:
+        """fsync and close a descriptor that ``switch`` replaced."""
+        written = self._written
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+            self._synced = max(self._synced, written)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+
+def read_journal(path: Path) -> Iterator[Event]:
+    """The events of a journal file; a torn or damaged last record ends it quietly."""
+    data = path.read_bytes()
+    position = 0
+    while position < len(data):
+        header_end = position + RECORD_HEADER.size
+        if header_end > len(data):
+            break
+        length, checksum = RECORD_HEADER.unpack_from(data, position)
+        payload = data[header_end : header_end + length]
+        if len(payload) < length or zlib.crc32(payload) != checksum:
+            break
+        yield _BuiltinsUnpickler(io.BytesIO(payload)).load()
+        position = header_end + length
+    if position < len(data):
+        logger.warning("%s: ignored %d bytes of a torn last record", path, len(data) - position)
+
+
+class StateStore:
+    """The state folder: numbered snapshots and journals, and the uploaded files.
+
+    Snapshot N holds the state at the moment journal N began. Start-up loads the newest
+    snapshot that is intact and replays every journal from its number on; the previous
+    snapshot and its journals are kept until a newer snapshot is safely on disk.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files = folder / "files"
+        self.files.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+
+    def _numbered(self, prefix: str, suffix: str) -> dict[int, Path]:
+        found = {}
+        for path in self.folder.glob(f"{prefix}-*{suffix}"):
+            number = path.name[len(prefix) + 1 : -len(suffix)]
+            if number.isdigit():
+                found[int(number)] = path
+        return found
+
+    def snapshot_path(self, number: int) -> Path:
+        return self.folder / f"snapshot-{number:08d}.bin"
+
+    def journal_path(self, number: int) -> Path:
+        return self.folder / f"journal-{number:08d}.log"
+
+    def load(self, messenger: Messenger) -> int:
+        """Fill an empty ``messenger`` from disk; return the number for the next journal."""
+        snapshots = self._numbered("snapshot", ".bin")
+        journals = self._numbered("journal", ".log")
+        base = 0
+        for number in sorted(snapshots, reverse=True):
+            try:
+                state, messages = read_snapshot(snapshots[number])
+            except (DamagedState, OSError, pickle.UnpicklingError, EOFError) as exc:
+                logger.error("snapshot %s is damaged (%s): falling back", snapshots[number], exc)
+                continue
+            messenger.restore(state, messages)
+            base = number
+            logger.info("loaded %s: %d messages", snapshots[number].name, len(messenger.messages))
+            break
+        replayed = failed = 0
+        for number in sorted(n for n in journals if n >= base):
+            for event in read_journal(journals[number]):
+                try:
+                    messenger.replay(event)
+                    replayed += 1
+                except Exception:
+                    failed += 1
+                    logger.exception("could not replay an event of %s", journals[number].name)
+        logger.info("replayed %d journal events (%d failed)", replayed, failed)
+        self._remove_orphan_files(messenger)
+        return max([*snapshots, *journals, 0]) + 1
+
+    def _remove_orphan_files(self, messenger: Messenger) -> None:
+        """Uploads cut short, or never journaled, leave files nobody knows: remove them."""
+        for path in self.files.iterdir():
+            if path.name not in messenger.files:
+                path.unlink(missing_ok=True)
+
+    async def write_snapshot(
+        self, number: int, state: dict[str, Any], messages: list[Message]
+    ) -> int:
+        """Write snapshot ``number`` atomically, in steps that let the loop run; its size."""
+        frames = math.ceil(len(messages) / SNAPSHOT_CHUNK)
+        path = self.snapshot_path(number)
+        temporary = path.with_suffix(".tmp")
+        digest = hashlib.sha256()
+        length = 0
+        try:
+            with temporary.open("wb") as out:
+                out.write(bytes(SNAPSHOT_HEADER.size))
+                for index in range(-1, frames):
+                    if index < 0:
+                        frame: object = {**state, "message_frames": frames}
+                    else:
+                        chunk = messages[index * SNAPSHOT_CHUNK : (index + 1) * SNAPSHOT_CHUNK]
+                        frame = [tuple(message) for message in chunk]
+                    data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+                    digest.update(data)
+                    out.write(data)
+                    length += len(data)
+                    await asyncio.sleep(0)
+                out.seek(0)
+                out.write(
+                    SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_FORMAT, length, digest.digest())
+                )
+                out.flush()
+                await asyncio.to_thread(os.fsync, out.fileno())
+            os.replace(temporary, path)
+            await asyncio.to_thread(_fsync_folder, self.folder)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return SNAPSHOT_HEADER.size + length
+
+    def prune(self) -> None:
+        """Keep the newest snapshots and the journals they need; remove the rest."""
+        snapshots = self._numbered("snapshot", ".bin")
+        keep = sorted(snapshots, reverse=True)[:KEEP_SNAPSHOTS]
+        if not keep:
+            return
+        for number, path in snapshots.items():
+            if number not in keep:
+                path.unlink(missing_ok=True)
+        for number, path in self._numbered("journal", ".log").items():
+            if number < min(keep):
+                path.unlink(missing_ok=True)
+
+
+def read_snapshot(path: Path) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+    data = path.read_bytes()
+    if len(data) < SNAPSHOT_HEADER.size:
+        raise DamagedState("shorter than its header")
+    magic, version, length, digest = SNAPSHOT_HEADER.unpack_from(data)
+    if magic != SNAPSHOT_MAGIC or version != SNAPSHOT_FORMAT:
+        raise DamagedState(f"not a format {SNAPSHOT_FORMAT} snapshot")
+    payload = memoryview(data)[SNAPSHOT_HEADER.size :]
+    if len(payload) != length or hashlib.sha256(payload).digest() != digest:
+        raise DamagedState("size or checksum mismatch")
+    unpickler = _BuiltinsUnpickler(io.BytesIO(payload))
+    state = unpickler.load()
+    messages: list[tuple[Any, ...]] = []
+    for _ in range(state.pop("message_frames")):
+        messages.extend(unpickler.load())
+    return state, messages
+
+
+# API handlers ###############################################################
+
+MAX_PASSWORD: Final = 1024  # characters
+MAX_REASON: Final = 1024  # characters in a report's reason
+MAX_FILE_NAME: Final = 255  # characters
+MAX_LIMIT: Final = 1000  # messages per answer
+MAX_TIMER_SLEEP: Final = 1.0  # seconds the timer task sleeps at most between looks
+ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # file, scheduled message and link ids
+_MEDIA_TYPE_RE: Final = re.compile(
+    r"[-!#$%&'*+.^_`|~0-9A-Za-z]+/[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+    r"""(?:[ \t]*;[ \t]*[-!#$%&'*+.^_`|~0-9A-Za-z]+=(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+|"[^"\\]*"))*"""
+)
+_UNSAFE_FILE_NAME_RE: Final = re.compile(r"[^A-Za-z0-9._ ()+-]")
+
+
+class LengthRequired(MessengerError):
+    status = HTTPStatus.LENGTH_REQUIRED
+    code = "length_required"
+
+
+class BadJson(BadRequest):
+    code = "bad_json"
 
 
 @dataclass(slots=True)
@@ -587,40 +1872,204 @@ class Call:
 
     request: Request
     params: tuple[str, ...]
-    body: BodySource
+    channel: Channel
+    user: str = ""  # set for routes that need a token
+    token_hash: str = ""
 
 
-class BodySource(Protocol):
-    """Where a handler's request body comes from: the connection that holds the stream."""
+class Channel(Protocol):
+    """The connection as a handler sees it: where the body comes from, and who is on it."""
+
+    user: str | None
 
     async def read(self, request: Request, limit: int) -> bytes: ...
 
     def stream(self, request: Request, limit: int) -> AsyncIterator[bytes]: ...
 
 
+class Fields:
+    """Typed access to a JSON object or a query string; every refusal names the field."""
+
+    def __init__(self, values: dict[str, Any], *, from_query: bool = False) -> None:
+        self._values = values
+        self._from_query = from_query
+
+    def string(self, name: str, **checks: Any) -> str:
+        value = self.optional_string(name, **checks)
+        if value is None:
+            raise InvalidField(f"{name} is required")
+        return value
+
+    def optional_string(
+        self,
+        name: str,
+        *,
+        max_length: int = MAX_TEXT,
+        min_length: int = 1,
+        pattern: re.Pattern[str] | None = None,
+    ) -> str | None:
+        value = self._values.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InvalidField(f"{name} must be a string")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise InvalidField(f"{name} must match {pattern.pattern}")
+        if not min_length <= len(value) <= max_length:
+            raise InvalidField(f"{name} must be {min_length} to {max_length} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidField(f"{name} holds a lone surrogate") from exc
+        return value
+
+    def optional_int(self, name: str, *, minimum: int = 0) -> int | None:
+        value = self._values.get(name)
+        if value is None:
+            return None
+        if self._from_query and isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value) if len(value) <= 18 else sys.maxsize
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise InvalidField(f"{name} must be an integer of at least {minimum}")
+        return value
+
+    def optional_float(self, name: str, *, minimum: float = 0.0) -> float | None:
+        value = self._values.get(name)
+        if value is None:
+            return None
+        if self._from_query and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InvalidField(f"{name} must be a number")
+        if not math.isfinite(value) or value < minimum:
+            raise InvalidField(f"{name} must be a finite number of at least {minimum}")
+        return float(value)
+
+    def optional_bool(self, name: str) -> bool | None:
+        value = self._values.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidField(f"{name} must be true or false")
+        return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+class Waiters:
+    """Long-polls waiting for news, by user; a message wakes its whole audience at once."""
+
+    def __init__(self) -> None:
+        self._by_user: dict[str, set[asyncio.Future[None]]] = {}
+
+    async def wait(self, user: str, seconds: float) -> None:
+        """Until a message for ``user`` arrives, or ``seconds`` pass."""
+        future = asyncio.get_running_loop().create_future()
+        waiting = self._by_user.setdefault(user, set())
+        waiting.add(future)
+        try:
+            async with asyncio.timeout(seconds):
+                await future
+        except TimeoutError:
+            pass
+        finally:
+            waiting.discard(future)
+            if not waiting and self._by_user.get(user) is waiting:
+                del self._by_user[user]
+
+    def wake(self, users: Iterable[str]) -> None:
+        for user in users:
+            for future in self._by_user.get(user, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    def wake_among(self, members: set[str]) -> None:
+        """Wake the waiting members of a chat, walking the smaller of the two sets."""
+        if len(self._by_user) < len(members):
+            self.wake([user for user in self._by_user if user in members])
+        else:
+            self.wake(members)
+
+    def wake_all(self) -> None:
+        self.wake(list(self._by_user))
+
+
+def content_disposition(name: str) -> str:
+    """An attachment header safe for any name: an ASCII fallback and the UTF-8 original."""
+    fallback = _UNSAFE_FILE_NAME_RE.sub("_", name) or "file"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
 _HEALTH_BODY: Final = encode_json({"status": "ok"})
 
 
 class MessengerApp:
-    """The HTTP API: one method per route, and the dispatcher that answers every error."""
+    """The HTTP API: one thin method per route, and the dispatcher that answers errors."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        messenger: Messenger,
+        journal: Journal,
+        store: StateStore,
+    ) -> None:
         self.config = config
+        self.messenger = messenger
+        self.journal = journal
+        self.store = store
+        self.waiters = Waiters()
+        self.online: dict[str, int] = {}  # user -> open connections that used its token
+        self.closing = False
+        self.wake_timer: Callable[[], None] = _ignore
+        self.started = messenger.clock()
+        self._hashing = asyncio.Semaphore(os.cpu_count() or 1)
+        messenger.on_message = self._on_message
         self.router = Router()
-        self.router.add("GET", "/health", self.health, auth=False)
-        self.router.add("GET", "/openapi.json", self.openapi, auth=False)
+        routes: list[tuple[str, str, Handler, bool]] = [
+            ("GET", "/health", self.health, False),
+            ("GET", "/openapi.json", self.openapi, False),
+            ("POST", "/connect", self.connect, False),
+            ("POST", "/disconnect", self.disconnect, True),
+            ("POST", "/send", self.send, True),
+            ("GET", "/messages", self.poll, True),
+            ("GET", "/messages/{id}", self.thread, True),
+            ("GET", "/history", self.history, True),
+            ("GET", "/scheduled", self.scheduled, True),
+            ("DELETE", "/scheduled/{id}", self.cancel, True),
+            ("GET", "/chat", self.chats, True),
+            ("POST", "/chat", self.join, True),
+            ("POST", "/chat/{name}/leave", self.leave, True),
+            ("POST", "/chat/{name}/invite", self.invite, True),
+            ("POST", "/chat/{name}/link", self.link, True),
+            ("GET", "/chat/{name}/requests", self.requests, True),
+            ("POST", "/chat/{name}/requests/{user}", self.decide, True),
+            ("POST", "/join/{token}", self.request_join, True),
+            ("GET", "/status", self.status, True),
+            ("POST", "/report", self.report, True),
+            ("POST", "/files", self.upload, True),
+            ("GET", "/files/{id}", self.download, True),
+        ]
+        for method, path, handler, auth in routes:
+            self.router.add(method, path, handler, auth=auth)
 
-    async def dispatch(self, request: Request, body: BodySource) -> Response:
+    # Dispatch ---------------------------------------------------------------
+
+    async def dispatch(self, request: Request, channel: Channel) -> Response:
         """Answer one request. The only place where exceptions become responses."""
         try:
             if request.method not in STANDARD_METHODS:
                 raise NotImplementedByServer(f"the method {request.method} is not implemented")
             if request.path == "*":
-                return Response(HTTPStatus.NO_CONTENT, headers=[("Allow", self._allow_all())])
+                allow = ", ".join(self.router.all_methods())
+                return Response(HTTPStatus.NO_CONTENT, headers=[("Allow", allow)])
             if request.method == "CONNECT":
                 raise MethodNotAllowed("this is an origin server: CONNECT is refused", [])
             route, params = self.router.match(request.method, request.path)
-            return await route.handler(Call(request, params, body))
+            call = Call(request, params, channel)
+            if route.auth:
+                self._authenticate(call)
+            return await route.handler(call)
         except MessengerError as exc:
             logger.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
             return Response.error(exc)
@@ -628,14 +2077,394 @@ class MessengerApp:
             logger.exception("unhandled error in %s %s", request.method, request.path)
             return Response.error(InternalError("internal server error"))
 
-    def _allow_all(self) -> str:
-        return ", ".join(self.router.all_methods())
+    def _authenticate(self, call: Call) -> None:
+        scheme, _, token = call.request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("this route needs Authorization: Bearer <token>")
+        user, call.token_hash = self.messenger.authenticate(token.strip())
+        call.user = user.name
+        channel = call.channel
+        if channel.user != user.name:
+            self.forget(channel)
+            channel.user = user.name
+            self.online[user.name] = self.online.get(user.name, 0) + 1
+
+    def forget(self, channel: Channel) -> None:
+        """The connection closed or changed hands: it no longer makes its user online."""
+        if channel.user is not None:
+            self.online[channel.user] -= 1
+            if not self.online[channel.user]:
+                del self.online[channel.user]
+            channel.user = None
+
+    def _on_message(self, message: Message) -> None:
+        if message.chat is not None:
+            self.waiters.wake_among(self.messenger.chats[message.chat].members)
+        else:
+            self.waiters.wake({message.sender, message.to or message.sender})
+
+    async def _json(self, call: Call) -> Fields:
+        raw = await call.channel.read(call.request, self.config.max_json_body)
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise BadJson("the body is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise BadJson("the body must be a JSON object")
+        return Fields(data)
+
+    @staticmethod
+    def _query(call: Call) -> Fields:
+        return Fields(call.request.query_params(), from_query=True)
+
+    async def _changed(self) -> None:
+        """Before answering a change: wait until the journal holds it as ``--fsync`` says."""
+        await self.journal.durable()
+
+    # JSON shapes ------------------------------------------------------------
+
+    def _message(self, message: Message) -> dict[str, Any]:
+        stored = self.messenger.files.get(message.file) if message.file is not None else None
+        return {
+            "id": message.id,
+            "chat": message.chat,
+            "to": message.to,
+            "from": message.sender,
+            "text": message.text,
+            "ts": message.ts,
+            "reply_to": message.reply_to,
+            "file": None if stored is None else self._file(stored, with_digest=False),
+        }
+
+    def _messages(self, messages: Iterable[Message]) -> list[dict[str, Any]]:
+        return [self._message(message) for message in messages]
+
+    @staticmethod
+    def _file(stored: StoredFile, *, with_digest: bool = True) -> dict[str, Any]:
+        shown = {"id": stored.id, "name": stored.name, "size": stored.size, "type": stored.type}
+        return {**shown, "sha256": stored.sha256} if with_digest else shown
+
+    def _chat(self, chat: Chat, user: str, unread: dict[str, int] | None = None) -> dict[str, Any]:
+        if unread is None:
+            unread = self.messenger.unread(user)[0]
+        return {
+            "name": chat.name,
+            "private": chat.private,
+            "owner": chat.owner,
+            "members": len(chat.members),
+            "unread": unread.get(chat.name, 0),
+            "requests": len(chat.requests) if chat.owner == user else 0,
+        }
+
+    @staticmethod
+    def _scheduled(scheduled: Scheduled) -> dict[str, Any]:
+        return {
+            "id": scheduled.id,
+            "send_at": scheduled.send_at,
+            "text": scheduled.text,
+            "chat": scheduled.chat,
+            "to": scheduled.to,
+            "reply_to": scheduled.reply_to,
+            "file": scheduled.file,
+        }
+
+    # Routes -----------------------------------------------------------------
 
     async def health(self, call: Call) -> Response:
         return Response(body=_HEALTH_BODY)
 
     async def openapi(self, call: Call) -> Response:
         return Response.json(openapi_document())
+
+    async def connect(self, call: Call) -> Response:
+        """Register on first use, else check the password; open a session either way."""
+        body = await self._json(call)
+        name = body.string("user", pattern=USER_NAME_RE, max_length=32)
+        password = body.string("password", max_length=MAX_PASSWORD)
+        messenger = self.messenger
+        messenger.check_login_allowed(name)
+        token = secrets.token_urlsafe(32)
+        user = None
+        if name not in messenger.users:
+            salt = os.urandom(16)
+            digest = await self._scrypt(password, salt, self.config.password_cost)
+            if name not in messenger.users:  # nobody took the name during the hash
+                user = messenger.register(name, digest, salt, self.config.password_cost, token)
+                logger.info("new user %s", name)
+        status = HTTPStatus.CREATED if user is not None else HTTPStatus.OK
+        if user is None:
+            known = messenger.users[name]
+            digest = await self._scrypt(password, known.salt, known.cost)
+            if not hmac.compare_digest(digest, known.password):
+                messenger.login_failed(name)
+                logger.warning("wrong password for %s", name)
+                raise Unauthorized("wrong password")
+            user = messenger.open_session(name, token)
+        await self._changed()
+        history = messenger.history(name, user.active_chat, None, self.config.rules.history)
+        by_chat, by_peer = messenger.unread(name)
+        return Response.json(
+            {
+                "token": token,
+                "user": name,
+                "chat": user.active_chat,
+                "history": self._messages(history),
+                "unread": sum(by_chat.values()) + sum(by_peer.values()),
+            },
+            status,
+        )
+
+    async def _scrypt(self, password: str, salt: bytes, cost: int) -> bytes:
+        """scrypt (n = 2**cost, r=8, p=1) off the event loop, a core's worth at a time."""
+        n = 2**cost
+        async with self._hashing:
+            return await asyncio.to_thread(
+                hashlib.scrypt,
+                password.encode("utf-8"),
+                salt=salt,
+                n=n,
+                r=8,
+                p=1,
+                maxmem=256 * n * 8 + 2**20,
+                dklen=32,
+            )
+
+    async def disconnect(self, call: Call) -> Response:
+        self.messenger.disconnect(call.token_hash)
+        await self._changed()
+        return Response(HTTPStatus.NO_CONTENT)
+
+    async def send(self, call: Call) -> Response:
+        body = await self._json(call)
+        draft = Draft(
+            text=body.optional_string("text", min_length=0) or "",
+            chat=body.optional_string("chat", pattern=CHAT_NAME_RE),
+            to=body.optional_string("to", pattern=USER_NAME_RE),
+            reply_to=body.optional_int("reply_to", minimum=1),
+            file=body.optional_string("file", pattern=ID_RE),
+            client_id=body.optional_string("client_id", max_length=64),
+            send_at=body.optional_float("send_at"),
+        )
+        if not draft.text and draft.file is None:
+            raise InvalidField(f"text must be 1 to {MAX_TEXT} characters, or empty with a file")
+        result = self.messenger.send(call.user, draft)
+        await self._changed()
+        headers = rate_headers(result.rate)
+        if result.scheduled is not None:
+            self.wake_timer()
+            status = HTTPStatus.ACCEPTED if result.created else HTTPStatus.OK
+            return Response.json({"scheduled": self._scheduled(result.scheduled)}, status, headers)
+        assert result.message is not None
+        status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
+        return Response.json({"message": self._message(result.message)}, status, headers)
+
+    async def poll(self, call: Call) -> Response:
+        """New messages; with ``wait``, a long-poll answered as soon as there is one."""
+        query = self._query(call)
+        since = query.optional_int("since")
+        chat = query.optional_string("chat", pattern=CHAT_NAME_RE)
+        limit = min(query.optional_int("limit", minimum=1) or 100, MAX_LIMIT)
+        wait = min(query.optional_float("wait") or 0.0, self.config.max_wait)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            found, next_id = self.messenger.poll(call.user, since, chat, limit)
+            remaining = deadline - loop.time()
+            if found or remaining <= 0 or self.closing:
+                break
+            await self.waiters.wait(call.user, remaining)
+        await self._changed()
+        return Response.json({"messages": self._messages(found), "next": next_id})
+
+    async def thread(self, call: Call) -> Response:
+        message_id = call.params[0]
+        if not message_id.isascii() or not message_id.isdigit() or len(message_id) > 18:
+            raise UnknownMessage(message_id)
+        message, comments = self.messenger.thread(call.user, int(message_id))
+        await self._changed()
+        return Response.json(
+            {"message": self._message(message), "comments": self._messages(comments)}
+        )
+
+    async def history(self, call: Call) -> Response:
+        query = self._query(call)
+        chat = query.optional_string("chat", pattern=CHAT_NAME_RE)
+        before = query.optional_int("before", minimum=1)
+        limit = min(query.optional_int("limit", minimum=1) or self.config.rules.history, MAX_LIMIT)
+        chat = chat or self.messenger.users[call.user].active_chat
+        found = self.messenger.history(call.user, chat, before, limit)
+        return Response.json({"messages": self._messages(found)})
+
+    async def scheduled(self, call: Call) -> Response:
+        pending = self.messenger.scheduled_of(call.user)
+        return Response.json({"scheduled": [self._scheduled(s) for s in pending]})
+
+    async def cancel(self, call: Call) -> Response:
+        self.messenger.cancel(call.user, call.params[0])
+        await self._changed()
+        return Response(HTTPStatus.NO_CONTENT)
+
+    async def chats(self, call: Call) -> Response:
+        unread = self.messenger.unread(call.user)[0]
+        visible = self.messenger.visible_chats(call.user)
+        return Response.json({"chats": [self._chat(c, call.user, unread) for c in visible]})
+
+    async def join(self, call: Call) -> Response:
+        body = await self._json(call)
+        name = body.string("chat_name", pattern=CHAT_NAME_RE, max_length=64)
+        private = body.optional_bool("private")
+        chat, created = self.messenger.join(call.user, name, private)
+        await self._changed()
+        if created:
+            kind = "private" if chat.private else "public"
+            logger.info("%s created the %s chat %s", call.user, kind, name)
+        history = self.messenger.history(call.user, name, None, self.config.rules.history)
+        return Response.json(
+            {"chat": self._chat(chat, call.user), "history": self._messages(history)},
+            HTTPStatus.CREATED if created else HTTPStatus.OK,
+        )
+
+    def _chat_param(self, call: Call) -> str:
+        name = call.params[0]
+        if not CHAT_NAME_RE.fullmatch(name):
+            raise UnknownChat(name)
+        return name
+
+    async def leave(self, call: Call) -> Response:
+        chat = self.messenger.leave(call.user, self._chat_param(call))
+        await self._changed()
+        return Response.json({"chat": self._chat(chat, call.user)})
+
+    async def invite(self, call: Call) -> Response:
+        name = self._chat_param(call)
+        guest = (await self._json(call)).string("user", pattern=USER_NAME_RE, max_length=32)
+        chat = self.messenger.invite(call.user, name, guest)
+        await self._changed()
+        return Response.json({"chat": self._chat(chat, call.user)})
+
+    async def link(self, call: Call) -> Response:
+        token = self.messenger.make_link(call.user, self._chat_param(call))
+        await self._changed()
+        return Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
+
+    async def request_join(self, call: Call) -> Response:
+        chat, member = self.messenger.request_join(call.user, call.params[0])
+        await self._changed()
+        if member:
+            return Response.json({"status": "member", "chat": chat.name})
+        return Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
+
+    async def requests(self, call: Call) -> Response:
+        pending = self.messenger.pending_requests(call.user, self._chat_param(call))
+        ordered = sorted(pending.items(), key=lambda item: item[1])
+        return Response.json({"requests": [{"user": user, "ts": ts} for user, ts in ordered]})
+
+    async def decide(self, call: Call) -> Response:
+        name = self._chat_param(call)
+        approve = (await self._json(call)).optional_bool("approve")
+        if approve is None:
+            raise InvalidField("approve is required: true or false")
+        chat = self.messenger.decide(call.user, name, call.params[1], approve)
+        await self._changed()
+        return Response.json({"chat": self._chat(chat, call.user)})
+
+    async def status(self, call: Call) -> Response:
+        messenger = self.messenger
+        user = messenger.standing(call.user)
+        by_chat, by_peer = messenger.unread(call.user)
+        rate = messenger.rate_status(call.user)
+        chats = [self._chat(messenger.chats[name], call.user, by_chat) for name in user.chats]
+        return Response.json(
+            {
+                "user": user.name,
+                "chat": user.active_chat,
+                "sessions": len(user.sessions),
+                "chats": chats,
+                "unread": {
+                    "total": sum(by_chat.values()) + sum(by_peer.values()),
+                    "chats": by_chat,
+                    "private": by_peer,
+                },
+                "limits": {
+                    "general_left": rate.remaining,
+                    "general_reset": rate.reset,
+                    "reports": len(user.reporters),
+                    "banned_until": user.banned_until,
+                },
+                "server": {
+                    "version": VERSION,
+                    "uptime": messenger.clock() - self.started,
+                    "users": len(messenger.users),
+                    "online": len(self.online),
+                },
+            }
+        )
+
+    async def report(self, call: Call) -> Response:
+        body = await self._json(call)
+        target = body.string("user", pattern=USER_NAME_RE, max_length=32)
+        reason = body.optional_string("reason", max_length=MAX_REASON, min_length=0) or ""
+        user = self.messenger.report(call.user, target, reason)
+        await self._changed()
+        return Response.json(
+            {"user": user.name, "reports": len(user.reporters), "banned_until": user.banned_until}
+        )
+
+    async def upload(self, call: Call) -> Response:
+        """Stream the raw body to a temporary file, hashing it on the way, then keep it."""
+        request = call.request
+        if request.content_length is None:
+            raise LengthRequired("a file upload needs Content-Length")
+        if request.content_length > self.config.max_file_size:
+            raise PayloadTooLarge(f"files are limited to {self.config.max_file_size} bytes")
+        name = self._query(call).string("name", max_length=MAX_FILE_NAME)
+        if not name.isprintable():
+            raise InvalidField("name must not hold control characters")
+        media_type = request.headers.get("content-type", "application/octet-stream")
+        if not _MEDIA_TYPE_RE.fullmatch(media_type):
+            raise InvalidField("Content-Type must be a media type such as image/png")
+        file_id = secrets.token_urlsafe(16)
+        path = self.store.files / file_id
+        temporary = self.store.files / f".upload-{file_id}"
+        digest = hashlib.sha256()
+        try:
+            with temporary.open("wb") as out:
+                async for chunk in call.channel.stream(request, self.config.max_file_size):
+                    digest.update(chunk)
+                    out.write(chunk)
+                if self.journal.always:
+                    out.flush()
+                    await asyncio.to_thread(os.fsync, out.fileno())
+            os.replace(temporary, path)
+            stored = self.messenger.add_file(
+                call.user, file_id, name, request.content_length, media_type, digest.hexdigest()
+            )
+        except OSError as exc:
+            logger.error("could not store an upload: %s", exc)
+            raise Unavailable("the file cannot be stored now") from exc
+        finally:
+            temporary.unlink(missing_ok=True)
+            if file_id not in self.messenger.files:
+                path.unlink(missing_ok=True)
+        await self._changed()
+        return Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
+
+    async def download(self, call: Call) -> Response:
+        file_id = call.params[0]
+        if not ID_RE.fullmatch(file_id):
+            raise NotFound(f"no file {file_id} that you can see")
+        stored = self.messenger.readable_file(call.user, file_id)
+        try:
+            handle = (self.store.files / stored.id).open("rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"no file {file_id} that you can see") from exc
+        headers = [
+            ("Content-Disposition", content_disposition(stored.name)),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        return Response(
+            content_type=stored.type, headers=headers, file=handle, file_size=stored.size
+        )
 
 
 def openapi_document() -> dict[str, Any]:
@@ -706,6 +2535,7 @@ class Connection:
         self._continued = False  # 100 Continue sent for the current request
         self._broken = False  # the stream position is in doubt: answer, then close
         self.expired = False
+        self.user: str | None = None  # whose token the connection used last
 
     async def serve(self) -> None:
         try:
@@ -737,6 +2567,7 @@ class Connection:
         except ConnectionError:
             pass
         finally:
+            self._server.app.forget(self)
             self._writer.close()
 
     @property
@@ -851,20 +2682,25 @@ class Connection:
         self.deadline = self._loop.time() + self._config.idle_timeout
         keep_alive_1_0 = request is not None and request.minor == 0 and not close
         head = response.serialize_head(close=close, keep_alive_1_0=keep_alive_1_0)
-        if request is not None and request.method == "HEAD":
+        if response.file is not None:
+            with response.file:
+                self._writer.write(head)
+                if request is None or request.method != "HEAD":
+                    await self._send_file(response.file, response.file_size)
+        elif request is not None and request.method == "HEAD":
             self._writer.write(head)
-        elif response.file is None:
-            self._writer.write(head + response.body)
         else:
-            self._writer.write(head)
-            await self._send_file(response.file)
+            self._writer.write(head + response.body)
         await self._writer.drain()
 
-    async def _send_file(self, path: Path) -> None:
-        with path.open("rb") as file:
-            while chunk := file.read(READ_SIZE):
-                self._writer.write(chunk)
-                await self._writer.drain()
+    async def _send_file(self, file: BinaryIO, size: int) -> None:
+        while size > 0:
+            chunk = file.read(min(READ_SIZE, size))
+            if not chunk:
+                raise ConnectionAbortedError("the file shrank while it was sent")
+            size -= len(chunk)
+            self._writer.write(chunk)
+            await self._writer.drain()
 
     def expire(self) -> None:
         """Called by the watchdog past the deadline: 408 for a slow head or body, then close."""
@@ -880,16 +2716,34 @@ class Connection:
 
 
 class MessengerServer:
-    """The server: ``async with MessengerServer(config) as server`` listens until closed."""
+    """The server: ``async with MessengerServer(config) as server`` serves until the end.
 
-    def __init__(self, config: ServerConfig) -> None:
+    Start-up loads the state folder; background tasks expire connections past their
+    deadlines, run the messenger's timers, fsync the journal every second and take
+    snapshots; ``stop`` stops accepting, lets requests in flight finish, and saves.
+    """
+
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.app = MessengerApp(config)
+        self.clock = clock
         self.closing = False
+        self.store = StateStore(config.state_dir)
+        self.messenger = Messenger(config.rules, clock)
+        self._journal_number = self.store.load(self.messenger)
+        self.journal = Journal(
+            self.store.journal_path(self._journal_number), always=config.fsync == "always"
+        )
+        self.messenger.record = self.journal.append
+        self.messenger.on_file_gone = self._remove_file
+        self.app = MessengerApp(config, self.messenger, self.journal, self.store)
+        self.app.wake_timer = self.wake_timer
+        self._saved_changes = -1
+        self._saving = asyncio.Lock()
+        self._timer_wakeup = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._per_ip: dict[str, int] = {}
-        self._watchdog: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def port(self) -> int:
@@ -905,18 +2759,21 @@ class MessengerServer:
         await self.stop()
 
     async def start(self) -> None:
+        self.messenger.tick()  # what fell due while the server was down goes out now
         self._server = await asyncio.start_server(
             self._on_connect, self.config.host, self.config.port, limit=READ_SIZE, backlog=1024
         )
-        self._watchdog = asyncio.create_task(self._watch_deadlines())
+        loops = (self._watch_deadlines, self._run_timers, self._sync_journal, self._save_often)
+        self._tasks = [asyncio.create_task(loop()) for loop in loops]
         logger.info("listening on http://%s:%d", self.config.host, self.port)
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish (bounded), close everything."""
+        """Stop accepting, let requests in flight finish (bounded), save, close."""
         if self._server is None:
             return
-        self.closing = True
+        self.closing = self.app.closing = True
         self._server.close()
+        self.app.waiters.wake_all()
         for connection in self._connections:
             if connection.phase == _IDLE:
                 connection.expire()
@@ -926,21 +2783,51 @@ class MessengerServer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+        await self.save()
+        self.journal.close()
         logger.info("stopped")
+
+    def wake_timer(self) -> None:
+        """Something new is due (a scheduled message): let the timer task look again."""
+        self._timer_wakeup.set()
+
+    def _remove_file(self, file_id: str) -> None:
+        (self.store.files / file_id).unlink(missing_ok=True)
+
+    async def save(self) -> None:
+        """Take a snapshot: start a new journal, then write the state it starts from."""
+        async with self._saving:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            number = self._journal_number + 1
+            old_fd = self.journal.switch(self.store.journal_path(number))
+            self._journal_number = number
+            state, messages = self.messenger.export()
+            changes = self.messenger.changes
+            try:
+                await self.journal.retire(old_fd)
+                size = await self.store.write_snapshot(number, state, messages)
+            except OSError as exc:
+                logger.error("snapshot %d failed, the journals keep everything: %s", number, exc)
+                return
+            self._saved_changes = changes
+            self.store.prune()
+            logger.info(
+                "snapshot %d: %d messages, %d bytes, %.3f s",
+                number, len(messages), size, loop.time() - started,
+            )
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "?"
-        if self._per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
+        if self._per_ip.get(ip, 0) >= self.config.max_connections_per_ip or self.closing:
             logger.warning("refused a connection from %s: too many open connections", ip)
-            error = Unavailable("too many open connections from your address")
-            response = Response.error(error)
+            response = Response.error(Unavailable("too many open connections from your address"))
             writer.write(response.serialize_head(close=True) + response.body)
             writer.close()
             return
@@ -958,7 +2845,7 @@ class MessengerServer:
                 del self._per_ip[ip]
 
     async def _watch_deadlines(self) -> None:
-        """Once per tick, expire the connections past their deadline."""
+        """Expire the connections past their deadline, a few times a second."""
         loop = asyncio.get_running_loop()
         config = self.config
         tick = min(1.0, min(config.head_timeout, config.body_timeout, config.idle_timeout) / 10)
@@ -968,6 +2855,36 @@ class MessengerServer:
             for connection in [c for c in self._connections if c.deadline <= now]:
                 if not connection.expired:
                     connection.expire()
+
+    async def _run_timers(self) -> None:
+        """Deliver scheduled messages when due and drop expired ones (one timer for all)."""
+        while True:
+            deadline = self.messenger.next_deadline()
+            delay = MAX_TIMER_SLEEP if deadline is None else deadline - self.clock()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._timer_wakeup.wait(), max(0.0, min(delay, MAX_TIMER_SLEEP))
+                )
+            self._timer_wakeup.clear()
+            try:
+                self.messenger.tick()
+            except Unavailable:
+                pass  # the journal is failing and says so; the due messages wait
+            except Exception:
+                logger.exception("timer failed")
+
+    async def _sync_journal(self) -> None:
+        """``--fsync everysec``: put the journal on disk once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Unavailable):
+                await self.journal.sync()
+
+    async def _save_often(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.snapshot_interval)
+            if self.messenger.changes != self._saved_changes:
+                await self.save()
 
 
 # Entry point ###############################################################
@@ -994,6 +2911,22 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
     add("--idle-timeout", type=float, default=IDLE_TIMEOUT, help="seconds of keep-alive")
     add("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, help="seconds")
     add("--max-connections-per-ip", type=int, default=MAX_CONNECTIONS_PER_IP)
+    add("--max-wait", type=float, default=MAX_WAIT, help="seconds a long-poll may wait")
+    add("--password-cost", type=int, default=PASSWORD_COST, help="log2 of scrypt's n")
+    add("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help="seconds")
+    add("--fsync", choices=["always", "everysec"], default="everysec",
+        help="fsync the journal before each answer, or once a second")
+    rules = Rules()
+    add("--history", type=int, default=rules.history, help="messages shown on connect and join")
+    add("--message-ttl", type=float, default=rules.message_ttl, help="seconds after delivery")
+    add("--rate-limit", type=int, default=rules.rate_limit, help="messages to general per window")
+    add("--rate-window", type=float, default=rules.rate_window, help="seconds")
+    add("--report-limit", type=int, default=rules.report_limit, help="new reports per window")
+    add("--ban-threshold", type=int, default=rules.ban_threshold, help="reporters that ban")
+    add("--ban-duration", type=float, default=rules.ban_duration, help="seconds")
+    add("--login-failures", type=int, default=rules.login_failures,
+        help="wrong passwords per name per login window before 429")
+    add("--login-window", type=float, default=rules.login_window, help="seconds")
     args = parser.parse_args(argv)
     return ServerConfig(
         host=args.host,
@@ -1013,6 +2946,21 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         idle_timeout=args.idle_timeout,
         shutdown_timeout=args.shutdown_timeout,
         max_connections_per_ip=args.max_connections_per_ip,
+        rules=Rules(
+            history=args.history,
+            message_ttl=args.message_ttl,
+            rate_limit=args.rate_limit,
+            rate_window=args.rate_window,
+            report_limit=args.report_limit,
+            ban_threshold=args.ban_threshold,
+            ban_duration=args.ban_duration,
+            login_failures=args.login_failures,
+            login_window=args.login_window,
+        ),
+        password_cost=args.password_cost,
+        max_wait=args.max_wait,
+        snapshot_interval=args.snapshot_interval,
+        fsync=args.fsync,
     )
 
 
