@@ -3,9 +3,32 @@
 Run it with ``python messenger_server.py --port 8000``; ``--help`` lists every flag.
 The HTTP contract is ``API.md``; ``GET /openapi.json`` serves it as an OpenAPI 3.1 document.
 
-Routes:
-    GET    /health                         liveness, no token
-    GET    /openapi.json                   this API as OpenAPI 3.1, no token
+Routes (all but the first three need ``Authorization: Bearer <token>``):
+    GET    /health                          liveness
+    GET    /openapi.json                    this API as OpenAPI 3.1
+    POST   /connect                         register or log in; a new session and its token
+    POST   /disconnect                      revoke the caller's token
+    POST   /send                            send now (201), or later with send_at (202)
+    GET    /messages                        news since a position; long-polls with wait
+    GET    /messages/{id}                   a message and its comments
+    GET    /history                         a chat's past
+    GET    /scheduled                       the caller's pending scheduled messages
+    DELETE /scheduled/{id}                  cancel one
+    GET    /chat                            the chats the caller may see
+    POST   /chat                            join (or create) a chat; it becomes the active one
+    POST   /chat/{name}/leave               leave a chat
+    POST   /chat/{name}/invite              the owner invites a user
+    POST   /chat/{name}/link                the owner makes a join link
+    GET    /chat/{name}/requests            the owner lists join requests
+    POST   /chat/{name}/requests/{user}     the owner approves or denies one
+    POST   /join/{token}                    ask to join through a link
+    GET    /status                          the caller's state, limits and the server's
+    POST   /report                          report an abuser
+    POST   /files                           upload a file (raw body)
+    GET    /files/{id}                      download one
+
+The file reads top to bottom: configuration, errors, the HTTP protocol (no I/O), routing,
+the domain model (no I/O), persistence, the API handlers, the server lifecycle, main().
 """
 
 from __future__ import annotations
@@ -1283,9 +1306,16 @@ class Messenger:
             candidates.append(self.messages[self._chat_expiry[0]].ts + ttl)
         if self._private_expiry:
             candidates.append(self._delivered[self._private_expiry[0]] + ttl)
-        if self._file_expiry:
-            candidates.append(self.files[self._file_expiry[0]].ts + ttl)
+        oldest_file = self._oldest_file()
+        if oldest_file is not None:
+            candidates.append(oldest_file.ts + ttl)
         return min(candidates, default=None)
+
+    def _oldest_file(self) -> StoredFile | None:
+        """The oldest file still kept (files gone with their last message are skipped)."""
+        while self._file_expiry and self._file_expiry[0] not in self.files:
+            self._file_expiry.popleft()
+        return self.files[self._file_expiry[0]] if self._file_expiry else None
 
     def tick(self) -> None:
         """Send the scheduled messages now due, in due order, and drop expired data."""
@@ -1326,8 +1356,9 @@ class Messenger:
             expired.append(self._private_expiry.popleft())
         if expired:
             self._remove_messages(expired, now)
-        while self._file_expiry and self.files[self._file_expiry[0]].ts + ttl <= now:
-            self._drop_file_if_unused(self.files[self._file_expiry.popleft()], now)
+        while (oldest_file := self._oldest_file()) is not None and oldest_file.ts + ttl <= now:
+            self._file_expiry.popleft()
+            self._drop_file_if_unused(oldest_file, now)
 
     def _remove_messages(self, ids: list[int], now: float) -> None:
         by_chat: dict[str, int] = {}
@@ -2174,7 +2205,7 @@ class MessengerApp:
         return Response(body=_HEALTH_BODY)
 
     async def openapi(self, call: Call) -> Response:
-        return Response.json(openapi_document())
+        return Response(body=_OPENAPI_BODY)
 
     async def connect(self, call: Call) -> Response:
         """Register on first use, else check the password; open a session either way."""
@@ -2467,45 +2498,283 @@ class MessengerApp:
         )
 
 
-def openapi_document() -> dict[str, Any]:
-    """The contract as OpenAPI 3.1."""
-    error = {"$ref": "#/components/schemas/Error"}
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _object(required: str, **properties: Any) -> dict[str, Any]:
+    """An object schema; ``required`` lists the required property names, space-separated."""
+    return {"type": "object", "required": required.split(), "properties": properties}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"oneOf": [schema, {"type": "null"}]}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _operation(
+    summary: str,
+    answers: dict[int, tuple[str, dict[str, Any] | None]],
+    *,
+    errors: Sequence[int] = (),
+    body: dict[str, Any] | None = None,
+    parameters: Sequence[dict[str, Any]] = (),
+    public: bool = False,
+) -> dict[str, Any]:
+    """One operation: its answers, the errors it may give, its body and parameters."""
+    responses: dict[str, Any] = {}
+    for status, (description, schema) in answers.items():
+        responses[str(status)] = {"description": description}
+        if schema is not None:
+            responses[str(status)]["content"] = _json_content(schema)
+    for status in [*errors, *([] if public else [401])]:
+        responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if public:
+        operation["security"] = []
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": _json_content(body)}
+    if parameters:
+        operation["parameters"] = list(parameters)
+    return operation
+
+
+def _parameter(name: str, where: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "schema": schema,
+        "description": description,
+    }
+
+
+def build_openapi() -> dict[str, Any]:
+    """The contract (API.md) as an OpenAPI 3.1 document."""
+    string, integer, number, boolean = (
+        {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+    )
+    user_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"}
+    chat_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+    chat_path = _parameter("name", "path", chat_name, "the chat")
+    chat_answer = ("The chat", _object("chat", chat=_ref("Chat")))
+    messages = {"type": "array", "items": _ref("Message")}
+    schemas = {
+        "Error": _object(
+            "error message", error=string, message=string,
+            until={"type": "number", "description": "end of a ban (403 banned)"},
+        ),
+        "FileRef": _object("id name size type", id=string, name=string, size=integer, type=string),
+        "File": _object(
+            "id name size type sha256", id=string, name=string, size=integer, type=string,
+            sha256=string,
+        ),
+        "Message": _object(
+            "id chat to from text ts reply_to file", id=integer, chat=_nullable(chat_name),
+            to=_nullable(user_name), text=string, ts=number, reply_to=_nullable(integer),
+            file=_nullable(_ref("FileRef")), **{"from": user_name},
+        ),
+        "Chat": _object(
+            "name private owner members unread", name=chat_name, private=boolean,
+            owner=_nullable(user_name), members=integer, unread=integer,
+            requests={"type": "integer", "description": "pending join requests (owner only)"},
+        ),
+        "Scheduled": _object(
+            "id send_at text chat to reply_to file", id=string, send_at=number, text=string,
+            chat=_nullable(chat_name), to=_nullable(user_name), reply_to=_nullable(integer),
+            file=_nullable(string),
+        ),
+        "Status": _object(
+            "user chat sessions chats unread limits server", user=user_name, chat=chat_name,
+            sessions=integer, chats={"type": "array", "items": _ref("Chat")},
+            unread=_object(
+                "total chats private", total=integer,
+                chats={"type": "object", "additionalProperties": integer},
+                private={"type": "object", "additionalProperties": integer},
+            ),
+            limits=_object(
+                "general_left general_reset reports banned_until", general_left=integer,
+                general_reset=_nullable(number), reports=integer,
+                banned_until=_nullable(number),
+            ),
+            server=_object(
+                "version uptime users online", version=string, uptime=number,
+                users=integer, online=integer,
+            ),
+        ),
+    }
+    error_descriptions = {
+        400: "Malformed HTTP, bad JSON, or a missing or invalid field",
+        401: "No, unknown or revoked token, or a wrong password",
+        403: "Not the owner, not a member, or banned",
+        404: "Unknown route or resource, or one the caller may not see",
+        405: "Known path, wrong method (with Allow)",
+        408: "Head or body too slow",
+        409: "Chat name taken with the other privacy",
+        411: "File upload without Content-Length",
+        413: "Body over its limit",
+        414: "Request line too long",
+        429: "Over a limit (with Retry-After)",
+        431: "Headers too large or too many",
+        501: "Unknown method or transfer coding",
+        503: "The state cannot be written, or too many connections",
+        505: "HTTP version not supported",
+    }
+    connect_answer = _object(
+        "token user chat history unread", token=string, user=user_name, chat=chat_name,
+        history=messages, unread=integer,
+    )
+    send_body = _object(
+        "", text={"type": "string", "maxLength": MAX_TEXT}, chat=chat_name, to=user_name,
+        reply_to=integer, send_at=number, file=string,
+        client_id={"type": "string", "maxLength": 64},
+    )
+    paths = {
+        "/health": {"get": _operation("Liveness", {200: ("Up", _object("status", status=string))},
+                                      public=True)},
+        "/openapi.json": {"get": _operation("This document", {200: ("OpenAPI 3.1", {})},
+                                            public=True)},
+        "/connect": {"post": _operation(
+            "Register on first use, or log in; opens a session",
+            {200: ("Logged in", connect_answer), 201: ("Registered", connect_answer)},
+            errors=[400, 413, 429],
+            body=_object("user password", user=user_name,
+                         password={"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD}),
+            public=True,
+        )},
+        "/disconnect": {"post": _operation("Revoke the caller's token", {204: ("Revoked", None)})},
+        "/send": {"post": _operation(
+            "Send to the active chat, a chat, or privately; or schedule with send_at",
+            {200: ("A retry with a known client_id", {}),
+             201: ("Sent", _object("message", message=_ref("Message"))),
+             202: ("Scheduled", _object("scheduled", scheduled=_ref("Scheduled")))},
+            errors=[400, 403, 404, 413, 429, 503], body=send_body,
+        )},
+        "/messages": {"get": _operation(
+            "Messages the caller can see after since, oldest first; long-polls with wait",
+            {200: ("Messages", _object("messages next", messages=messages, next=integer))},
+            errors=[400, 403, 404],
+            parameters=[
+                _parameter("since", "query", integer, "start after this id; marks it read"),
+                _parameter("wait", "query", number, "seconds to long-poll (0-60)"),
+                _parameter("chat", "query", chat_name, "only this chat"),
+                _parameter("limit", "query", integer, "at most this many (1-1000)"),
+            ],
+        )},
+        "/messages/{id}": {"get": _operation(
+            "A message and its comments",
+            {200: ("The thread", _object("message comments", message=_ref("Message"),
+                                         comments=messages))},
+            errors=[404], parameters=[_parameter("id", "path", integer, "message id")],
+        )},
+        "/history": {"get": _operation(
+            "A chat's past, oldest first",
+            {200: ("Messages", _object("messages", messages=messages))},
+            errors=[400, 403, 404],
+            parameters=[
+                _parameter("chat", "query", chat_name, "the chat (default: the active one)"),
+                _parameter("before", "query", integer, "only ids below this"),
+                _parameter("limit", "query", integer, "the newest this many (1-1000)"),
+            ],
+        )},
+        "/scheduled": {"get": _operation(
+            "The caller's pending scheduled messages",
+            {200: ("Pending", _object("scheduled", scheduled={"type": "array",
+                                                              "items": _ref("Scheduled")}))},
+        )},
+        "/scheduled/{id}": {"delete": _operation(
+            "Cancel a scheduled message", {204: ("Cancelled", None)}, errors=[404],
+            parameters=[_parameter("id", "path", string, "scheduled message id")],
+        )},
+        "/chat": {
+            "get": _operation("Public chats and the caller's private ones", {200: (
+                "Chats", _object("chats", chats={"type": "array", "items": _ref("Chat")}))}),
+            "post": _operation(
+                "Join a chat (creating it) and make it active",
+                {200: ("Joined", _object("chat history", chat=_ref("Chat"), history=messages)),
+                 201: ("Created", _object("chat history", chat=_ref("Chat"), history=messages))},
+                errors=[400, 403, 409, 413],
+                body=_object("chat_name", chat_name=chat_name, private=boolean),
+            ),
+        },
+        "/chat/{name}/leave": {"post": _operation(
+            "Leave a chat", {200: chat_answer}, errors=[400, 403, 404], parameters=[chat_path])},
+        "/chat/{name}/invite": {"post": _operation(
+            "Invite a user (owner only)", {200: chat_answer}, errors=[400, 403, 404],
+            body=_object("user", user=user_name), parameters=[chat_path])},
+        "/chat/{name}/link": {"post": _operation(
+            "A new join link (owner only); the old one stops working",
+            {201: ("The link", _object("link", link=string))}, errors=[403, 404],
+            parameters=[chat_path])},
+        "/chat/{name}/requests": {"get": _operation(
+            "Pending join requests (owner only)",
+            {200: ("Requests", _object("requests", requests={"type": "array", "items": _object(
+                "user ts", user=user_name, ts=number)}))},
+            errors=[403, 404], parameters=[chat_path])},
+        "/chat/{name}/requests/{user}": {"post": _operation(
+            "Approve or deny a join request (owner only)", {200: chat_answer},
+            errors=[400, 403, 404], body=_object("approve", approve=boolean),
+            parameters=[chat_path, _parameter("user", "path", user_name, "who asked")])},
+        "/join/{token}": {"post": _operation(
+            "Ask to join through a link",
+            {200: ("Already a member", _object("status chat", status=string, chat=chat_name)),
+             202: ("Pending the owner's approval",
+                   _object("status chat", status=string, chat=chat_name))},
+            errors=[404], parameters=[_parameter("token", "path", string, "the link's token")])},
+        "/status": {"get": _operation("The caller's state", {200: ("Status", _ref("Status"))})},
+        "/report": {"post": _operation(
+            "Report an abuser",
+            {200: ("Reported", _object("user reports banned_until", user=user_name,
+                                       reports=integer, banned_until=_nullable(number)))},
+            errors=[400, 404, 429],
+            body=_object("user", user=user_name, reason={"type": "string"}))},
+        "/files": {"post": {
+            **_operation(
+                "Upload a file: the raw bytes with their Content-Type",
+                {201: ("Stored", _object("file", file=_ref("File")))},
+                errors=[400, 411, 413, 503],
+                parameters=[_parameter("name", "query", string, "the file's name")],
+            ),
+            "requestBody": {"required": True, "content": {"*/*": {"schema": {
+                "type": "string", "format": "binary"}}}},
+        }},
+        "/files/{id}": {"get": {
+            **_operation("Download a file", {}, errors=[404],
+                         parameters=[_parameter("id", "path", string, "file id")]),
+            "responses": {
+                "200": {"description": "The bytes, as an attachment",
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                "401": {"$ref": "#/components/responses/E401"},
+                "404": {"$ref": "#/components/responses/E404"},
+            },
+        }},
+    }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Messenger", "version": VERSION},
-        "paths": {
-            "/health": {
-                "get": {
-                    "summary": "Liveness",
-                    "security": [],
-                    "responses": {
-                        "200": _json_response("The server is up", {"type": "object"}),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "security": [],
-                    "responses": {"200": _json_response("OpenAPI 3.1", {"type": "object"})},
-                }
-            },
+        "info": {
+            "title": "Messenger",
+            "version": VERSION,
+            "description": "Chats over HTTP/1.1. Every error is JSON: {error, message}.",
         },
+        "servers": [{"url": "http://127.0.0.1:8000"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
         "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "message"],
-                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-                }
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                f"E{status}": {"description": text, "content": _json_content(_ref("Error"))}
+                for status, text in error_descriptions.items()
             },
-            "responses": {"Error": _json_response("An error", error)},
         },
     }
 
 
-def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+OPENAPI: Final = build_openapi()
+_OPENAPI_BODY: Final = encode_json(OPENAPI)
 
 
 # Server lifecycle ##########################################################
@@ -2564,8 +2833,8 @@ class Connection:
                 logger.info("bad request from %s: %d %s", self.peer, exc.status, exc.message)
                 with contextlib.suppress(ConnectionError):
                     await self._send(None, Response.error(exc), close=True)
-        except ConnectionError:
-            pass
+        except OSError as exc:  # the client went away, or a file could not be read
+            logger.debug("connection with %s ended: %s", self.peer, exc)
         finally:
             self._server.app.forget(self)
             self._writer.close()
@@ -2711,7 +2980,9 @@ class Connection:
             response = Response.error(RequestTimeout(f"the {what} did not arrive in time"))
             self._writer.write(response.serialize_head(close=True) + response.body)
             self._writer.close()
-        else:
+        elif self.phase == _IDLE and not self._writer.transport.get_write_buffer_size():
+            self._writer.close()
+        else:  # a client that does not read what we send: drop what is pending
             self._writer.transport.abort()
 
 

@@ -112,14 +112,33 @@ class Client:
         return await at_eof(self.reader)
 
 
+class FakeClock:
+    """An injectable clock: tests move time with ``advance`` instead of sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def make_config(tmp_path: Path, **overrides: Any) -> ms.ServerConfig:
-    """A server configuration for tests: port 0, state in a temporary folder."""
-    return dataclasses.replace(ms.ServerConfig(port=0, state_dir=tmp_path / "state"), **overrides)
+    """A server configuration for tests: port 0, state in a temporary folder, cheap scrypt."""
+    config = ms.ServerConfig(port=0, state_dir=tmp_path / "state", password_cost=4)
+    return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest_asyncio.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ms.MessengerServer]:
-    async with ms.MessengerServer(make_config(tmp_path)) as running:
+async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ms.MessengerServer]:
+    async with ms.MessengerServer(make_config(tmp_path), clock) as running:
         yield running
 
 
@@ -129,6 +148,10 @@ async def client(server: ms.MessengerServer) -> AsyncIterator[Client]:
         yield connected
 
 
-@pytest.fixture
-def limits() -> ms.HttpLimits:
-    return ms.HttpLimits()
+async def connect(port: int, user: str, password: str = "secret") -> str:
+    """Connect ``user`` (registering it on first use) and return its token."""
+    async with Client(port) as client:
+        response = await client.request("POST", "/connect", {"user": user, "password": password})
+        assert response.status in (200, 201), response.body
+        token: str = response.json()["token"]
+        return token
