@@ -225,8 +225,11 @@ class InternalError(MessengerError):
 _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _METHOD_RE: Final = re.compile(_TOKEN)
 _TARGET_RE: Final = re.compile(rb"[\x21-\x7e]+")  # 1*VCHAR; the router judges the rest
-_VERSION_RE: Final = re.compile(rb"HTTP/([0-9])\.([0-9])")
-_FIELD_RE: Final = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)")
+_REQUEST_LINE_RE: Final = re.compile(
+    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])"
+)
+_FIELD: Final = _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*"  # a field line, OWS included
+_FIELDS_RE: Final = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 _HOST_RE: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]+)(?::[0-9]*)?")
 _ABSOLUTE_RE: Final = re.compile(r"[hH][tT][tT][pP][sS]?://([^/?#]*)([^#]*)(?:#.*)?")
 _AUTHORITY_FORM_RE: Final = re.compile(r"[-A-Za-z0-9._~!$&'()*+,;=%]+:[0-9]+")
@@ -298,28 +301,18 @@ def check_partial_head(data: bytes | bytearray, limits: HttpLimits) -> None:
 
 def parse_head(head: bytes, limits: HttpLimits) -> Request:
     """Parse a request line and its header fields (RFC 9112 §3, §5), CRLF CRLF excluded."""
-    lines = head.split(b"\r\n")
-    method, target, minor = _parse_request_line(lines[0], limits)
+    line_end = head.find(b"\r\n")
+    method, target, minor = _parse_request_line(head if line_end == -1 else head[:line_end], limits)
     if len(head) > limits.max_head:
         raise HeadersTooLarge(f"the request head is larger than {limits.max_head} bytes")
-    if len(lines) - 1 > limits.max_headers:
-        raise HeadersTooLarge(f"more than {limits.max_headers} header lines")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, value = parse_field_line(line, limits)
-        if name in headers:
-            if name in _SINGLETON_FIELDS:
-                raise BadRequest(f"the {name} header appears twice")
-            headers[name] += ", " + value
-        else:
-            headers[name] = value
+    headers = parse_fields(head[line_end + 2 :], limits) if line_end != -1 else {}
     path, query = _parse_target(method, target, headers, minor)
     content_length, chunked = _parse_framing(headers, minor)
-    connection = headers.get("connection", "").lower()
+    connection = headers.get("connection")
     if minor == 0:
-        keep_alive = "keep-alive" in _split_list(connection)
+        keep_alive = connection is not None and "keep-alive" in _split_list(connection.lower())
     else:
-        keep_alive = "close" not in _split_list(connection) if connection else True
+        keep_alive = connection is None or "close" not in _split_list(connection.lower())
     expect = headers.get("expect")
     return Request(
         method=method,
@@ -335,34 +328,54 @@ def parse_head(head: bytes, limits: HttpLimits) -> Request:
     )
 
 
-def parse_field_line(line: bytes, limits: HttpLimits) -> tuple[str, str]:
-    """One ``name: value`` line: no space before the colon, no folding, no control bytes."""
-    if len(line) > limits.max_header_line:
+def parse_fields(block: bytes, limits: HttpLimits) -> dict[str, str]:
+    """``name: value`` lines joined by CRLF (RFC 9112 §5): no space before a colon, no
+    folding, no control bytes. Names are lower-cased; repeated fields are joined by commas,
+    except the ones a request may carry once."""
+    lines = block.split(b"\r\n")
+    if len(lines) > limits.max_headers:
+        raise HeadersTooLarge(f"more than {limits.max_headers} header lines")
+    if max(map(len, lines)) > limits.max_header_line:
         raise HeadersTooLarge(f"a header line is longer than {limits.max_header_line} bytes")
-    match = _FIELD_RE.fullmatch(line)
-    if match is None:
+    if _FIELDS_RE.fullmatch(block) is None:
         raise BadRequest("malformed header line")
-    name, value = match.groups()
-    return name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
+    headers: dict[str, str] = {}
+    for line in lines:
+        raw_name, _, raw_value = line.partition(b":")
+        name = raw_name.lower().decode("ascii")
+        value = raw_value.strip(b" \t").decode("latin-1")
+        if name not in headers:
+            headers[name] = value
+        elif name in _SINGLETON_FIELDS:
+            raise BadRequest(f"the {name} header appears twice")
+        else:
+            headers[name] += ", " + value
+    return headers
 
 
 def _parse_request_line(line: bytes, limits: HttpLimits) -> tuple[str, str, int]:
     if len(line) > limits.max_request_line:
         raise UriTooLong(f"the request line is longer than {limits.max_request_line} bytes")
+    match = _REQUEST_LINE_RE.fullmatch(line)
+    if match is None:
+        raise BadRequest(_request_line_problem(line))
+    method, target, major, minor = match.groups()
+    if major != b"1":
+        raise VersionNotSupported("only HTTP/1.x is served")
+    return method.decode("ascii"), target.decode("ascii"), 0 if minor == b"0" else 1
+
+
+def _request_line_problem(line: bytes) -> str:
+    """What is wrong with a request line that does not match the grammar."""
     parts = line.split(b" ")
     if len(parts) != 3:
-        raise BadRequest("the request line must be: method SP target SP version")
-    method, target, version = parts
+        return "the request line must be: method SP target SP version"
+    method, target, _ = parts
     if not _METHOD_RE.fullmatch(method):
-        raise BadRequest("the method is not a token")
+        return "the method is not a token"
     if not _TARGET_RE.fullmatch(target):
-        raise BadRequest("the request target is empty or holds a forbidden byte")
-    match = _VERSION_RE.fullmatch(version)
-    if match is None:
-        raise BadRequest("malformed HTTP version")
-    if match[1] != b"1":
-        raise VersionNotSupported("only HTTP/1.x is served")
-    return method.decode("ascii"), target.decode("ascii"), min(int(match[2]), 1)
+        return "the request target is empty or holds a forbidden byte"
+    return "malformed HTTP version"
 
 
 def _parse_target(
@@ -498,7 +511,7 @@ class ChunkedDecoder:
         elif not line:
             self.done = True
         else:
-            parse_field_line(line, self._limits)  # trailer fields are checked, then dropped
+            parse_fields(line, self._limits)  # trailer fields are checked, then dropped
             self._trailer_bytes += len(line) + 2
             if self._trailer_bytes > self._limits.max_head:
                 raise HeadersTooLarge("the trailer section is too large")
@@ -548,20 +561,21 @@ class Response:
 
     def serialize_head(self, *, close: bool, keep_alive_1_0: bool = False) -> bytes:
         """The status line and header section (RFC 9112 §4), ready for the wire."""
-        status = self.status
-        lines = [f"HTTP/1.1 {status.value} {status.phrase}", f"Date: {_DateCache.now()}"]
-        if status != HTTPStatus.NO_CONTENT:
-            lines.append(f"Content-Type: {self.content_type}")
-            lines.append(f"Content-Length: {self.length}")
-        lines.extend(f"{name}: {value}" for name, value in self.headers)
+        parts = [_STATUS_LINES[self.status], "Date: ", _DateCache.now(), "\r\n"]
+        if self.status != HTTPStatus.NO_CONTENT:
+            parts += ["Content-Type: ", self.content_type, "\r\n"]
+            parts += ["Content-Length: ", str(self.length), "\r\n"]
+        for name, value in self.headers:
+            parts += [name, ": ", value, "\r\n"]
         if close:
-            lines.append("Connection: close")
+            parts.append("Connection: close\r\n")
         elif keep_alive_1_0:
-            lines.append("Connection: keep-alive")
-        lines.append("\r\n")
-        return "\r\n".join(lines).encode("latin-1")
+            parts.append("Connection: keep-alive\r\n")
+        parts.append("\r\n")
+        return "".join(parts).encode("latin-1")
 
 
+_STATUS_LINES: Final = {status: f"HTTP/1.1 {status} {status.phrase}\r\n" for status in HTTPStatus}
 _json_encoder: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
@@ -2946,23 +2960,27 @@ class Connection:
         return True
 
     async def _send(self, request: Request | None, response: Response, close: bool) -> None:
-        """Write ``response``; for HEAD only its head."""
-        self.phase = _WRITE
-        self.deadline = self._loop.time() + self._config.idle_timeout
+        """Write ``response``; for HEAD only its head. Waits while the client is slow to read."""
         keep_alive_1_0 = request is not None and request.minor == 0 and not close
         head = response.serialize_head(close=close, keep_alive_1_0=keep_alive_1_0)
+        with_body = request is None or request.method != "HEAD"
         if response.file is not None:
             with response.file:
                 self._writer.write(head)
-                if request is None or request.method != "HEAD":
+                if with_body:
                     await self._send_file(response.file, response.file_size)
-        elif request is not None and request.method == "HEAD":
-            self._writer.write(head)
         else:
-            self._writer.write(head + response.body)
-        await self._writer.drain()
+            self._writer.write(head + response.body if with_body else head)
+        if self._writer.transport.get_write_buffer_size():
+            self._start_writing()
+            await self._writer.drain()
+
+    def _start_writing(self) -> None:
+        self.phase = _WRITE
+        self.deadline = self._loop.time() + self._config.idle_timeout
 
     async def _send_file(self, file: BinaryIO, size: int) -> None:
+        self._start_writing()
         while size > 0:
             chunk = file.read(min(READ_SIZE, size))
             if not chunk:
