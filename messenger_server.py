@@ -1635,6 +1635,7 @@ SNAPSHOT_MAGIC: Final = b"MSGRSNAP"
 SNAPSHOT_FORMAT: Final = 1
 SNAPSHOT_HEADER: Final = struct.Struct(">8sIQ32s")  # magic, format, payload bytes, sha256
 RECORD_HEADER: Final = struct.Struct(">II")  # journal record: payload bytes, crc32
+FRAME_HEADER: Final = struct.Struct(">Q")  # snapshot frame: pickle bytes
 SNAPSHOT_CHUNK: Final = 20_000  # messages pickled per step; bounds the event-loop stall
 KEEP_SNAPSHOTS: Final = 2  # the newest and one to fall back on
 
@@ -1751,7 +1752,7 @@ def read_journal(path: Path) -> Iterator[Event]:
         payload = data[header_end : header_end + length]
         if len(payload) < length or zlib.crc32(payload) != checksum:
             break
-        yield _BuiltinsUnpickler(io.BytesIO(payload)).load()
+        yield _unpickle(payload)
         position = header_end + length
     if position < len(data):
         logger.warning("%s: ignored %d bytes of a torn last record", path, len(data) - position)
@@ -1838,6 +1839,7 @@ class StateStore:
                         chunk = messages[index * SNAPSHOT_CHUNK : (index + 1) * SNAPSHOT_CHUNK]
                         frame = [tuple(message) for message in chunk]
                     data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+                    data = FRAME_HEADER.pack(len(data)) + data
                     digest.update(data)
                     out.write(data)
                     length += len(data)
@@ -1879,12 +1881,27 @@ def read_snapshot(path: Path) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
     payload = memoryview(data)[SNAPSHOT_HEADER.size :]
     if len(payload) != length or hashlib.sha256(payload).digest() != digest:
         raise DamagedState("size or checksum mismatch")
-    unpickler = _BuiltinsUnpickler(io.BytesIO(payload))
-    state = unpickler.load()
+    frames = _split_frames(payload)
+    state = _unpickle(next(frames))
     messages: list[tuple[Any, ...]] = []
     for _ in range(state.pop("message_frames")):
-        messages.extend(unpickler.load())
+        messages.extend(_unpickle(next(frames)))
     return state, messages
+
+
+def _split_frames(payload: memoryview) -> Iterator[memoryview]:
+    """The length-prefixed pickles of a snapshot, one at a time."""
+    position = 0
+    while position < len(payload):
+        (length,) = FRAME_HEADER.unpack_from(payload, position)
+        position += FRAME_HEADER.size
+        yield payload[position : position + length]
+        position += length
+
+
+def _unpickle(data: bytes | memoryview) -> Any:
+    """One pickle of plain builtins (each pickle has its own memo: one unpickler each)."""
+    return _BuiltinsUnpickler(io.BytesIO(data)).load()
 
 
 # API handlers ###############################################################
@@ -2238,6 +2255,7 @@ class MessengerApp:
                 logger.info("new user %s", name)
         status = HTTPStatus.CREATED if user is not None else HTTPStatus.OK
         if user is None:
+            logger.info("%s connects", name)
             known = messenger.users[name]
             digest = await self._scrypt(password, known.salt, known.cost)
             if not hmac.compare_digest(digest, known.password):
@@ -2837,6 +2855,10 @@ class Connection:
                     except MessengerError as exc:  # a malformed body makes a bad request
                         response = Response.error(exc)
                 close = close or self._broken
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug(
+                        "%s %s %s -> %d", self.peer, request.method, request.target, response.status
+                    )
                 await self._send(request, response, close)
                 if close:
                     return
@@ -2888,10 +2910,6 @@ class Connection:
         request = parse_head(head, self._config.http)
         self._body_left = request.has_body
         self._continued = False
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s %s HTTP/1.%d", self.peer, request.method, request.target, request.minor
-            )
         return request
 
     def _skip_empty_lines(self) -> None:
@@ -2994,7 +3012,7 @@ class Connection:
         self.expired = True
         if self.phase in (_HEAD, _BODY):
             what = "request head" if self.phase == _HEAD else "request body"
-            logger.info("%s too slow with its %s: 408", self.peer, what)
+            logger.warning("%s too slow with its %s: 408", self.peer, what)
             response = Response.error(RequestTimeout(f"the {what} did not arrive in time"))
             self._writer.write(response.serialize_head(close=True) + response.body)
             self._writer.close()
@@ -3179,7 +3197,8 @@ class MessengerServer:
 # Entry point ###############################################################
 
 
-def parse_args(argv: Sequence[str] | None) -> ServerConfig:
+def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, str]:
+    """The configuration from the command line, and the log format."""
     parser = argparse.ArgumentParser(
         description="The messenger server: HTTP/1.1 on asyncio.streams.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -3189,6 +3208,7 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
     add("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
     add("--state-dir", type=Path, default=Path("state"), help="folder for snapshots and files")
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--log-format", default="text", choices=["text", "json"], help="for humans or machines")
     add("--max-request-line", type=int, default=MAX_REQUEST_LINE, help="bytes; 414 above")
     add("--max-header-line", type=int, default=MAX_HEADER_LINE, help="bytes; 431 above")
     add("--max-headers", type=int, default=MAX_HEADERS, help="header lines; 431 above")
@@ -3217,7 +3237,7 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         help="wrong passwords per name per login window before 429")
     add("--login-window", type=float, default=rules.login_window, help="seconds")
     args = parser.parse_args(argv)
-    return ServerConfig(
+    config = ServerConfig(
         host=args.host,
         port=args.port,
         state_dir=args.state_dir,
@@ -3251,6 +3271,7 @@ def parse_args(argv: Sequence[str] | None) -> ServerConfig:
         snapshot_interval=args.snapshot_interval,
         fsync=args.fsync,
     )
+    return config, args.log_format
 
 
 async def serve(config: ServerConfig) -> None:
@@ -3264,11 +3285,33 @@ async def serve(config: ServerConfig) -> None:
         logger.info("shutting down")
 
 
+class JsonLogFormatter(logging.Formatter):
+    """``--log-format json``: one JSON object per line, for machines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    config, log_format = parse_args(argv)
+    setup_logging(config.log_level, log_format)
     try:
         asyncio.run(serve(config))
     except OSError as exc:
