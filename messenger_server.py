@@ -844,6 +844,14 @@ class Draft:
 
 
 @dataclass(frozen=True, slots=True)
+class Standing:
+    """A user's moderation state: distinct reporters now, and the end of a ban."""
+
+    reports: int
+    banned_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class RateInfo:
     """The sender's standing against the general chat's limit after a send."""
 
@@ -896,7 +904,8 @@ class Messenger:
         self._chat_expiry: deque[int] = deque()  # chat messages, oldest first
         self._private_expiry: deque[int] = deque()  # private messages, first delivered first
         self._file_expiry: deque[str] = deque()  # files, oldest first
-        self._due: list[tuple[float, str]] = []  # heap of scheduled messages (send_at, id)
+        self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
+        self._scheduled_count = 0  # orders scheduled messages due at the same time
         self._login_failures: dict[str, Window] = {}
         self._apply: dict[str, Callable[..., None]] = {
             "user": self._apply_user,
@@ -945,9 +954,7 @@ class Messenger:
     def register(self, name: str, password: bytes, salt: bytes, cost: int, token: str) -> User:
         if name in self.users:
             raise Conflict(f"the name {name} was taken a moment ago")
-        now = self.clock()
-        self._emit("user", name, password, salt, cost, now)
-        self._emit("session", hash_token(token), name, now)
+        self._emit("user", name, password, salt, cost, hash_token(token), self.clock())
         return self.users[name]
 
     def open_session(self, name: str, token: str) -> User:
@@ -971,6 +978,7 @@ class Messenger:
         """Post a message now, or schedule it for ``draft.send_at``."""
         user = self.users[name]
         now = self.clock()
+        self.expire(now)
         known = self._known_client_id(user, draft.client_id, now)
         if known is not None:
             return known
@@ -1000,14 +1008,8 @@ class Messenger:
         """The first answer to a retried send, found by its client_id."""
         if client_id is None:
             return None
-        keep = max(IDEMPOTENCY_WINDOW, self.rules.message_ttl)
-        while user.client_ids:  # the oldest keys come first: forget the expired ones
-            oldest = next(iter(user.client_ids))
-            if user.client_ids[oldest][2] + keep > now:
-                break
-            del user.client_ids[oldest]
         known = user.client_ids.get(client_id)
-        if known is None:
+        if known is None or known[2] + self._client_id_lifetime() <= now:
             return None
         kind, ref, _ = known
         if kind == "scheduled" and ref in self.scheduled:
@@ -1046,9 +1048,9 @@ class Messenger:
             raise NotFound(f"no file {file_id} uploaded by you")
         return file_id
 
-    def _check_not_banned(self, user: User, now: float) -> None:
-        self._lift_ended_ban(user, now)
-        if user.banned_until is not None:
+    @staticmethod
+    def _check_not_banned(user: User, now: float) -> None:
+        if user.banned_until is not None and user.banned_until > now:
             raise Banned(user.banned_until)
 
     def _check_rate(self, user: User, now: float) -> None:
@@ -1248,7 +1250,7 @@ class Messenger:
 
     # Moderation -------------------------------------------------------------
 
-    def report(self, reporter: str, target: str, reason: str) -> User:
+    def report(self, reporter: str, target: str, reason: str) -> Standing:
         """One report per reporter and target; enough of them ban the target from sending."""
         if target == reporter:
             raise InvalidField("you cannot report yourself")
@@ -1256,25 +1258,21 @@ class Messenger:
         if user is None:
             raise UnknownUser(target)
         now = self.clock()
-        self._lift_ended_ban(user, now)
-        if reporter not in user.reporters:
+        counted = reporter in user.reporters and not _ban_ended(user, now)
+        if not counted:
             made = self.users[reporter].reports_made
             if made.used(now, self.rules.rate_window) >= self.rules.report_limit:
                 reset = made.reset_at(now, self.rules.rate_window) or now
                 raise RateLimited("too many reports: try again later", reset - now)
             self._emit("report", reporter, target, reason, now)
-        return user
+        return self.standing(target)
 
-    def _lift_ended_ban(self, user: User, now: float) -> None:
-        """When a ban ends, its reports are forgotten: the count starts again."""
-        if user.banned_until is not None and user.banned_until <= now:
-            user.banned_until = None
-            user.reporters.clear()
-
-    def standing(self, name: str) -> User:
+    def standing(self, name: str) -> Standing:
+        """A user's reports and ban as of now: when a ban has ended, the count restarts."""
         user = self.users[name]
-        self._lift_ended_ban(user, self.clock())
-        return user
+        if _ban_ended(user, self.clock()):
+            return Standing(0, None)
+        return Standing(len(user.reporters), user.banned_until)
 
     # Files ------------------------------------------------------------------
 
@@ -1336,10 +1334,10 @@ class Messenger:
         now = self.clock()
         self.expire(now)
         while self._due and self._due[0][0] <= now:
-            _, scheduled_id = heapq.heappop(self._due)
-            scheduled = self.scheduled.get(scheduled_id)
+            scheduled = self.scheduled.get(self._due[0][2])
             if scheduled is not None:
-                self._send_scheduled(scheduled, now)
+                self._send_scheduled(scheduled, now)  # if the journal fails, it stays due
+            heapq.heappop(self._due)
 
     def _send_scheduled(self, scheduled: Scheduled, now: float) -> None:
         """Check a due message again: a banned sender or a lost membership drops it."""
@@ -1404,9 +1402,13 @@ class Messenger:
 
     # Applying events --------------------------------------------------------
 
-    def _apply_user(self, name: str, password: bytes, salt: bytes, cost: int, ts: float) -> None:
+    def _apply_user(
+        self, name: str, password: bytes, salt: bytes, cost: int, token_hash: str, ts: float
+    ) -> None:
+        """A new user, member of general, with its first session: one event, all or nothing."""
         self.users[name] = User(name, password, salt, cost, ts)
         self._add_member(self.chats[GENERAL], name)
+        self._apply_session(token_hash, name, ts)
 
     def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
         self.sessions[token_hash] = Session(name, ts)
@@ -1428,8 +1430,7 @@ class Messenger:
         if counted:
             user.general.add(ts, self.rules.rate_window)
         if client_id is not None:
-            user.client_ids.pop(client_id, None)
-            user.client_ids[client_id] = ("message", message_id, ts)
+            self._remember_client_id(user, client_id, "message", message_id, ts)
         if scheduled_id is not None:
             self._remove_scheduled(scheduled_id, ts)
         self.on_message(message)
@@ -1501,7 +1502,9 @@ class Messenger:
 
     def _apply_report(self, reporter: str, target: str, reason: str, ts: float) -> None:
         user = self.users[target]
-        self._lift_ended_ban(user, ts)
+        if _ban_ended(user, ts):
+            user.banned_until = None
+            user.reporters.clear()
         if reporter in user.reporters:
             return
         user.reporters.add(reporter)
@@ -1531,11 +1534,27 @@ class Messenger:
         if counted:
             user.general.add(ts, self.rules.rate_window)
         if client_id is not None:
-            user.client_ids[client_id] = ("scheduled", scheduled_id, ts)
+            self._remember_client_id(user, client_id, "scheduled", scheduled_id, ts)
+
+    def _client_id_lifetime(self) -> float:
+        return max(IDEMPOTENCY_WINDOW, self.rules.message_ttl)
+
+    def _remember_client_id(
+        self, user: User, client_id: str, kind: str, ref: int | str, ts: float
+    ) -> None:
+        """Keep a client_id, newest last, and forget the ones past their lifetime."""
+        while user.client_ids:
+            oldest = next(iter(user.client_ids))
+            if user.client_ids[oldest][2] + self._client_id_lifetime() > ts:
+                break
+            del user.client_ids[oldest]
+        user.client_ids.pop(client_id, None)
+        user.client_ids[client_id] = (kind, ref, ts)
 
     def _add_scheduled(self, scheduled: Scheduled) -> None:
         self.scheduled[scheduled.id] = scheduled
-        heapq.heappush(self._due, (scheduled.send_at, scheduled.id))
+        self._scheduled_count += 1
+        heapq.heappush(self._due, (scheduled.send_at, self._scheduled_count, scheduled.id))
         if scheduled.file is not None:
             self.files[scheduled.file].scheduled += 1
 
@@ -1611,6 +1630,10 @@ class Messenger:
             self._add_scheduled(Scheduled(*row))
 
 
+def _ban_ended(user: User, now: float) -> bool:
+    return user.banned_until is not None and user.banned_until <= now
+
+
 def _remove_sorted(ids: list[int], value: int) -> None:
     index = bisect.bisect_left(ids, value)
     if index < len(ids) and ids[index] == value:
@@ -1651,6 +1674,11 @@ class _BuiltinsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name}: state files hold plain builtins only")
 
 
+def create_private(path: Path) -> BinaryIO:
+    """A new file only the server's user may read (mode 0600)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -1669,75 +1697,77 @@ class Journal:
     """The append-only log of the events since the last snapshot.
 
     ``append`` hands each record to the OS before it returns, so a killed process loses
-    nothing. With ``always``, ``durable`` also waits for an fsync covering it (fsyncs are
-    shared by the requests that wait together); otherwise ``sync`` runs every second.
+    nothing. ``sync`` puts everything appended so far on disk; with ``always`` every
+    change waits for it in ``durable`` (requests waiting together share one fsync),
+    otherwise the server calls it once a second.
     """
 
     def __init__(self, path: Path, *, always: bool) -> None:
         self.always = always
+        self.broken = False  # a failed write could not be undone: refuse until a new file
         self._fd = self._open(path)
         self._size = 0
         self._written = 0  # records appended
         self._synced = 0  # records known to be on disk
-        self._syncing: asyncio.Future[None] | None = None
+        self._switched: list[int] = []  # earlier files, to fsync and close
+        self._lock = asyncio.Lock()
 
     @staticmethod
     def _open(path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def append(self, event: Event) -> None:
+        if self.broken:
+            raise Unavailable("the state cannot be written: nothing was stored")
         data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
         record = RECORD_HEADER.pack(len(data), zlib.crc32(data)) + data
         try:
             _write_all(self._fd, record)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)  # never leave half a record behind
             logger.error("journal write failed: %s", exc)
+            try:
+                os.ftruncate(self._fd, self._size)  # never leave half a record behind
+            except OSError:
+                self.broken = True
             raise Unavailable("the state cannot be written: nothing was stored") from exc
         self._size += len(record)
         self._written += 1
 
     async def durable(self) -> None:
         """With ``--fsync always``: return once every record appended so far is on disk."""
-        if not self.always:
-            return
         target = self._written
-        while self._synced < target:
-            if self._syncing is None:
-                self._syncing = asyncio.ensure_future(self.sync())
-            await asyncio.shield(self._syncing)
+        while self.always and self._synced < target:
+            await self.sync()
 
     async def sync(self) -> None:
-        written, fd = self._written, self._fd
-        try:
-            if written > self._synced:
-                try:
-                    await asyncio.to_thread(os.fsync, fd)
-                except OSError as exc:
-                    logger.error("journal fsync failed: %s", exc)
-                    raise Unavailable("the state cannot be written to disk") from exc
-                self._synced = max(self._synced, written)
-        finally:
-            self._syncing = None
-
-    def switch(self, path: Path) -> int:
-        """Continue in a new file; return the old descriptor for ``retire``."""
-        old, self._fd, self._size = self._fd, self._open(path), 0
-        return old
-
-    async def retire(self, fd: int) -> None:
-        """fsync and close a descriptor that ``switch`` replaced."""
-        written = self._written
-        try:
-            await asyncio.to_thread(os.fsync, fd)
+        """Put every record appended so far on disk, those in earlier files included."""
+        async with self._lock:
+            written = self._written
+            if written <= self._synced and not self._switched:
+                return
+            try:
+                while self._switched:
+                    await asyncio.to_thread(os.fsync, self._switched[0])
+                    os.close(self._switched.pop(0))
+                await asyncio.to_thread(os.fsync, self._fd)
+            except OSError as exc:
+                logger.error("journal fsync failed: %s", exc)
+                raise Unavailable("the state cannot be written to disk") from exc
             self._synced = max(self._synced, written)
-        finally:
-            os.close(fd)
+
+    def switch(self, path: Path) -> None:
+        """Continue in a new file from now on; the next ``sync`` closes the old one."""
+        fd = self._open(path)
+        self._switched.append(self._fd)
+        self._fd, self._size, self.broken = fd, 0, False
 
     def close(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
+        for fd in [*self._switched, self._fd]:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                logger.error("journal fsync failed at close: %s", exc)
+            os.close(fd)
 
 
 def read_journal(path: Path) -> Iterator[Event]:
@@ -1752,7 +1782,13 @@ def read_journal(path: Path) -> Iterator[Event]:
         payload = data[header_end : header_end + length]
         if len(payload) < length or zlib.crc32(payload) != checksum:
             break
-        yield _unpickle(payload)
+        try:
+            event = _unpickle(payload)
+        except Exception as exc:  # a record that passed its checksum yet is no event
+            logger.error("%s: record at byte %d is unreadable (%s): stopping there",
+                         path, position, exc)
+            return
+        yield event
         position = header_end + length
     if position < len(data):
         logger.warning("%s: ignored %d bytes of a torn last record", path, len(data) - position)
@@ -1771,6 +1807,7 @@ class StateStore:
         self.files = folder / "files"
         self.files.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)
+        self.files.chmod(0o700)
 
     def _numbered(self, prefix: str, suffix: str) -> dict[int, Path]:
         found = {}
@@ -1795,7 +1832,10 @@ class StateStore:
             try:
                 state, messages = read_snapshot(snapshots[number])
             except (DamagedState, OSError, pickle.UnpicklingError, EOFError) as exc:
-                logger.error("snapshot %s is damaged (%s): falling back", snapshots[number], exc)
+                damaged = snapshots[number].with_suffix(".damaged")
+                logger.error("snapshot %s is damaged (%s): set aside as %s, falling back",
+                             snapshots[number].name, exc, damaged.name)
+                snapshots[number].rename(damaged)
                 continue
             messenger.restore(state, messages)
             base = number
@@ -1830,7 +1870,7 @@ class StateStore:
         digest = hashlib.sha256()
         length = 0
         try:
-            with temporary.open("wb") as out:
+            with create_private(temporary) as out:
                 out.write(bytes(SNAPSHOT_HEADER.size))
                 for index in range(-1, frames):
                     if index < 0:
@@ -2433,7 +2473,8 @@ class MessengerApp:
 
     async def status(self, call: Call) -> Response:
         messenger = self.messenger
-        user = messenger.standing(call.user)
+        user = messenger.users[call.user]
+        standing = messenger.standing(call.user)
         by_chat, by_peer = messenger.unread(call.user)
         rate = messenger.rate_status(call.user)
         chats = [self._chat(messenger.chats[name], call.user, by_chat) for name in user.chats]
@@ -2451,8 +2492,8 @@ class MessengerApp:
                 "limits": {
                     "general_left": rate.remaining,
                     "general_reset": rate.reset,
-                    "reports": len(user.reporters),
-                    "banned_until": user.banned_until,
+                    "reports": standing.reports,
+                    "banned_until": standing.banned_until,
                 },
                 "server": {
                     "version": VERSION,
@@ -2467,10 +2508,10 @@ class MessengerApp:
         body = await self._json(call)
         target = body.string("user", pattern=USER_NAME_RE, max_length=32)
         reason = body.optional_string("reason", max_length=MAX_REASON, min_length=0) or ""
-        user = self.messenger.report(call.user, target, reason)
+        standing = self.messenger.report(call.user, target, reason)
         await self._changed()
         return Response.json(
-            {"user": user.name, "reports": len(user.reporters), "banned_until": user.banned_until}
+            {"user": target, "reports": standing.reports, "banned_until": standing.banned_until}
         )
 
     async def upload(self, call: Call) -> Response:
@@ -2491,7 +2532,7 @@ class MessengerApp:
         temporary = self.store.files / f".upload-{file_id}"
         digest = hashlib.sha256()
         try:
-            with temporary.open("wb") as out:
+            with create_private(temporary) as out:
                 async for chunk in call.channel.stream(request, self.config.max_file_size):
                     digest.update(chunk)
                     out.write(chunk)
@@ -3112,14 +3153,18 @@ class MessengerServer:
             loop = asyncio.get_running_loop()
             started = loop.time()
             number = self._journal_number + 1
-            old_fd = self.journal.switch(self.store.journal_path(number))
+            try:
+                self.journal.switch(self.store.journal_path(number))
+            except OSError as exc:
+                logger.error("cannot start journal %d, no snapshot now: %s", number, exc)
+                return
             self._journal_number = number
-            state, messages = self.messenger.export()
+            state, messages = self.messenger.export()  # the state journal `number` starts from
             changes = self.messenger.changes
             try:
-                await self.journal.retire(old_fd)
+                await self.journal.sync()
                 size = await self.store.write_snapshot(number, state, messages)
-            except OSError as exc:
+            except (OSError, Unavailable) as exc:
                 logger.error("snapshot %d failed, the journals keep everything: %s", number, exc)
                 return
             self._saved_changes = changes
@@ -3175,10 +3220,11 @@ class MessengerServer:
             self._timer_wakeup.clear()
             try:
                 self.messenger.tick()
-            except Unavailable:
-                pass  # the journal is failing and says so; the due messages wait
+            except Unavailable:  # the journal is failing and says so: the due messages wait
+                await asyncio.sleep(MAX_TIMER_SLEEP)
             except Exception:
                 logger.exception("timer failed")
+                await asyncio.sleep(MAX_TIMER_SLEEP)
 
     async def _sync_journal(self) -> None:
         """``--fsync everysec``: put the journal on disk once a second."""
@@ -3190,7 +3236,7 @@ class MessengerServer:
     async def _save_often(self) -> None:
         while True:
             await asyncio.sleep(self.config.snapshot_interval)
-            if self.messenger.changes != self._saved_changes:
+            if self.messenger.changes != self._saved_changes or self.journal.broken:
                 await self.save()
 
 

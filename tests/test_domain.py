@@ -1,0 +1,1133 @@
+"""The domain model without I/O: ``Messenger`` with a fake clock, every event counted."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import messenger_server as ms
+from tests.conftest import FakeClock
+
+TTL = 3600.0
+DAY = 24 * 3600.0
+
+
+def make_messenger(clock: FakeClock, **rules: Any) -> tuple[ms.Messenger, list[ms.Event]]:
+    """A messenger whose journal is a list: every recorded event lands in it."""
+    messenger = ms.Messenger(dataclasses.replace(ms.Rules(), **rules), clock)
+    events: list[ms.Event] = []
+    messenger.record = events.append
+    return messenger, events
+
+
+def register(messenger: ms.Messenger, *names: str) -> None:
+    for name in names:
+        messenger.register(name, b"hash", b"salt", 4, f"token-{name}")
+
+
+def post(messenger: ms.Messenger, sender: str, text: str = "hi", **fields: Any) -> ms.Message:
+    """Send a message now and return it."""
+    result = messenger.send(sender, ms.Draft(text, **fields))
+    assert result.message is not None
+    return result.message
+
+
+def schedule(messenger: ms.Messenger, sender: str, text: str, **fields: Any) -> ms.Scheduled:
+    result = messenger.send(sender, ms.Draft(text, **fields))
+    assert result.scheduled is not None
+    return result.scheduled
+
+
+def ids(messages: list[ms.Message]) -> list[int]:
+    return [message.id for message in messages]
+
+
+def poll_ids(
+    messenger: ms.Messenger, name: str, since: int | None = 0, chat: str | None = None
+) -> list[int]:
+    return ids(messenger.poll(name, since, chat, 1000)[0])
+
+
+@pytest.fixture
+def messenger(clock: FakeClock) -> ms.Messenger:
+    """Alice, Bob and Carol; Alice owns the public chat ``club``, where Bob is too."""
+    messenger, _ = make_messenger(clock)
+    register(messenger, "alice", "bob", "carol")
+    messenger.join("alice", "club", False)
+    messenger.join("bob", "club", None)
+    return messenger
+
+
+# Visibility #################################################################
+
+
+def test_poll_private_message_only_to_its_parties(messenger: ms.Messenger) -> None:
+    message = post(messenger, "alice", "psst", to="bob")
+    assert poll_ids(messenger, "alice") == [message.id]
+    assert poll_ids(messenger, "bob") == [message.id]
+    assert poll_ids(messenger, "carol") == []
+    with pytest.raises(ms.UnknownMessage):
+        messenger.thread("carol", message.id)
+
+
+def test_poll_chat_messages_only_to_members_since_they_joined(messenger: ms.Messenger) -> None:
+    before = post(messenger, "alice", "before carol", chat="club")
+    messenger.join("carol", "club", None)
+    after = post(messenger, "alice", "after carol", chat="club")
+    assert poll_ids(messenger, "carol") == [after.id]
+    assert poll_ids(messenger, "carol", chat="club") == [after.id]
+    assert poll_ids(messenger, "bob") == [before.id, after.id]
+
+
+def test_poll_non_members_see_no_chat_messages(messenger: ms.Messenger) -> None:
+    message = post(messenger, "alice", chat="club")
+    assert poll_ids(messenger, "carol") == []
+    with pytest.raises(ms.NotAMember):
+        messenger.poll("carol", 0, "club", 100)
+    with pytest.raises(ms.UnknownMessage):
+        messenger.thread("carol", message.id)
+
+
+def test_history_shows_members_the_past_before_they_joined(messenger: ms.Messenger) -> None:
+    first = post(messenger, "alice", "one", chat="club")
+    second = post(messenger, "bob", "two", chat="club")
+    messenger.join("carol", "club", None)
+    assert ids(messenger.history("carol", "club", None, 20)) == [first.id, second.id]
+    assert ids(messenger.history("carol", "club", None, 1)) == [second.id]
+    assert ids(messenger.history("carol", "club", second.id, 20)) == [first.id]
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_history_refuses_non_members(clock: FakeClock, private: bool) -> None:
+    messenger, _ = make_messenger(clock)
+    register(messenger, "alice", "bob")
+    messenger.join("alice", "room", private)
+    post(messenger, "alice", chat="room")
+    with pytest.raises(ms.NotAMember):
+        messenger.history("bob", "room", None, 20)
+
+
+def test_poll_after_rejoining_skips_what_was_posted_while_away(messenger: ms.Messenger) -> None:
+    messenger.leave("bob", "club")
+    away = post(messenger, "alice", "while bob is away", chat="club")
+    messenger.join("bob", "club", None)
+    back = post(messenger, "alice", "bob is back", chat="club")
+    assert poll_ids(messenger, "bob") == [back.id]
+    assert ids(messenger.history("bob", "club", None, 20)) == [away.id, back.id]
+
+
+def test_poll_merges_chats_and_private_oldest_first_with_limit(messenger: ms.Messenger) -> None:
+    sent = [
+        post(messenger, "alice", "a", chat="club").id,
+        post(messenger, "alice", "b", to="bob").id,
+        post(messenger, "carol", "c", chat="general").id,
+        post(messenger, "bob", "d", chat="club").id,
+    ]
+    assert poll_ids(messenger, "bob") == sent
+    found, next_id = messenger.poll("bob", 0, None, 2)
+    assert (ids(found), next_id) == (sent[:2], sent[1])
+    found, next_id = messenger.poll("bob", sent[-1], None, 2)
+    assert (found, next_id) == ([], sent[-1])
+
+
+# Read position ##############################################################
+
+
+def test_poll_since_marks_read_and_never_moves_back(messenger: ms.Messenger) -> None:
+    for text in "abcde":
+        post(messenger, "alice", text, chat="club")
+    messenger.poll("bob", 4, None, 100)
+    assert messenger.users["bob"].read_pos == 4
+    messenger.poll("bob", 2, None, 100)
+    assert messenger.users["bob"].read_pos == 4
+    assert poll_ids(messenger, "bob", since=None) == [5]
+
+
+def test_poll_since_beyond_the_last_id_is_clamped(messenger: ms.Messenger) -> None:
+    post(messenger, "alice", "old", chat="club")
+    messenger.poll("bob", 10**9, None, 100)
+    assert messenger.users["bob"].read_pos == messenger.last_id == 1
+    new = post(messenger, "alice", "new", chat="club")
+    assert poll_ids(messenger, "bob", since=None) == [new.id]
+    assert messenger.unread("bob")[0]["club"] == 1
+
+
+def test_poll_without_since_marks_nothing(messenger: ms.Messenger) -> None:
+    message = post(messenger, "alice", chat="club")
+    assert poll_ids(messenger, "bob", since=None) == [message.id]
+    assert poll_ids(messenger, "bob", since=None) == [message.id]
+    assert messenger.users["bob"].read_pos == 0
+
+
+def test_read_position_is_shared_by_all_sessions(messenger: ms.Messenger) -> None:
+    messenger.open_session("bob", "second-device")
+    post(messenger, "alice", chat="club")
+    first, _ = messenger.authenticate("token-bob")
+    second, _ = messenger.authenticate("second-device")
+    messenger.poll(first.name, 1, None, 100)
+    assert second is first
+    assert messenger.poll(second.name, None, None, 100) == ([], 1)
+    assert messenger.unread(second.name) == ({"general": 0, "club": 0}, {})
+
+
+# Unread #####################################################################
+
+
+def test_unread_excludes_own_messages(messenger: ms.Messenger) -> None:
+    post(messenger, "bob", "mine", chat="club")
+    post(messenger, "bob", "to alice", to="alice")
+    post(messenger, "alice", "yours", chat="club")
+    post(messenger, "alice", "to bob", to="bob")
+    post(messenger, "alice", "again", to="bob")
+    assert messenger.unread("bob") == ({"general": 0, "club": 1}, {"alice": 2})
+    assert messenger.unread("alice") == ({"general": 0, "club": 1}, {"bob": 1})
+
+
+def test_unread_counts_only_after_joining_and_read_position(messenger: ms.Messenger) -> None:
+    post(messenger, "alice", "before", chat="club")
+    messenger.join("carol", "club", None)
+    post(messenger, "alice", "after", chat="club")
+    last = post(messenger, "bob", "later", chat="general")
+    assert messenger.unread("carol") == ({"general": 1, "club": 1}, {})
+    messenger.poll("carol", last.id, None, 100)
+    assert messenger.unread("carol") == ({"general": 0, "club": 0}, {})
+
+
+# Comments ###################################################################
+
+
+def test_send_comment_on_chat_message_lands_in_its_chat(messenger: ms.Messenger) -> None:
+    parent = post(messenger, "alice", "topic", chat="club")
+    assert messenger.users["bob"].active_chat == "club"
+    messenger.join("bob", "general", None)
+    comment = post(messenger, "bob", "reply", reply_to=parent.id)
+    assert (comment.chat, comment.to, comment.reply_to) == ("club", None, parent.id)
+
+
+@pytest.mark.parametrize(("commenter", "other"), [("alice", "bob"), ("bob", "alice")])
+def test_send_comment_on_private_message_goes_to_the_other_party(
+    messenger: ms.Messenger, commenter: str, other: str
+) -> None:
+    parent = post(messenger, "alice", "psst", to="bob")
+    comment = post(messenger, commenter, "reply", reply_to=parent.id)
+    assert (comment.chat, comment.sender, comment.to) == (None, commenter, other)
+    assert poll_ids(messenger, "carol") == []
+
+
+@pytest.mark.parametrize("field", [{"chat": "general"}, {"to": "carol"}])
+def test_send_comment_elsewhere_than_its_parent_is_refused(
+    messenger: ms.Messenger, field: dict[str, Any]
+) -> None:
+    parent = post(messenger, "alice", "topic", chat="club")
+    with pytest.raises(ms.InvalidField):
+        messenger.send("bob", ms.Draft("reply", reply_to=parent.id, **field))
+
+
+def test_thread_lists_comments_oldest_first(messenger: ms.Messenger) -> None:
+    parent = post(messenger, "alice", "topic", chat="club")
+    first = post(messenger, "bob", "one", reply_to=parent.id)
+    post(messenger, "alice", "unrelated", chat="club")
+    second = post(messenger, "alice", "two", reply_to=parent.id)
+    message, comments = messenger.thread("bob", parent.id)
+    assert (message, ids(comments)) == (parent, [first.id, second.id])
+
+
+def test_send_comment_on_a_message_one_cannot_see_is_not_found(
+    messenger: ms.Messenger,
+) -> None:
+    parent = post(messenger, "alice", "topic", chat="club")
+    with pytest.raises(ms.UnknownMessage):
+        messenger.send("carol", ms.Draft("reply", reply_to=parent.id))
+
+
+# Idempotency ################################################################
+
+
+def test_send_retry_with_client_id_returns_the_first_message(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock)
+    register(messenger, "alice")
+    first = messenger.send("alice", ms.Draft("hello", client_id="k1"))
+    recorded = len(events)
+    clock.advance(TTL - 1)
+    retry = messenger.send("alice", ms.Draft("hello again", client_id="k1"))
+    assert first.created and not retry.created
+    assert retry.message == first.message
+    assert len(events) == recorded
+    assert messenger.rate_status("alice").remaining == 19
+
+
+def test_send_retry_after_the_message_expired_makes_no_copy(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, message_ttl=600.0)
+    register(messenger, "alice")
+    post(messenger, "alice", "hello", client_id="k1")
+    clock.advance(700)
+    messenger.tick()  # the server's timer runs at every expiry
+    with pytest.raises(ms.NotFound):
+        messenger.send("alice", ms.Draft("hello", client_id="k1"))
+    assert messenger.messages == {}
+    clock.advance(ms.IDEMPOTENCY_WINDOW)  # forgotten at last: the key is free again
+    assert messenger.send("alice", ms.Draft("hello", client_id="k1")).created
+
+
+def test_send_client_ids_are_per_user(messenger: ms.Messenger) -> None:
+    mine = messenger.send("alice", ms.Draft("a", chat="club", client_id="same"))
+    theirs = messenger.send("bob", ms.Draft("b", chat="club", client_id="same"))
+    assert theirs.created
+    assert mine.message is not None and theirs.message is not None
+    assert mine.message.id != theirs.message.id
+
+
+def test_send_retry_of_a_scheduled_message_returns_it(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    first = schedule(messenger, "alice", "later", send_at=clock.now + 60, client_id="k")
+    retry = messenger.send("alice", ms.Draft("later", send_at=clock.now + 60, client_id="k"))
+    assert (retry.created, retry.scheduled) == (False, first)
+    assert len(messenger.scheduled) == 1
+    clock.advance(60)
+    messenger.tick()
+    delivered = messenger.send("alice", ms.Draft("later", client_id="k"))
+    assert delivered.message is not None and delivered.message.text == "later"
+    assert not delivered.created and len(messenger.messages) == 1
+
+
+# Rate limit #################################################################
+
+
+def test_send_rate_limit_allows_exactly_the_limit(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock, rate_limit=3, rate_window=100.0)
+    register(messenger, "alice")
+    for left in (2, 1, 0):
+        result = messenger.send("alice", ms.Draft("hi"))
+        assert result.rate == ms.RateInfo(3, left, clock.now + 100.0)
+    recorded = len(events)
+    with pytest.raises(ms.RateLimited) as refused:
+        messenger.send("alice", ms.Draft("one too many"))
+    assert refused.value.retry_after == 100
+    assert len(events) == recorded
+
+
+def test_send_rate_limit_resets_when_the_window_ends(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, rate_limit=2, rate_window=100.0)
+    register(messenger, "alice")
+    start = clock.now
+    post(messenger, "alice")
+    clock.advance(40)
+    post(messenger, "alice")
+    clock.advance(59.5)
+    with pytest.raises(ms.RateLimited) as refused:
+        post(messenger, "alice")
+    assert refused.value.retry_after == 1  # ceil(0.5)
+    clock.now = start + 100.0
+    result = messenger.send("alice", ms.Draft("a new window"))
+    assert result.rate == ms.RateInfo(2, 1, start + 200.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "counted"),
+    [
+        ({"chat": "general"}, True),
+        ({}, True),  # the active chat, general for a new user
+        ({"chat": "club"}, False),
+        ({"to": "bob"}, False),
+        ({"reply_to": 1}, True),  # a comment on a general message
+        ({"send_at": 1_800_000_060.0}, True),  # counted when accepted
+    ],
+)
+def test_send_rate_limit_counts_what_goes_to_general(
+    clock: FakeClock, fields: dict[str, Any], counted: bool
+) -> None:
+    messenger, _ = make_messenger(clock, rate_limit=2)
+    register(messenger, "alice", "bob")
+    messenger.join("alice", "club", None)
+    messenger.join("alice", "general", None)
+    post(messenger, "bob", "parent in general")
+    messenger.send("alice", ms.Draft("x", **fields))
+    assert messenger.rate_status("alice").remaining == (1 if counted else 2)
+
+
+def test_cancel_gives_nothing_back(messenger: ms.Messenger, clock: FakeClock) -> None:
+    later = schedule(messenger, "carol", "later", send_at=clock.now + 60)
+    assert messenger.rate_status("carol").remaining == 19
+    messenger.cancel("carol", later.id)
+    assert messenger.rate_status("carol").remaining == 19
+    assert messenger.scheduled_of("carol") == []
+
+
+# Bans and reports ###########################################################
+
+
+def test_report_bans_at_the_threshold_for_the_duration(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, ban_threshold=3, ban_duration=100.0)
+    register(messenger, "x", "a", "b", "c")
+    messenger.report("a", "x", "spam")
+    messenger.report("b", "x", "spam")
+    post(messenger, "x", "still allowed")
+    banned_at = clock.now
+    assert messenger.report("c", "x", "spam").banned_until == banned_at + 100.0
+    clock.advance(99.9)
+    with pytest.raises(ms.Banned) as refused:
+        post(messenger, "x")
+    assert refused.value.until == banned_at + 100.0
+    clock.now = banned_at + 100.0
+    post(messenger, "x", "free again")
+
+
+def test_report_each_reporter_counts_once(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock, ban_threshold=2)
+    register(messenger, "x", "a")
+    messenger.report("a", "x", "spam")
+    recorded = len(events)
+    standing = messenger.report("a", "x", "spam again")
+    assert (standing.reports, standing.banned_until, len(events)) == (1, None, recorded)
+
+
+def test_report_count_restarts_when_the_ban_ends(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, ban_threshold=2, ban_duration=100.0)
+    register(messenger, "x", "a", "b")
+    messenger.report("a", "x", "")
+    messenger.report("b", "x", "")
+    clock.advance(100)
+    assert messenger.standing("x").reports == 0
+    assert messenger.report("a", "x", "").banned_until is None
+    post(messenger, "x", "one report is not a ban")
+    assert messenger.report("b", "x", "").banned_until == clock.now + 100.0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"chat": "general"}, {"to": "a"}, {"reply_to": 1}, {"send_at": 1_800_000_060.0}],
+    ids=["chat", "private", "comment", "scheduled"],
+)
+def test_send_banned_user_sends_nothing(clock: FakeClock, fields: dict[str, Any]) -> None:
+    messenger, events = make_messenger(clock, ban_threshold=2)
+    register(messenger, "x", "a", "b")
+    post(messenger, "a", "parent")
+    messenger.report("a", "x", "")
+    messenger.report("b", "x", "")
+    recorded = len(events)
+    with pytest.raises(ms.Banned):
+        messenger.send("x", ms.Draft("hi", **fields))
+    assert len(events) == recorded
+
+
+def test_report_rate_limit(clock: FakeClock) -> None:
+    messenger, events = make_messenger(
+        clock, report_limit=2, rate_window=100.0, ban_threshold=10
+    )
+    register(messenger, "r", "x1", "x2", "x3")
+    messenger.report("r", "x1", "")
+    clock.advance(10)
+    messenger.report("r", "x2", "")
+    recorded = len(events)
+    with pytest.raises(ms.RateLimited) as refused:
+        messenger.report("r", "x3", "")
+    assert refused.value.retry_after == 90
+    assert len(events) == recorded
+    messenger.report("r", "x1", "a second time is no new report")
+    clock.advance(90)
+    assert messenger.report("r", "x3", "").reports == 1
+
+
+# Scheduled messages #########################################################
+
+
+def test_tick_delivers_scheduled_messages_in_due_order(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    start = clock.now
+    for delay in (30, 10, 20):
+        schedule(messenger, "alice", f"after {delay}", chat="club", send_at=start + delay)
+    clock.advance(15)
+    messenger.tick()
+    assert [m.text for m in messenger.messages.values()] == ["after 10"]
+    clock.advance(600)  # the server was down: everything due goes out, in due order
+    messenger.tick()
+    delivered = list(messenger.messages.values())
+    assert [m.text for m in delivered] == ["after 10", "after 20", "after 30"]
+    assert ids(delivered) == [1, 2, 3]
+    assert messenger.scheduled_of("alice") == []
+
+
+def test_tick_delivers_same_instant_messages_in_scheduling_order(
+    messenger: ms.Messenger, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fresh_ids = iter(["zzzz", "aaaa"])
+    monkeypatch.setattr("secrets.token_urlsafe", lambda *_: next(fresh_ids))
+    schedule(messenger, "alice", "first", chat="club", send_at=clock.now + 10)
+    schedule(messenger, "alice", "second", chat="club", send_at=clock.now + 10)
+    clock.advance(10)
+    messenger.tick()
+    assert [m.text for m in messenger.messages.values()] == ["first", "second"]
+
+
+@pytest.mark.parametrize("why", ["banned", "left"])
+def test_tick_drops_a_scheduled_message_whose_sender_may_no_longer_send(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture, why: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="messenger")
+    messenger, events = make_messenger(clock, ban_threshold=2)
+    register(messenger, "x", "a", "b")
+    messenger.join("x", "club", None)
+    later = schedule(messenger, "x", "later", chat="club", send_at=clock.now + 60)
+    if why == "banned":
+        messenger.report("a", "x", "")
+        messenger.report("b", "x", "")
+    else:
+        messenger.leave("x", "club")
+    clock.advance(60)
+    messenger.tick()
+    assert messenger.messages == {} and messenger.scheduled_of("x") == []
+    assert events[-1] == ("cancel", later.id, clock.now)
+    assert f"dropped scheduled message {later.id}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("delay", "accepted"),
+    [(-1.0, False), (0.0, False), (0.001, True), (7 * DAY, True), (7 * DAY + 0.001, False)],
+)
+def test_send_at_must_be_in_the_next_seven_days(
+    messenger: ms.Messenger, clock: FakeClock, delay: float, accepted: bool
+) -> None:
+    draft = ms.Draft("later", chat="club", send_at=clock.now + delay)
+    if accepted:
+        assert messenger.send("alice", draft).scheduled is not None
+    else:
+        with pytest.raises(ms.InvalidField):
+            messenger.send("alice", draft)
+
+
+def test_cancel_only_the_callers_pending_messages(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    later = schedule(messenger, "alice", "later", chat="club", send_at=clock.now + 60)
+    with pytest.raises(ms.NotFound):
+        messenger.cancel("bob", later.id)
+    messenger.cancel("alice", later.id)
+    with pytest.raises(ms.NotFound):
+        messenger.cancel("alice", later.id)
+    clock.advance(60)
+    messenger.tick()
+    assert messenger.messages == {}
+
+
+def test_tick_sends_a_due_message_once_the_journal_works_again(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    schedule(messenger, "alice", "later", chat="club", send_at=clock.now + 60)
+
+    def disk_full(event: ms.Event) -> None:
+        raise ms.Unavailable("disk full")
+
+    messenger.record = disk_full
+    clock.advance(60)
+    with pytest.raises(ms.Unavailable):
+        messenger.tick()
+    messenger.record = ms._ignore
+    clock.advance(1)
+    messenger.tick()
+    assert [m.text for m in messenger.messages.values()] == ["later"]
+
+
+# Expiry #####################################################################
+
+
+class CountingDict(dict[int, ms.Message]):
+    """``Messenger.messages`` that counts its lookups."""
+
+    lookups = 0
+
+    def __getitem__(self, key: int) -> ms.Message:
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
+def test_expire_drops_chat_messages_after_the_ttl(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    old = [post(messenger, "alice", "old", chat="club").id for _ in range(3)]
+    clock.advance(10)
+    new = post(messenger, "alice", "new", chat="club")
+    clock.advance(TTL - 10 - 0.001)
+    messenger.tick()
+    assert messenger.chats["club"].messages == [*old, new.id]
+    clock.advance(0.001)
+    messenger.tick()
+    assert messenger.chats["club"].messages == [new.id]
+    assert list(messenger.messages) == [new.id]
+    assert ids(messenger.history("bob", "club", None, 20)) == [new.id]
+    assert poll_ids(messenger, "bob") == [new.id]
+    for gone in old:
+        with pytest.raises(ms.UnknownMessage):
+            messenger.thread("bob", gone)
+    assert messenger.unread("bob")[0]["club"] == 1
+    assert [m[0] for m in messenger.export()[1]] == [new.id]
+
+
+def test_expire_costs_only_what_expires(messenger: ms.Messenger, clock: FakeClock) -> None:
+    for _ in range(10):
+        post(messenger, "alice", "old", chat="club")
+    clock.advance(1)
+    for _ in range(2000):
+        post(messenger, "alice", "new", chat="club")
+    counting = CountingDict(messenger.messages)
+    messenger.messages = counting
+    clock.advance(TTL - 1)
+    messenger.expire(clock.now)
+    assert len(messenger.messages) == 2000
+    assert messenger.chats["club"].messages[0] == 11
+    assert counting.lookups <= 2 * 10 + 2
+
+
+def test_expire_private_message_only_after_delivery(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    message = post(messenger, "alice", "psst", to="bob")
+    clock.advance(3 * TTL)
+    messenger.tick()
+    assert poll_ids(messenger, "alice") == [message.id]  # the sender's own poll delivers nothing
+    clock.advance(3 * TTL)
+    messenger.tick()
+    assert message.id in messenger.messages
+    assert poll_ids(messenger, "bob") == [message.id]  # delivered now: its TTL starts
+    clock.advance(TTL - 1)
+    messenger.tick()
+    assert message.id in messenger.messages
+    clock.advance(1)
+    messenger.tick()
+    assert messenger.messages == {}
+    assert messenger.users["alice"].private == messenger.users["bob"].private == []
+    assert poll_ids(messenger, "bob") == []
+
+
+def test_expire_private_message_delivered_through_its_thread(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    message = post(messenger, "alice", "psst", to="bob")
+    messenger.thread("alice", message.id)
+    clock.advance(TTL)
+    messenger.tick()
+    assert message.id in messenger.messages
+    messenger.thread("bob", message.id)
+    clock.advance(TTL)
+    messenger.tick()
+    assert message.id not in messenger.messages
+
+
+def test_expire_keeps_ids_growing(messenger: ms.Messenger, clock: FakeClock) -> None:
+    post(messenger, "alice", chat="club")
+    clock.advance(TTL)
+    messenger.tick()
+    assert messenger.messages == {}
+    assert post(messenger, "alice", chat="club").id == 2
+
+
+# Files ######################################################################
+
+
+def add_file(messenger: ms.Messenger, owner: str, file_id: str = "F") -> ms.StoredFile:
+    return messenger.add_file(owner, file_id, "cat.png", 3, "image/png", "ab" * 32)
+
+
+def test_expire_drops_an_unused_file_after_the_ttl(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    gone: list[str] = []
+    messenger.on_file_gone = gone.append
+    add_file(messenger, "alice")
+    clock.advance(TTL - 1)
+    messenger.tick()
+    assert "F" in messenger.files
+    clock.advance(1)
+    messenger.tick()
+    assert (messenger.files, gone) == ({}, ["F"])
+    with pytest.raises(ms.NotFound):
+        messenger.send("alice", ms.Draft("", file="F"))
+
+
+@pytest.mark.parametrize("posted_after", [0.0, 10.0])
+def test_expire_keeps_a_file_while_a_message_carries_it(
+    messenger: ms.Messenger, clock: FakeClock, posted_after: float
+) -> None:
+    gone: list[str] = []
+    messenger.on_file_gone = gone.append
+    add_file(messenger, "alice")
+    clock.advance(posted_after)
+    message = post(messenger, "alice", "look", chat="club", file="F")
+    clock.advance(TTL - posted_after)
+    messenger.tick()
+    kept = posted_after > 0  # a file posted at upload time goes with its message
+    assert ("F" in messenger.files, gone) == (kept, [] if kept else ["F"])
+    clock.advance(posted_after)
+    messenger.tick()
+    assert message.id not in messenger.messages
+    assert (messenger.files, gone, messenger.next_deadline()) == ({}, ["F"], None)
+
+
+def test_expire_keeps_a_file_while_a_scheduled_message_carries_it(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    gone: list[str] = []
+    messenger.on_file_gone = gone.append
+    add_file(messenger, "alice")
+    later = schedule(messenger, "alice", "", chat="club", file="F", send_at=clock.now + 2 * TTL)
+    clock.advance(TTL + 1)
+    messenger.tick()
+    assert "F" in messenger.files
+    messenger.cancel("alice", later.id)
+    assert (messenger.files, gone) == ({}, ["F"])
+
+
+def test_readable_file_only_to_its_uploader_and_those_who_see_it(
+    messenger: ms.Messenger,
+) -> None:
+    add_file(messenger, "alice", "club-file")
+    add_file(messenger, "alice", "private-file")
+    add_file(messenger, "alice", "unused")
+    post(messenger, "alice", "", chat="club", file="club-file")
+    post(messenger, "alice", "", to="carol", file="private-file")
+    readable = {
+        (name, file_id)
+        for name in ("alice", "bob", "carol")
+        for file_id in ("club-file", "private-file", "unused")
+        if _can_read(messenger, name, file_id)
+    }
+    assert readable == {
+        ("alice", "club-file"), ("alice", "private-file"), ("alice", "unused"),
+        ("bob", "club-file"), ("carol", "private-file"),
+    }
+
+
+def _can_read(messenger: ms.Messenger, name: str, file_id: str) -> bool:
+    try:
+        messenger.readable_file(name, file_id)
+    except ms.NotFound:
+        return False
+    return True
+
+
+# Login failures #############################################################
+
+
+def test_check_login_allowed_after_too_many_wrong_passwords(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock, login_failures=3, login_window=60.0)
+    register(messenger, "alice")
+    recorded = len(events)
+    for _ in range(3):
+        messenger.check_login_allowed("alice")
+        messenger.login_failed("alice")
+    with pytest.raises(ms.RateLimited) as refused:
+        messenger.check_login_allowed("alice")
+    assert refused.value.retry_after == 60
+    messenger.check_login_allowed("bob")  # counted per name
+    clock.advance(60)
+    messenger.check_login_allowed("alice")
+    assert len(events) == recorded
+
+
+# Chats ######################################################################
+
+
+def test_join_creates_a_chat_owned_by_the_caller_and_makes_it_active(
+    messenger: ms.Messenger,
+) -> None:
+    chat, created = messenger.join("carol", "den", True)
+    assert created and (chat.owner, chat.private, chat.members) == ("carol", True, {"carol"})
+    assert messenger.users["carol"].active_chat == "den"
+    assert messenger.join("carol", "den", None) == (chat, False)
+
+
+def test_join_private_chat_needs_an_invitation(messenger: ms.Messenger) -> None:
+    messenger.join("alice", "den", True)
+    with pytest.raises(ms.Forbidden) as refused:
+        messenger.join("carol", "den", None)
+    assert type(refused.value) is ms.Forbidden
+    messenger.invite("alice", "den", "carol")
+    messenger.join("carol", "den", None)
+    messenger.leave("carol", "den")
+    with pytest.raises(ms.Forbidden):
+        messenger.join("carol", "den", None)
+
+
+@pytest.mark.parametrize(("name", "private"), [("club", True), ("den", False)])
+def test_join_with_the_other_privacy_is_a_conflict(
+    messenger: ms.Messenger, name: str, private: bool
+) -> None:
+    messenger.join("alice", "den", True)
+    with pytest.raises(ms.Conflict):
+        messenger.join("alice", name, private)
+
+
+def test_leave_rules(messenger: ms.Messenger) -> None:
+    with pytest.raises(ms.InvalidField):
+        messenger.leave("bob", "general")
+    with pytest.raises(ms.NotAMember):
+        messenger.leave("carol", "club")
+    with pytest.raises(ms.UnknownChat):
+        messenger.leave("carol", "nowhere")
+    assert messenger.users["bob"].active_chat == "club"
+    messenger.leave("bob", "club")
+    assert messenger.users["bob"].active_chat == "general"
+    assert "club" not in messenger.users["bob"].chats
+
+
+def test_owner_who_left_stays_owner_and_may_rejoin(messenger: ms.Messenger) -> None:
+    messenger.join("alice", "den", True)
+    messenger.leave("alice", "den")
+    assert messenger.chats["den"].owner == "alice"
+    messenger.invite("alice", "den", "bob")
+    messenger.join("alice", "den", None)
+    assert messenger.chats["den"].members == {"alice"}
+
+
+def test_make_link_revokes_the_previous_one(messenger: ms.Messenger) -> None:
+    messenger.join("alice", "den", True)
+    old = messenger.make_link("alice", "den")
+    new = messenger.make_link("alice", "den")
+    with pytest.raises(ms.NotFound):
+        messenger.request_join("bob", old)
+    assert messenger.request_join("bob", new)[1] is False
+    assert messenger.request_join("alice", new)[1] is True
+    with pytest.raises(ms.Forbidden):
+        messenger.make_link("bob", "den")
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_request_join_then_decide(messenger: ms.Messenger, approve: bool) -> None:
+    messenger.join("alice", "den", True)
+    link = messenger.make_link("alice", "den")
+    messenger.request_join("carol", link)
+    assert set(messenger.pending_requests("alice", "den")) == {"carol"}
+    with pytest.raises(ms.Forbidden):
+        messenger.decide("bob", "den", "carol", True)
+    messenger.decide("alice", "den", "carol", approve)
+    assert messenger.pending_requests("alice", "den") == {}
+    assert ("carol" in messenger.chats["den"].members) is approve
+    with pytest.raises(ms.NotFound):
+        messenger.decide("alice", "den", "carol", approve)
+
+
+def test_visible_chats_hide_private_ones_from_non_members(messenger: ms.Messenger) -> None:
+    messenger.join("alice", "den", True)
+    assert [c.name for c in messenger.visible_chats("alice")] == ["general", "club", "den"]
+    assert [c.name for c in messenger.visible_chats("carol")] == ["general", "club"]
+
+
+# Events: a refused request records nothing; replay rebuilds the state ######
+
+
+@dataclasses.dataclass
+class World:
+    messenger: ms.Messenger
+    events: list[ms.Event]
+    clock: FakeClock
+    general: int  # Bob's message in general
+    private: int  # Bob's private message to Alice
+    secret: int  # Alice's message in her private chat "secret"
+    scheduled: str  # Alice's pending scheduled message
+    link: str  # the join link of "secret"
+
+
+@pytest.fixture
+def world(clock: FakeClock) -> World:
+    messenger, events = make_messenger(clock, rate_limit=2, report_limit=1, ban_threshold=2)
+    register(messenger, "alice", "bob", "carol", "dave", "eve")
+    messenger.join("alice", "secret", True)
+    secret = post(messenger, "alice", "s", chat="secret").id
+    link = messenger.make_link("alice", "secret")
+    messenger.join("alice", "general", None)
+    general = post(messenger, "bob", "g").id
+    private = post(messenger, "bob", "p", to="alice").id
+    add_file(messenger, "alice")
+    scheduled = schedule(messenger, "alice", "later", chat="secret", send_at=clock.now + 60).id
+    messenger.report("alice", "dave", "")
+    messenger.report("bob", "dave", "")
+    post(messenger, "eve", "1")
+    post(messenger, "eve", "2")
+    messenger.invite("alice", "secret", "eve")
+    messenger.request_join("bob", link)
+    return World(messenger, events, clock, general, private, secret, scheduled, link)
+
+
+Action = Callable[[World], object]
+
+REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
+    ("send to a chat one is not in", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", chat="secret")), ms.NotAMember),
+    ("send to an unknown chat", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", chat="nowhere")), ms.UnknownChat),
+    ("send to an unknown user", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", to="nobody")), ms.UnknownUser),
+    ("send with chat and to", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", chat="general", to="bob")), ms.InvalidField),
+    ("comment on a hidden message", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", reply_to=w.private)), ms.UnknownMessage),
+    ("comment elsewhere", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", reply_to=w.general, to="bob")), ms.InvalidField),
+    ("send another's file", lambda w: w.messenger.send(
+        "bob", ms.Draft("x", file="F")), ms.NotFound),
+    ("send_at in the past", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", send_at=w.clock.now - 1)), ms.InvalidField),
+    ("send_at too far", lambda w: w.messenger.send(
+        "carol", ms.Draft("x", send_at=w.clock.now + 8 * DAY)), ms.InvalidField),
+    ("send while banned", lambda w: w.messenger.send("dave", ms.Draft("x")), ms.Banned),
+    ("send over the limit", lambda w: w.messenger.send("eve", ms.Draft("x")), ms.RateLimited),
+    ("schedule over the limit", lambda w: w.messenger.send(
+        "eve", ms.Draft("x", send_at=w.clock.now + 60)), ms.RateLimited),
+    ("comment over the limit", lambda w: w.messenger.send(
+        "eve", ms.Draft("x", reply_to=w.general)), ms.RateLimited),
+    ("poll a chat one is not in", lambda w: w.messenger.poll(
+        "carol", 0, "secret", 10), ms.NotAMember),
+    ("history of a chat one is not in", lambda w: w.messenger.history(
+        "carol", "secret", None, 10), ms.NotAMember),
+    ("thread of a hidden private message", lambda w: w.messenger.thread(
+        "carol", w.private), ms.UnknownMessage),
+    ("thread of a hidden chat message", lambda w: w.messenger.thread(
+        "carol", w.secret), ms.UnknownMessage),
+    ("join a private chat uninvited", lambda w: w.messenger.join(
+        "carol", "secret", None), ms.Forbidden),
+    ("join with the other privacy", lambda w: w.messenger.join(
+        "carol", "secret", False), ms.Conflict),
+    ("leave general", lambda w: w.messenger.leave("carol", "general"), ms.InvalidField),
+    ("leave a chat one is not in", lambda w: w.messenger.leave(
+        "carol", "secret"), ms.NotAMember),
+    ("invite as a non-owner", lambda w: w.messenger.invite(
+        "bob", "secret", "carol"), ms.Forbidden),
+    ("invite an unknown user", lambda w: w.messenger.invite(
+        "alice", "secret", "nobody"), ms.UnknownUser),
+    ("make a link as a non-owner", lambda w: w.messenger.make_link(
+        "bob", "secret"), ms.Forbidden),
+    ("join by an unknown link", lambda w: w.messenger.request_join(
+        "carol", "no-such-link"), ms.NotFound),
+    ("decide without a request", lambda w: w.messenger.decide(
+        "alice", "secret", "carol", True), ms.NotFound),
+    ("decide as a non-owner", lambda w: w.messenger.decide(
+        "carol", "secret", "bob", True), ms.Forbidden),
+    ("report oneself", lambda w: w.messenger.report("carol", "carol", ""), ms.InvalidField),
+    ("report an unknown user", lambda w: w.messenger.report(
+        "carol", "nobody", ""), ms.UnknownUser),
+    ("report over the limit", lambda w: w.messenger.report(
+        "alice", "carol", ""), ms.RateLimited),
+    ("cancel another's message", lambda w: w.messenger.cancel(
+        "bob", w.scheduled), ms.NotFound),
+    ("cancel an unknown message", lambda w: w.messenger.cancel(
+        "alice", "nothing"), ms.NotFound),
+    ("read a hidden file", lambda w: w.messenger.readable_file("bob", "F"), ms.NotFound),
+    ("register a taken name", lambda w: w.messenger.register(
+        "bob", b"h", b"s", 4, "t"), ms.Conflict),
+]
+
+
+@pytest.mark.parametrize(
+    ("action", "error"), [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED]
+)
+def test_refused_request_records_no_event(
+    world: World, action: Action, error: type[ms.MessengerError]
+) -> None:
+    before = world.messenger.export()
+    recorded = len(world.events)
+    with pytest.raises(error):
+        action(world)
+    assert world.events[recorded:] == []
+    assert world.messenger.export() == before
+
+
+NO_OPS: list[tuple[str, Action]] = [
+    ("join the active chat again", lambda w: w.messenger.join("alice", "general", None)),
+    ("invite an invited user", lambda w: w.messenger.invite("alice", "secret", "eve")),
+    ("invite a member", lambda w: w.messenger.invite("alice", "secret", "alice")),
+    ("ask to join twice", lambda w: w.messenger.request_join("bob", w.link)),
+    ("use the link as a member", lambda w: w.messenger.request_join("alice", w.link)),
+    ("report a second time", lambda w: w.messenger.report("alice", "dave", "")),
+    ("poll without since", lambda w: w.messenger.poll("carol", None, None, 10)),
+    ("poll behind the read position", lambda w: w.messenger.poll("carol", 0, None, 10)),
+    ("history", lambda w: w.messenger.history("bob", "general", None, 10)),
+    ("unread", lambda w: w.messenger.unread("alice")),
+    ("tick with nothing due", lambda w: w.messenger.tick()),
+]
+
+
+@pytest.mark.parametrize("action", [case[1] for case in NO_OPS], ids=[c[0] for c in NO_OPS])
+def test_request_that_changes_nothing_records_no_event(world: World, action: Action) -> None:
+    before = world.messenger.export()
+    recorded = len(world.events)
+    action(world)
+    assert world.events[recorded:] == []
+    assert world.messenger.export() == before
+
+
+def test_send_stores_nothing_when_the_journal_fails(world: World) -> None:
+    before = world.messenger.export()
+
+    def disk_full(event: ms.Event) -> None:
+        raise ms.Unavailable("disk full")
+
+    world.messenger.record = disk_full
+    with pytest.raises(ms.Unavailable):
+        world.messenger.send("carol", ms.Draft("lost"))
+    assert world.messenger.export() == before
+
+
+def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
+    """Every kind of event, with time passing: some messages and files expire."""
+    register(messenger, "alice", "bob", "carol", "dave", "erin", "x")
+    messenger.open_session("alice", "alice-phone")
+    messenger.disconnect(ms.hash_token("token-alice"))
+    messenger.join("alice", "club", False)
+    messenger.join("alice", "secret", True)
+    messenger.invite("alice", "secret", "bob")
+    messenger.join("bob", "secret", None)
+    link = messenger.make_link("alice", "secret")
+    messenger.request_join("carol", link)
+    messenger.request_join("dave", link)
+    messenger.decide("alice", "secret", "carol", True)
+    messenger.decide("alice", "secret", "dave", False)
+    add_file(messenger, "alice", "early")
+    add_file(messenger, "bob", "kept")
+    first = post(messenger, "alice", "in secret", chat="secret", client_id="c1")
+    post(messenger, "bob", "comment", reply_to=first.id)
+    private = post(messenger, "bob", "psst", to="carol", file="kept")
+    post(messenger, "carol", "hello", chat="general", client_id="c2")
+    schedule(messenger, "alice", "soon", chat="club", send_at=clock.now + 60, client_id="c3")
+    cancelled = schedule(messenger, "bob", "never", to="alice", send_at=clock.now + 90)
+    schedule(messenger, "carol", "dropped", chat="secret", send_at=clock.now + 120)
+    messenger.cancel("bob", cancelled.id)
+    messenger.leave("carol", "secret")
+    for reporter in ("alice", "bob", "carol"):
+        messenger.report(reporter, "x", "spam")
+    clock.advance(200)
+    messenger.tick()
+    messenger.poll("carol", 0, None, 100)  # delivers the private message
+    messenger.poll("bob", 3, None, 100)
+    messenger.thread("carol", private.id)
+    clock.advance(TTL - 100)
+    messenger.tick()  # the first messages and the unused file expire
+    post(messenger, "dave", "late", chat="general")
+    messenger.join("dave", "club", None)
+    clock.advance(50)
+    messenger.tick()
+
+
+def test_replay_rebuilds_the_same_state(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock)
+    scenario(messenger, clock)
+    replayed = ms.Messenger(ms.Rules(), clock)
+    for event in events:
+        replayed.replay(event)
+    assert replayed.export() == messenger.export()
+    for name in messenger.users:
+        assert replayed.unread(name) == messenger.unread(name)
+        assert replayed.poll(name, None, None, 100) == messenger.poll(name, None, None, 100)
+
+
+def test_export_restore_gives_the_same_export(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock)
+    scenario(messenger, clock)
+    state, messages = messenger.export()
+    restored = ms.Messenger(ms.Rules(), clock)
+    restored.restore(state, [tuple(message) for message in messages])
+    assert restored.export() == messenger.export()
+    clock.advance(2 * TTL)  # and they keep evolving alike
+    for one in (messenger, restored):
+        one.tick()
+        post(one, "bob", "after", chat="secret")
+    assert restored.export() == messenger.export()
+
+
+def _ban_then_send_after_it_ends(messenger: ms.Messenger, clock: FakeClock) -> None:
+    register(messenger, "x", "a", "b", "c")
+    for reporter in ("a", "b", "c"):
+        messenger.report(reporter, "x", "")
+    clock.advance(messenger.rules.ban_duration)
+    post(messenger, "x", "back")
+
+
+def _forget_an_old_client_id(messenger: ms.Messenger, clock: FakeClock) -> None:
+    register(messenger, "x")
+    post(messenger, "x", "one", client_id="k1")
+    clock.advance(2 * TTL)
+    post(messenger, "x", "two", client_id="k2")
+
+
+@pytest.mark.parametrize(
+    "hidden_change", [_ban_then_send_after_it_ends, _forget_an_old_client_id],
+    ids=["ban-lifted", "client-id-forgotten"],
+)
+def test_replay_after_a_lazy_change_rebuilds_the_same_state(
+    clock: FakeClock, hidden_change: Callable[[ms.Messenger, FakeClock], None]
+) -> None:
+    messenger, events = make_messenger(clock)
+    hidden_change(messenger, clock)
+    replayed = ms.Messenger(ms.Rules(), clock)
+    for event in events:
+        replayed.replay(event)
+    assert replayed.export() == messenger.export()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_replay_of_random_operations_rebuilds_the_same_state(
+    clock: FakeClock, seed: int
+) -> None:
+    """Random requests, refused or not, over 50 minutes: no ban ends, no client_id is
+    forgotten, but messages, files and scheduled ones come and go."""
+    rng = random.Random(seed)
+    messenger, events = make_messenger(
+        clock, message_ttl=600.0, report_limit=3, ban_threshold=3 + seed % 2
+    )
+    names = ["u0", "u1", "u2", "u3"]
+    register(messenger, *names)
+    chats = ["general", "c0", "c1"]
+    links: list[str] = []
+    files: list[str] = []
+
+    def some_id() -> int:
+        return rng.randint(1, messenger.last_id + 1)
+
+    def some_scheduled() -> str:
+        return rng.choice([*messenger.scheduled, "none"])
+
+    operations: list[Callable[[str], object]] = [
+        lambda u: messenger.send(u, ms.Draft(
+            "t", chat=rng.choice([None, *chats]), client_id=rng.choice([None, "a", "b"]))),
+        lambda u: messenger.send(u, ms.Draft("t", to=rng.choice(names))),
+        lambda u: messenger.send(u, ms.Draft("t", reply_to=some_id())),
+        lambda u: messenger.send(u, ms.Draft(
+            "t", chat=rng.choice(chats), file=rng.choice([*files, "none"]))),
+        lambda u: messenger.send(u, ms.Draft(
+            "t", to=rng.choice(names), send_at=clock.now + rng.uniform(1, 300))),
+        lambda u: messenger.poll(u, rng.choice([None, some_id()]), rng.choice([None, *chats]), 5),
+        lambda u: messenger.thread(u, some_id()),
+        lambda u: messenger.history(u, rng.choice(chats), None, 5),
+        lambda u: messenger.join(u, rng.choice(chats), rng.choice([None, True, False])),
+        lambda u: messenger.leave(u, rng.choice(chats)),
+        lambda u: messenger.invite(u, rng.choice(chats), rng.choice(names)),
+        lambda u: links.append(messenger.make_link(u, rng.choice(chats))),
+        lambda u: messenger.request_join(u, rng.choice([*links, "none"])),
+        lambda u: messenger.decide(u, rng.choice(chats), rng.choice(names), rng.random() < 0.5),
+        lambda u: messenger.report(u, rng.choice(names), ""),
+        lambda u: messenger.cancel(u, some_scheduled()),
+        lambda u: files.append(add_file(messenger, u, f"f{len(files)}").id),
+        lambda u: messenger.readable_file(u, rng.choice([*files, "none"])),
+    ]
+    for _ in range(400):
+        if rng.random() < 0.1:
+            clock.advance(rng.uniform(0, 60))
+            messenger.tick()
+        with contextlib.suppress(ms.MessengerError):  # refusals are part of the game
+            rng.choice(operations)(rng.choice(names))
+    assert clock.now - 1_800_000_000.0 < ms.IDEMPOTENCY_WINDOW
+    replayed = ms.Messenger(messenger.rules, clock)
+    for event in events:
+        replayed.replay(event)
+    assert replayed.export() == messenger.export()
+    state, messages = messenger.export()
+    restored = ms.Messenger(messenger.rules, clock)
+    restored.restore(state, [tuple(message) for message in messages])
+    assert restored.export() == messenger.export()
+
