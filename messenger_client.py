@@ -15,8 +15,10 @@ Group options: ``--server`` (env ``MESSENGER_SERVER``), ``--user`` (one of the s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.message
+import email.utils
 import http.client
 import json
 import logging
@@ -28,6 +30,7 @@ import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, NotRequired, TypedDict, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -343,7 +346,7 @@ class MessengerClient:
     def connect(self, user: str, password: str) -> tuple[ConnectAnswer, bool]:
         """Log in, registering ``user`` on its first connect; also whether it was created."""
         reply = self._request("POST", "/connect", body={"user": user, "password": password})
-        return cast(ConnectAnswer, reply.json(self.server)), reply.status == 201
+        return cast(ConnectAnswer, reply.json(self.server)), reply.status == HTTPStatus.CREATED
 
     def disconnect(self) -> None:
         self._request("POST", "/disconnect")
@@ -409,8 +412,10 @@ class MessengerClient:
 
     def join(self, chat: str, *, private: bool = False) -> tuple[JoinAnswer, bool]:
         """Join ``chat`` (it becomes active), creating it if new; also whether it was created."""
-        reply = self._request("POST", "/chat", body={"chat_name": chat, "private": private})
-        return cast(JoinAnswer, reply.json(self.server)), reply.status == 201
+        # "private": false would demand a public chat (409 if it is private): only send true.
+        body = {"chat_name": chat, "private": True} if private else {"chat_name": chat}
+        reply = self._request("POST", "/chat", body=body)
+        return cast(JoinAnswer, reply.json(self.server)), reply.status == HTTPStatus.CREATED
 
     def leave(self, chat: str) -> ChatAnswer:
         return cast(ChatAnswer, self._json("POST", f"/chat/{_segment(chat)}/leave"))
@@ -447,10 +452,9 @@ class MessengerClient:
 
     def download(self, file_id: str) -> Download:
         reply = self._request("GET", f"/files/{_segment(file_id)}")
-        disposition = email.message.EmailMessage()
-        disposition["Content-Disposition"] = reply.headers.get("Content-Disposition", "")
+        filename = attachment_name(reply.headers.get("Content-Disposition", ""))
         content_type = reply.headers.get("Content-Type", "application/octet-stream")
-        return Download(reply.body, disposition.get_filename(), content_type)
+        return Download(reply.body, filename, content_type)
 
     # Transport
 
@@ -492,7 +496,9 @@ class MessengerClient:
             headers["Content-Type"] = content_type
         connection = self._connection_class(self._host, self._port, timeout=timeout)
         try:
-            connection.request(method, target, body=data, headers=headers)
+            # The server may refuse a body early (413...) and close: its answer is still there.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                connection.request(method, target, body=data, headers=headers)
             response = connection.getresponse()
             reply = Reply(response.status, response.headers, response.read())
         except (OSError, http.client.HTTPException) as exc:
@@ -512,13 +518,24 @@ class MessengerClient:
             answer = {}
             code, message = "http_error", f"the server answered {reply.status}"
         hint = ""
-        if reply.status == 401 and self.token is not None:
+        if reply.status == HTTPStatus.UNAUTHORIZED and self.token is not None:
             hint = "log in again with: connect USER"
-        elif reply.status == 429 and reply.headers.get("Retry-After"):
+        elif reply.status == HTTPStatus.TOO_MANY_REQUESTS and reply.headers.get("Retry-After"):
             hint = f"try again in {reply.headers['Retry-After']} s"
         elif isinstance(answer.get("until"), int | float):
             hint = f"until {format_time(answer['until'])}"
         return ApiError(reply.status, code, message, hint)
+
+
+def attachment_name(disposition: str) -> str | None:
+    """The file name in a Content-Disposition header; ``filename*`` wins (RFC 6266)."""
+    header = email.message.Message()
+    header["Content-Disposition"] = disposition
+    params = header.get_params([], header="Content-Disposition")
+    names = [value for key, value in params if key == "filename"]
+    encoded = [value for value in names if isinstance(value, tuple)]  # filename*=UTF-8''...
+    chosen = encoded or names
+    return email.utils.collapse_rfc2231_value(chosen[0]) if chosen else None
 
 
 def _segment(value: str) -> str:
@@ -576,7 +593,7 @@ def format_message(message: Message, me: str) -> str:
 def format_chat(chat: Chat) -> str:
     privacy = "private" if chat["private"] else "public"
     owner = f"owner {chat['owner']}" if chat["owner"] else ""
-    members = f"{chat['members']} member" + ("" if chat["members"] == 1 else "s")
+    members = plural(chat["members"], "member")
     unread = f"{chat['unread']} unread" if chat["unread"] else ""
     return f"{chat['name']:<20} {privacy:<8} {members:<12} {owner:<20} {unread}".rstrip()
 
@@ -716,8 +733,10 @@ def connect(app: App, user: str, password: str) -> None:
     click.echo(f"Active chat: {answer['chat']}")
     for message in answer["history"]:
         click.echo(format_message(message, answer["user"]))
-    unread = answer["unread"]
-    click.echo(f"{plural(unread, 'unread message')}." + (" Show them with: read" if unread else ""))
+    if answer["unread"]:
+        click.echo(f"{plural(answer['unread'], 'unread message')}. Show them with: read")
+    else:
+        click.echo("No unread messages.")
 
 
 @cli.command()
@@ -728,7 +747,9 @@ def disconnect(app: App) -> None:
     try:
         client.disconnect()
     except ApiError as exc:
-        if exc.status != 401:  # a token the server no longer knows is as good as revoked
+        if (
+            exc.status != HTTPStatus.UNAUTHORIZED
+        ):  # a token the server no longer knows is as good as revoked
             raise
     app.config.forget(app.server, user)
     if not app.json_output:
@@ -846,7 +867,7 @@ def send(
             f" to {where(scheduled['chat'], scheduled['to'], user, user)};"
             f" cancel it with: cancel {scheduled['id']}"
         )
-    elif "message" in answer:
+    else:
         click.echo(format_message(answer["message"], user))
 
 
@@ -879,14 +900,19 @@ def read(app: App, chat: str | None, follow: bool) -> None:
 
 
 def follow_messages(app: App, client: MessengerClient, user: str, chat: str | None) -> None:
-    """Long-poll and print messages as they come, marking them read, until Ctrl-C."""
+    """Long-poll and print messages as they come, marking them read, until Ctrl-C.
+
+    While the server is down or unavailable (503, as when it shuts down), try again.
+    """
     position: int | None = None
     lost = False
     try:
         while True:
             try:
                 page = client.messages(since=position, wait=FOLLOW_WAIT, chat=chat)
-            except ServerUnreachable as exc:
+            except (ServerUnreachable, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status != HTTPStatus.SERVICE_UNAVAILABLE:
+                    raise
                 if not lost:
                     click.echo(f"{exc.format_message()}; retrying until Ctrl-C", err=True)
                     lost = True
@@ -1045,8 +1071,8 @@ def link(app: App, chat: str) -> None:
 @pass_app
 def request(app: App, link: str) -> None:
     """Ask to join a chat with LINK: a URL, /join/TOKEN, or the bare token."""
-    token = urlsplit(link).path.rstrip("/").rpartition("/")[2]
-    if not token:
+    token = urlsplit(link).path.rpartition("/join/")[2]
+    if not token or "/" in token:
         raise click.BadParameter(f"{link!r} is not a join link", param_hint="LINK")
     client, _ = app.login()
     answer = client.request_join(token)

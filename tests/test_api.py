@@ -1,0 +1,1454 @@
+"""The core of the HTTP contract (API.md) over real sockets against a real server.
+
+Identity, messages, long-polls, history, chats, status, routing and body errors. Every
+request goes through the raw HTTP/1.1 ``Client``; domain time comes from the ``FakeClock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+import messenger_server as ms
+from tests.conftest import Client, FakeClock, RawResponse, connect, make_config
+
+JSON_TYPE = "application/json; charset=utf-8"
+MESSAGE_KEYS = {"id", "chat", "to", "from", "text", "ts", "reply_to", "file"}
+CHAT_KEYS = {"name", "private", "owner", "members", "unread"}
+
+
+# Helpers ####################################################################
+
+
+async def call(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> RawResponse:
+    """One request on a fresh connection."""
+    async with Client(port) as client:
+        return await client.request(method, path, body, token=token, headers=headers)
+
+
+def assert_error(response: RawResponse, status: int, code: str | set[str]) -> dict[str, Any]:
+    """The contract's error shape: the status, JSON, an ``error`` code and a ``message``."""
+    assert response.status == status, response.body
+    assert response.headers["content-type"] == JSON_TYPE
+    body: dict[str, Any] = response.json()
+    codes = {code} if isinstance(code, str) else code
+    assert body["error"] in codes, body
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+async def send(port: int, token: str, text: str, **fields: Any) -> dict[str, Any]:
+    """POST /send that must create a message; returns it."""
+    response = await call(port, "POST", "/send", {"text": text, **fields}, token=token)
+    assert response.status == 201, response.body
+    message: dict[str, Any] = response.json()["message"]
+    return message
+
+
+async def get_json(port: int, path: str, token: str | None = None) -> Any:
+    response = await call(port, "GET", path, token=token)
+    assert response.status == 200, response.body
+    assert response.headers["content-type"] == JSON_TYPE
+    return response.json()
+
+
+async def texts(port: int, path: str, token: str) -> list[str]:
+    return [m["text"] for m in (await get_json(port, path, token))["messages"]]
+
+
+async def join(port: int, token: str, chat: str, **fields: Any) -> RawResponse:
+    return await call(port, "POST", "/chat", {"chat_name": chat, **fields}, token=token)
+
+
+async def status_of(port: int, token: str) -> dict[str, Any]:
+    result: dict[str, Any] = await get_json(port, "/status", token)
+    return result
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait (up to 5 s) until the server's state satisfies ``predicate``: it exposes no event."""
+    for _ in range(2500):
+        if predicate():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("the server never reached the awaited state")
+
+
+def waiting(server: ms.MessengerServer, user: str) -> Callable[[], bool]:
+    return lambda: bool(server.app.waiters._by_user.get(user))
+
+
+# Identity ###################################################################
+
+
+@pytest.mark.asyncio
+async def test_connect_registers_then_logs_in(server: ms.MessengerServer) -> None:
+    first = await call(server.port, "POST", "/connect", {"user": "alice", "password": "pw"})
+    assert first.status == 201
+    body = first.json()
+    assert set(body) == {"token", "user", "chat", "history", "unread"}
+    assert (body["user"], body["chat"], body["history"], body["unread"]) == (
+        "alice", "general", [], 0,
+    )
+    assert isinstance(body["token"], str) and body["token"]
+    again = await call(server.port, "POST", "/connect", {"user": "alice", "password": "pw"})
+    assert again.status == 200
+    assert again.json()["user"] == "alice"
+    assert again.json()["token"] != body["token"]
+
+
+@pytest.mark.asyncio
+async def test_connect_new_user_is_member_of_general(server: ms.MessengerServer) -> None:
+    token = await connect(server.port, "alice")
+    chats = (await status_of(server.port, token))["chats"]
+    assert [c["name"] for c in chats] == ["general"]
+
+
+@pytest.mark.asyncio
+async def test_connect_names_are_case_sensitive(server: ms.MessengerServer) -> None:
+    lower = await call(server.port, "POST", "/connect", {"user": "alice", "password": "a"})
+    upper = await call(server.port, "POST", "/connect", {"user": "Alice", "password": "b"})
+    assert (lower.status, upper.status) == (201, 201)
+
+
+@pytest.mark.asyncio
+async def test_connect_answers_history_and_unread(server: ms.MessengerServer) -> None:
+    bob = await connect(server.port, "bob")
+    await connect(server.port, "alice")
+    for text in ("one", "two"):
+        await send(server.port, bob, text)
+    again = await call(server.port, "POST", "/connect", {"user": "alice", "password": "secret"})
+    body = again.json()
+    assert [m["text"] for m in body["history"]] == ["one", "two"]
+    assert body["unread"] == 2
+
+
+@pytest.mark.asyncio
+async def test_connect_history_is_the_last_n_oldest_first(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, rules=ms.Rules(history=3))
+    async with ms.MessengerServer(config, clock) as server:
+        token = await connect(server.port, "alice")
+        for n in range(5):
+            await send(server.port, token, f"m{n}")
+        again = await call(server.port, "POST", "/connect", {"user": "alice", "password": "secret"})
+        assert [m["text"] for m in again.json()["history"]] == ["m2", "m3", "m4"]
+
+
+@pytest.mark.asyncio
+async def test_connect_wrong_password_401_with_www_authenticate(
+    server: ms.MessengerServer,
+) -> None:
+    await connect(server.port, "alice", "right")
+    response = await call(server.port, "POST", "/connect", {"user": "alice", "password": "wrong"})
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user": "bad name", "password": "x"},
+        {"user": "a" * 33, "password": "x"},
+        {"user": "", "password": "x"},
+        {"user": "alice", "password": ""},
+        {"user": "alice", "password": "x" * 1025},
+        {"user": "alice"},
+        {"password": "x"},
+    ],
+    ids=["space", "33-chars", "empty-user", "empty-password", "long-password", "no-password",
+         "no-user"],
+)
+async def test_connect_invalid_fields_400(server: ms.MessengerServer, body: Any) -> None:
+    response = await call(server.port, "POST", "/connect", body)
+    assert_error(response, 400, "invalid_field")
+
+
+@pytest.mark.asyncio
+async def test_connect_limits_are_inclusive(server: ms.MessengerServer) -> None:
+    response = await call(
+        server.port, "POST", "/connect", {"user": "a" * 32, "password": "é" * 1024}
+    )
+    assert response.status == 201, response.body
+
+
+@pytest.mark.asyncio
+async def test_connect_lock_out_after_wrong_passwords(tmp_path: Path, clock: FakeClock) -> None:
+    config = make_config(tmp_path, rules=ms.Rules(login_failures=3))
+    async with ms.MessengerServer(config, clock) as server:
+        port = server.port
+        await connect(port, "alice", "right")
+        await connect(port, "bob", "right")
+        for _ in range(3):
+            wrong = await call(port, "POST", "/connect", {"user": "alice", "password": "nope"})
+            assert_error(wrong, 401, "unauthorized")
+        locked = await call(port, "POST", "/connect", {"user": "alice", "password": "right"})
+        assert_error(locked, 429, "rate_limited")
+        assert locked.headers["retry-after"] == "60"
+        # Another name is not locked out.
+        other = await call(port, "POST", "/connect", {"user": "bob", "password": "right"})
+        assert other.status == 200
+        clock.advance(45)
+        still = await call(port, "POST", "/connect", {"user": "alice", "password": "right"})
+        assert_error(still, 429, "rate_limited")
+        assert still.headers["retry-after"] == "15"
+        clock.advance(15)
+        after = await call(port, "POST", "/connect", {"user": "alice", "password": "right"})
+        assert after.status == 200, after.body
+
+
+@pytest.mark.asyncio
+async def test_connect_failures_outside_the_window_do_not_lock(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, rules=ms.Rules(login_failures=3))
+    async with ms.MessengerServer(config, clock) as server:
+        port = server.port
+        await connect(port, "alice", "right")
+        for _ in range(2):
+            await call(port, "POST", "/connect", {"user": "alice", "password": "nope"})
+        clock.advance(61)
+        for _ in range(2):
+            await call(port, "POST", "/connect", {"user": "alice", "password": "nope"})
+        response = await call(port, "POST", "/connect", {"user": "alice", "password": "right"})
+        assert response.status == 200, response.body
+
+
+@pytest.mark.asyncio
+async def test_connect_lock_out_counts_concurrent_guesses(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, rules=ms.Rules(login_failures=3))
+    async with ms.MessengerServer(config, clock) as server:
+        await connect(server.port, "alice", "right")
+        guesses = [{"user": "alice", "password": f"guess{n}"} for n in range(10)]
+        answers = await asyncio.gather(
+            *(call(server.port, "POST", "/connect", guess) for guess in guesses)
+        )
+        statuses = sorted(answer.status for answer in answers)
+        assert statuses == [401] * 3 + [429] * 7
+
+
+@pytest.mark.asyncio
+async def test_sessions_share_state(server: ms.MessengerServer) -> None:
+    port = server.port
+    first = await connect(port, "alice")
+    second = await connect(port, "alice")
+    assert first != second
+    assert (await join(port, first, "room")).status == 201
+    assert (await status_of(port, second))["chat"] == "room"
+    message = await send(port, second, "from the phone")
+    assert message["chat"] == "room"
+    assert await texts(port, "/messages?since=0", first) == ["from the phone"]
+    third = await call(port, "POST", "/connect", {"user": "alice", "password": "secret"})
+    assert third.json()["chat"] == "room"
+    assert [m["text"] for m in third.json()["history"]] == ["from the phone"]
+    assert (await status_of(port, first))["sessions"] == 3
+
+
+@pytest.mark.asyncio
+async def test_disconnect_revokes_only_that_token(server: ms.MessengerServer) -> None:
+    port = server.port
+    first = await connect(port, "alice")
+    second = await connect(port, "alice")
+    response = await call(port, "POST", "/disconnect", token=first)
+    assert response.status == 204
+    assert response.body == b""
+    refused = await call(port, "GET", "/status", token=first)
+    assert_error(refused, 401, "unauthorized")
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert_error(await call(port, "POST", "/disconnect", token=first), 401, "unauthorized")
+    assert (await status_of(port, second))["sessions"] == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer garbage", "Bearer ", "Basic YWxpY2U6c2VjcmV0", "garbage"],
+    ids=["missing", "unknown", "empty", "basic", "no-scheme"],
+)
+async def test_token_missing_or_garbage_401(
+    server: ms.MessengerServer, authorization: str | None
+) -> None:
+    await connect(server.port, "alice")
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for method, path in [("GET", "/status"), ("GET", "/messages"), ("POST", "/send")]:
+        body = {"text": "hi"} if method == "POST" else None
+        response = await call(server.port, method, path, body, headers=headers)
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.asyncio
+async def test_token_scheme_is_case_insensitive(server: ms.MessengerServer) -> None:
+    token = await connect(server.port, "alice")
+    response = await call(
+        server.port, "GET", "/status", headers={"Authorization": f"bearer {token}"}
+    )
+    assert response.status == 200
+
+
+# Sending ####################################################################
+
+
+@pytest.mark.asyncio
+async def test_send_to_active_chat(server: ms.MessengerServer, clock: FakeClock) -> None:
+    token = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/send", {"text": "hello"}, token=token)
+    assert response.status == 201
+    message = response.json()["message"]
+    assert set(message) == MESSAGE_KEYS
+    assert message == {
+        "id": message["id"], "chat": "general", "to": None, "from": "alice", "text": "hello",
+        "ts": clock.now, "reply_to": None, "file": None,
+    }
+    assert isinstance(message["id"], int)
+
+
+@pytest.mark.asyncio
+async def test_send_ids_grow_strictly_across_chats_and_users(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    ids = [
+        (await send(port, alice, "a"))["id"],
+        (await send(port, bob, "b"))["id"],
+        (await send(port, alice, "c", to="bob"))["id"],
+        (await send(port, bob, "d", chat="general"))["id"],
+    ]
+    assert ids == sorted(set(ids))
+
+
+@pytest.mark.asyncio
+async def test_send_to_named_chat(server: ms.MessengerServer) -> None:
+    port = server.port
+    token = await connect(port, "alice")
+    await join(port, token, "room")
+    message = await send(port, token, "hi", chat="general")
+    assert (message["chat"], message["to"]) == ("general", None)
+    assert (await status_of(port, token))["chat"] == "room"
+
+
+@pytest.mark.asyncio
+async def test_send_private(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await connect(port, "bob")
+    message = await send(port, alice, "psst", to="bob")
+    assert (message["chat"], message["to"], message["from"]) == (None, "bob", "alice")
+
+
+@pytest.mark.asyncio
+async def test_send_with_chat_and_to_400(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await connect(port, "bob")
+    response = await call(
+        port, "POST", "/send", {"text": "x", "chat": "general", "to": "bob"}, token=alice
+    )
+    assert_error(response, 400, "invalid_field")
+    assert await texts(port, "/messages?since=0", alice) == []
+
+
+@pytest.mark.asyncio
+async def test_send_to_unknown_user_404(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/send", {"text": "x", "to": "nobody"}, token=alice)
+    assert_error(response, 404, "not_found")
+
+
+@pytest.mark.asyncio
+async def test_send_to_unknown_chat_404(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(
+        server.port, "POST", "/send", {"text": "x", "chat": "nowhere"}, token=alice
+    )
+    assert_error(response, 404, "not_found")
+
+
+@pytest.mark.asyncio
+async def test_send_to_chat_not_a_member_403(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    response = await call(port, "POST", "/send", {"text": "x", "chat": "room"}, token=bob)
+    assert_error(response, 403, "not_a_member")
+    assert await texts(port, "/messages?since=0", alice) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("text", ["", "x" * 4097], ids=["empty", "4097"])
+async def test_send_text_length_400(server: ms.MessengerServer, text: str) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/send", {"text": text}, token=alice)
+    assert_error(response, 400, "invalid_field")
+
+
+@pytest.mark.asyncio
+async def test_send_text_without_text_400(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/send", {"chat": "general"}, token=alice)
+    assert_error(response, 400, "invalid_field")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("text", ["x", "x" * 4096, "é" * 4096, "😀" * 4096])
+async def test_send_text_length_counts_characters(server: ms.MessengerServer, text: str) -> None:
+    alice = await connect(server.port, "alice")
+    assert (await send(server.port, alice, text))["text"] == text
+
+
+@pytest.mark.asyncio
+async def test_send_client_id_retry_returns_the_first(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    phone = await connect(port, "alice")
+    first = await call(port, "POST", "/send", {"text": "once", "client_id": "k1"}, token=alice)
+    assert first.status == 201
+    retry = await call(port, "POST", "/send", {"text": "once", "client_id": "k1"}, token=alice)
+    assert retry.status == 200
+    assert retry.json()["message"] == first.json()["message"]
+    # The key is the user's: another session of the same user gets the same answer.
+    other = await call(port, "POST", "/send", {"text": "once", "client_id": "k1"}, token=phone)
+    assert other.status == 200
+    assert other.json()["message"]["id"] == first.json()["message"]["id"]
+    assert await texts(port, "/messages?since=0", alice) == ["once"]
+
+
+@pytest.mark.asyncio
+async def test_send_client_id_concurrent_retries_create_one(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    body = {"text": "once", "client_id": "k"}
+    answers = await asyncio.gather(
+        *(call(port, "POST", "/send", body, token=alice) for _ in range(5))
+    )
+    assert sorted(a.status for a in answers) == [200, 200, 200, 200, 201]
+    assert len({a.json()["message"]["id"] for a in answers}) == 1
+    assert await texts(port, "/messages?since=0", alice) == ["once"]
+
+
+@pytest.mark.asyncio
+async def test_send_refused_does_not_use_up_the_client_id(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    body = {"text": "hi", "chat": "room", "client_id": "k"}
+    assert_error(await call(port, "POST", "/send", body, token=bob), 403, "not_a_member")
+    await join(port, bob, "room")
+    assert (await call(port, "POST", "/send", body, token=bob)).status == 201
+
+
+@pytest.mark.asyncio
+async def test_send_client_id_retry_is_not_rate_limited(tmp_path: Path, clock: FakeClock) -> None:
+    config = make_config(tmp_path, rules=ms.Rules(rate_limit=2))
+    async with ms.MessengerServer(config, clock) as server:
+        alice = await connect(server.port, "alice")
+        for key in ("k1", "k2"):
+            body = {"text": key, "client_id": key}
+            assert (await call(server.port, "POST", "/send", body, token=alice)).status == 201
+        retry = await call(
+            server.port, "POST", "/send", {"text": "k1", "client_id": "k1"}, token=alice
+        )
+        assert retry.status == 200
+        fresh = await call(server.port, "POST", "/send", {"text": "k3"}, token=alice)
+        assert_error(fresh, 429, "rate_limited")
+
+
+@pytest.mark.asyncio
+async def test_send_client_id_is_per_user(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    first = await call(port, "POST", "/send", {"text": "a", "client_id": "k"}, token=alice)
+    second = await call(port, "POST", "/send", {"text": "b", "client_id": "k"}, token=bob)
+    assert (first.status, second.status) == (201, 201)
+    assert await texts(port, "/messages?since=0", alice) == ["a", "b"]
+
+
+@pytest.mark.asyncio
+async def test_send_client_id_remembered_for_an_hour(
+    server: ms.MessengerServer, clock: FakeClock
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    first = await call(port, "POST", "/send", {"text": "a", "client_id": "k"}, token=alice)
+    clock.advance(3599)
+    retry = await call(port, "POST", "/send", {"text": "a", "client_id": "k"}, token=alice)
+    assert retry.status == 200
+    assert retry.json()["message"]["id"] == first.json()["message"]["id"]
+
+
+@pytest.mark.asyncio
+async def test_send_client_id_over_64_characters_400(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    body = {"text": "x", "client_id": "k" * 65}
+    assert_error(await call(server.port, "POST", "/send", body, token=alice), 400, "invalid_field")
+    body = {"text": "x", "client_id": "k" * 64}
+    assert (await call(server.port, "POST", "/send", body, token=alice)).status == 201
+
+
+# Reading: /messages ##########################################################
+
+
+@pytest.mark.asyncio
+async def test_messages_since_and_next(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    ids = [(await send(port, alice, f"m{n}"))["id"] for n in range(4)]
+    answer = await get_json(port, f"/messages?since={ids[0]}", alice)
+    assert [m["id"] for m in answer["messages"]] == ids[1:]
+    assert answer["next"] == ids[-1]
+    assert all(set(m) == MESSAGE_KEYS for m in answer["messages"])
+    limited = await get_json(port, f"/messages?since={ids[0]}&limit=2", alice)
+    assert [m["id"] for m in limited["messages"]] == ids[1:3]
+    assert limited["next"] == ids[2]
+    empty = await get_json(port, f"/messages?since={ids[-1]}", alice)
+    assert empty == {"messages": [], "next": ids[-1]}
+
+
+@pytest.mark.asyncio
+async def test_messages_next_is_the_start_when_empty(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    assert await get_json(port, "/messages", alice) == {"messages": [], "next": 0}
+    assert await get_json(port, "/messages?since=500", alice) == {"messages": [], "next": 500}
+
+
+@pytest.mark.asyncio
+async def test_messages_include_own(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await connect(port, "bob")
+    await send(port, alice, "mine")
+    await send(port, alice, "private mine", to="bob")
+    assert await texts(port, "/messages?since=0", alice) == ["mine", "private mine"]
+
+
+@pytest.mark.asyncio
+async def test_messages_read_position(server: ms.MessengerServer) -> None:
+    port = server.port
+    bob = await connect(port, "bob")
+    phone = await connect(port, "alice")
+    laptop = await connect(port, "alice")
+    ids = [(await send(port, bob, f"m{n}"))["id"] for n in range(3)]
+    # Without since: from the read position, nothing marked.
+    for _ in range(2):
+        answer = await get_json(port, "/messages", phone)
+        assert [m["id"] for m in answer["messages"]] == ids
+        assert answer["next"] == ids[-1]
+    assert (await status_of(port, laptop))["unread"]["total"] == 3
+    # With since: everything up to it is read, on every session.
+    await get_json(port, f"/messages?since={ids[1]}", phone)
+    assert [m["id"] for m in (await get_json(port, "/messages", laptop))["messages"]] == ids[2:]
+    assert (await status_of(port, laptop))["unread"]["total"] == 1
+    # The read position never moves back.
+    answer = await get_json(port, f"/messages?since={ids[0]}", laptop)
+    assert [m["id"] for m in answer["messages"]] == ids[1:]
+    assert [m["id"] for m in (await get_json(port, "/messages", phone))["messages"]] == ids[2:]
+    await get_json(port, f"/messages?since={ids[2]}", laptop)
+    assert await get_json(port, "/messages", phone) == {"messages": [], "next": ids[2]}
+    assert (await status_of(port, phone))["unread"]["total"] == 0
+
+
+@pytest.mark.asyncio
+async def test_messages_since_beyond_the_end_keeps_later_messages_unread(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await get_json(port, "/messages?since=1000", alice)
+    await send(port, bob, "later")
+    assert await texts(port, "/messages", alice) == ["later"]
+
+
+@pytest.mark.asyncio
+async def test_messages_private_visible_only_to_the_two(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    eve = await connect(port, "eve")
+    await send(port, alice, "for bob", to="bob")
+    await send(port, bob, "for alice", to="alice")
+    assert await texts(port, "/messages?since=0", alice) == ["for bob", "for alice"]
+    assert await texts(port, "/messages?since=0", bob) == ["for bob", "for alice"]
+    assert await texts(port, "/messages?since=0", eve) == []
+
+
+@pytest.mark.asyncio
+async def test_messages_of_a_chat_only_since_joining(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    await send(port, alice, "before")
+    await join(port, bob, "room")
+    await send(port, alice, "after")
+    assert await texts(port, "/messages?since=0", bob) == ["after"]
+    assert await texts(port, "/messages?since=0&chat=room", bob) == ["after"]
+    assert await texts(port, "/messages?since=0", alice) == ["before", "after"]
+
+
+@pytest.mark.asyncio
+async def test_messages_after_leaving_and_rejoining(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    await join(port, bob, "room")
+    await send(port, alice, "first")
+    await call(port, "POST", "/chat/room/leave", token=bob)
+    await send(port, alice, "while away", chat="room")
+    await join(port, bob, "room")
+    await send(port, alice, "back", chat="room")
+    seen = await texts(port, "/messages?since=0", bob)
+    assert "while away" not in seen
+    assert seen[-1] == "back"
+    assert await texts(port, "/history?chat=room", bob) == ["first", "while away", "back"]
+
+
+@pytest.mark.asyncio
+async def test_messages_limit_and_wait_above_max_are_clamped(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await send(port, alice, "one")
+    answer = await get_json(port, "/messages?since=0&limit=5000&wait=100000", alice)
+    assert [m["text"] for m in answer["messages"]] == ["one"]
+
+
+@pytest.mark.asyncio
+async def test_messages_chat_filter(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await join(port, alice, "room")
+    await send(port, alice, "in room")
+    await send(port, alice, "in general", chat="general")
+    assert await texts(port, "/messages?since=0&chat=room", alice) == ["in room"]
+    assert await texts(port, "/messages?since=0&chat=general", alice) == ["in general"]
+
+
+@pytest.mark.asyncio
+async def test_messages_chat_filter_refuses_non_members(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    response = await call(port, "GET", "/messages?chat=room", token=bob)
+    assert_error(response, 403, "not_a_member")
+    response = await call(port, "GET", "/messages?chat=nowhere", token=bob)
+    assert_error(response, 404, "not_found")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "query",
+    ["since=-1", "since=x", "since=1.5", "limit=0", "limit=x", "wait=-1", "wait=x",
+     "wait=nan", "wait=inf"],
+)
+async def test_messages_bad_query_400(server: ms.MessengerServer, query: str) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "GET", f"/messages?{query}", token=alice)
+    assert_error(response, 400, "invalid_field")
+
+
+# Long-polls #################################################################
+
+
+@pytest.mark.asyncio
+async def test_messages_wait_woken_by_another_session(server: ms.MessengerServer) -> None:
+    port = server.port
+    phone = await connect(port, "alice")
+    laptop = await connect(port, "alice")
+    loop = asyncio.get_running_loop()
+    async with Client(port) as poller:
+        poll = asyncio.create_task(
+            poller.request("GET", "/messages?since=0&wait=30", token=phone)
+        )
+        await until(waiting(server, "alice"))
+        assert not poll.done()
+        sent_at = loop.time()
+        message = await send(port, laptop, "wake up")
+        answer = await asyncio.wait_for(poll, 5)
+        assert loop.time() - sent_at < 0.5
+    assert answer.status == 200
+    assert answer.json() == {"messages": [message], "next": message["id"]}
+
+
+@pytest.mark.asyncio
+async def test_messages_wait_woken_by_another_user(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    loop = asyncio.get_running_loop()
+    async with Client(port) as poller:
+        poll = asyncio.create_task(poller.request("GET", "/messages?wait=30", token=alice))
+        await until(waiting(server, "alice"))
+        sent_at = loop.time()
+        message = await send(port, bob, "psst", to="alice")
+        answer = await asyncio.wait_for(poll, 5)
+        assert loop.time() - sent_at < 0.5
+    assert answer.json()["messages"] == [message]
+
+
+@pytest.mark.asyncio
+async def test_messages_wait_wakes_every_waiting_session(server: ms.MessengerServer) -> None:
+    port = server.port
+    phone = await connect(port, "alice")
+    laptop = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    async with Client(port) as first, Client(port) as second:
+        polls = [
+            asyncio.create_task(c.request("GET", "/messages?since=0&wait=30", token=t))
+            for c, t in ((first, phone), (second, laptop))
+        ]
+        await until(lambda: len(server.app.waiters._by_user.get("alice", ())) == 2)
+        message = await send(port, bob, "to all of you")
+        answers = await asyncio.wait_for(asyncio.gather(*polls), 5)
+    assert [a.json()["messages"] for a in answers] == [[message], [message]]
+
+
+@pytest.mark.asyncio
+async def test_messages_wait_times_out_empty(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await get_json(port, "/messages?since=0&wait=0.2", alice)
+    elapsed = loop.time() - started
+    assert answer == {"messages": [], "next": 0}
+    assert 0.15 <= elapsed < 2
+
+
+@pytest.mark.asyncio
+async def test_messages_wait_ignores_what_the_caller_cannot_see(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    eve = await connect(port, "eve")
+    await join(port, alice, "room")
+    async with Client(port) as poller:
+        poll = asyncio.create_task(
+            poller.request("GET", "/messages?since=0&wait=0.4", token=eve)
+        )
+        await until(waiting(server, "eve"))
+        await send(port, alice, "for bob", to="bob")
+        await send(port, alice, "in room")
+        answer = await asyncio.wait_for(poll, 5)
+    assert answer.json() == {"messages": [], "next": 0}
+    assert await texts(port, "/messages?since=0", bob) == ["for bob"]
+
+
+@pytest.mark.asyncio
+async def test_messages_wait_with_chat_filter_waits_for_that_chat(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    await join(port, bob, "room")
+    async with Client(port) as poller:
+        poll = asyncio.create_task(
+            poller.request("GET", "/messages?since=0&chat=room&wait=30", token=alice)
+        )
+        await until(waiting(server, "alice"))
+        await send(port, bob, "elsewhere", chat="general")
+        message = await send(port, bob, "here", chat="room")
+        answer = await asyncio.wait_for(poll, 5)
+    assert answer.json()["messages"] == [message]
+
+
+# Reading: /history and /messages/<id> #######################################
+
+
+@pytest.mark.asyncio
+async def test_history_before_and_limit(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    ids = [(await send(port, alice, f"m{n}"))["id"] for n in range(5)]
+
+    async def history(query: str) -> list[int]:
+        answer = await get_json(port, f"/history?{query}", alice)
+        assert set(answer) == {"messages"}
+        return [m["id"] for m in answer["messages"]]
+
+    assert await history("chat=general") == ids
+    assert await history("") == ids  # the active chat
+    assert await history("chat=general&limit=2") == ids[3:]
+    assert await history(f"chat=general&before={ids[3]}&limit=2") == ids[1:3]
+    assert await history(f"chat=general&before={ids[0]}") == []
+
+
+@pytest.mark.asyncio
+async def test_history_default_limit_is_20(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await join(port, alice, "room")
+    ids = [(await send(port, alice, f"m{n}"))["id"] for n in range(22)]
+    answer = await get_json(port, "/history?chat=room", alice)
+    assert [m["id"] for m in answer["messages"]] == ids[2:]
+
+
+@pytest.mark.asyncio
+async def test_history_members_see_before_they_joined(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    await send(port, alice, "old")
+    joined = await join(port, bob, "room")
+    assert [m["text"] for m in joined.json()["history"]] == ["old"]
+    assert await texts(port, "/history?chat=room", bob) == ["old"]
+
+
+@pytest.mark.asyncio
+async def test_history_non_member_403(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    await send(port, alice, "hidden")
+    assert_error(await call(port, "GET", "/history?chat=room", token=bob), 403, "not_a_member")
+    assert_error(await call(port, "GET", "/history?chat=nowhere", token=bob), 404, "not_found")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("query", ["before=0", "before=x", "limit=0", "limit=-3"])
+async def test_history_bad_query_400(server: ms.MessengerServer, query: str) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "GET", f"/history?chat=general&{query}", token=alice)
+    assert_error(response, 400, "invalid_field")
+
+
+@pytest.mark.asyncio
+async def test_message_by_id_with_comments(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    parent = await send(port, alice, "question")
+    first = await send(port, bob, "answer", reply_to=parent["id"])
+    second = await send(port, alice, "thanks", reply_to=parent["id"])
+    assert (first["chat"], first["reply_to"]) == ("general", parent["id"])
+    answer = await get_json(port, f"/messages/{parent['id']}", bob)
+    assert answer == {"message": parent, "comments": [first, second]}
+
+
+@pytest.mark.asyncio
+async def test_message_by_id_private_only_for_the_two(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    eve = await connect(port, "eve")
+    secret = await send(port, alice, "secret", to="bob")
+    assert (await get_json(port, f"/messages/{secret['id']}", bob))["message"] == secret
+    assert (await get_json(port, f"/messages/{secret['id']}", alice))["message"] == secret
+    assert_error(await call(port, "GET", f"/messages/{secret['id']}", token=eve), 404, "not_found")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "message_id", ["999", "0", "-1", "abc", "1.0", "1e3", "%FF", "9" * 30, "+1", "01x"]
+)
+async def test_message_by_id_garbage_404(server: ms.MessengerServer, message_id: str) -> None:
+    alice = await connect(server.port, "alice")
+    await send(server.port, alice, "one")
+    response = await call(server.port, "GET", f"/messages/{message_id}", token=alice)
+    assert_error(response, 404, "not_found")
+
+
+# Chats ######################################################################
+
+
+@pytest.mark.asyncio
+async def test_chat_list_public_and_own_private(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "open")
+    await join(port, alice, "closed", private=True)
+    listed = {c["name"]: c for c in (await get_json(port, "/chat", alice))["chats"]}
+    assert set(listed) == {"general", "open", "closed"}
+    assert all(set(c) >= CHAT_KEYS for c in listed.values())
+    general = listed["general"]
+    assert (general["private"], general["owner"], general["members"]) == (False, None, 2)
+    assert (listed["closed"]["private"], listed["closed"]["owner"]) == (True, "alice")
+    seen_by_bob = {c["name"] for c in (await get_json(port, "/chat", bob))["chats"]}
+    assert seen_by_bob == {"general", "open"}
+
+
+@pytest.mark.asyncio
+async def test_chat_create_join_and_activate(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    created = await join(port, alice, "room")
+    assert created.status == 201
+    body = created.json()
+    assert set(body) == {"chat", "history"}
+    chat = body["chat"]
+    assert set(chat) >= CHAT_KEYS
+    assert (chat["name"], chat["private"], chat["owner"], chat["members"], chat["unread"]) == (
+        "room", False, "alice", 1, 0,
+    )
+    assert body["history"] == []
+    await send(port, alice, "hello room")
+    joined = await join(port, bob, "room")
+    assert joined.status == 200
+    assert joined.json()["chat"]["members"] == 2
+    assert joined.json()["chat"]["owner"] == "alice"
+    assert [m["text"] for m in joined.json()["history"]] == ["hello room"]
+    # The joined chat became bob's active chat: a send without chat goes there.
+    assert (await send(port, bob, "hi"))["chat"] == "room"
+    assert (await status_of(port, bob))["chat"] == "room"
+    # Joining again (or switching back) is a plain 200.
+    assert (await join(port, bob, "general")).status == 200
+    assert (await send(port, bob, "back"))["chat"] == "general"
+    assert (await join(port, bob, "room")).status == 200
+
+
+@pytest.mark.asyncio
+async def test_chat_create_private_and_conflicting_privacy_409(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    created = await join(port, alice, "closed", private=True)
+    assert created.status == 201
+    assert created.json()["chat"]["private"] is True
+    await join(port, alice, "open")
+    assert_error(await join(port, alice, "open", private=True), 409, "conflict")
+    assert_error(await join(port, alice, "closed", private=False), 409, "conflict")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "body",
+    [{"chat_name": "bad name"}, {"chat_name": "c" * 65}, {"chat_name": ""}, {"chat_name": 5},
+     {}, {"chat_name": "ok", "private": "yes"}],
+    ids=["space", "65-chars", "empty", "number", "missing", "private-string"],
+)
+async def test_chat_create_invalid_400(server: ms.MessengerServer, body: Any) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/chat", body, token=alice)
+    assert_error(response, 400, "invalid_field")
+
+
+@pytest.mark.asyncio
+async def test_chat_name_64_characters_and_case_sensitive(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    assert (await join(server.port, alice, "c" * 64)).status == 201
+    assert (await join(server.port, alice, "Room")).status == 201
+    assert (await join(server.port, alice, "room")).status == 201
+
+
+@pytest.mark.asyncio
+async def test_chat_leave(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    await join(port, bob, "room")
+    left = await call(port, "POST", "/chat/room/leave", token=bob)
+    assert left.status == 200
+    assert set(left.json()["chat"]) >= CHAT_KEYS
+    assert left.json()["chat"]["members"] == 1
+    status = await status_of(port, bob)
+    assert status["chat"] == "general"
+    assert [c["name"] for c in status["chats"]] == ["general"]
+    assert (await send(port, bob, "where am i"))["chat"] == "general"
+    assert_error(await call(port, "GET", "/history?chat=room", token=bob), 403, "not_a_member")
+    assert_error(
+        await call(port, "POST", "/send", {"text": "x", "chat": "room"}, token=bob),
+        403,
+        "not_a_member",
+    )
+
+
+@pytest.mark.asyncio
+async def test_chat_leave_not_the_active_keeps_the_active(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await join(port, alice, "one")
+    await join(port, alice, "two")
+    assert (await call(port, "POST", "/chat/one/leave", token=alice)).status == 200
+    assert (await status_of(port, alice))["chat"] == "two"
+
+
+@pytest.mark.asyncio
+async def test_chat_owner_who_leaves_stays_owner_and_may_rejoin(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await join(port, alice, "closed", private=True)
+    assert (await call(port, "POST", "/chat/closed/leave", token=alice)).status == 200
+    back = await join(port, alice, "closed")
+    assert back.status == 200, back.body
+    assert back.json()["chat"]["owner"] == "alice"
+
+
+@pytest.mark.asyncio
+async def test_chat_leave_general_400(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/chat/general/leave", token=alice)
+    assert_error(response, 400, {"bad_request", "invalid_field"})
+
+
+@pytest.mark.asyncio
+async def test_chat_leave_not_a_member_403(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await join(port, alice, "room")
+    assert_error(await call(port, "POST", "/chat/room/leave", token=bob), 403, "not_a_member")
+    assert_error(await call(port, "POST", "/chat/nowhere/leave", token=bob), 404, "not_found")
+
+
+# Status, health, OpenAPI ####################################################
+
+
+@pytest.mark.asyncio
+async def test_status_shape_and_counts(server: ms.MessengerServer, clock: FakeClock) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    await connect(port, "alice")
+    bob = await connect(port, "bob")
+    carol = await connect(port, "carol")
+    await join(port, alice, "room")
+    await join(port, bob, "room")
+    await join(port, alice, "general")
+    await send(port, bob, "g1", chat="general")
+    await send(port, bob, "g2", chat="general")
+    await send(port, bob, "r1", chat="room")
+    await send(port, bob, "p1", to="alice")
+    await send(port, carol, "p2", to="alice")
+    await send(port, carol, "p3", to="alice")
+    await send(port, alice, "mine", chat="general")  # one's own messages are not unread
+    await send(port, alice, "mine too", to="bob")
+    clock.advance(5)
+    await until(lambda: not server.app.online)  # the connections above have closed
+    async with Client(port) as alice_online:
+        response = await alice_online.request("GET", "/status", token=alice)
+    assert response.status == 200
+    status = response.json()
+    assert set(status) >= {"user", "chat", "sessions", "chats", "unread", "limits", "server"}
+    assert (status["user"], status["chat"], status["sessions"]) == ("alice", "general", 2)
+    chats = {c["name"]: c for c in status["chats"]}
+    assert set(chats) == {"general", "room"}
+    assert all(set(c) >= CHAT_KEYS for c in chats.values())
+    assert (chats["general"]["unread"], chats["room"]["unread"]) == (2, 1)
+    assert (chats["room"]["owner"], chats["room"]["members"]) == ("alice", 2)
+    assert status["unread"] == {
+        "total": 6,
+        "chats": {"general": 2, "room": 1},
+        "private": {"bob": 1, "carol": 2},
+    }
+    limits = status["limits"]
+    assert set(limits) >= {"general_left", "general_reset", "reports", "banned_until"}
+    assert limits["general_left"] == 19
+    assert isinstance(limits["general_reset"], float)
+    assert limits["general_reset"] > clock.now
+    assert (limits["reports"], limits["banned_until"]) == (0, None)
+    info = status["server"]
+    assert set(info) >= {"version", "uptime", "users", "online"}
+    assert isinstance(info["version"], str) and info["version"]
+    assert info["uptime"] == pytest.approx(5)
+    assert info["users"] == 3
+    assert info["online"] == 1  # alice on the connection that asked
+
+
+@pytest.mark.asyncio
+async def test_status_new_user_has_no_reset(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    limits = (await status_of(server.port, alice))["limits"]
+    assert limits == {
+        "general_left": 20, "general_reset": None, "reports": 0, "banned_until": None,
+    }
+
+
+@pytest.mark.asyncio
+async def test_status_unread_goes_to_zero_when_read(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    await send(port, bob, "g")
+    last = await send(port, bob, "p", to="alice")
+    await get_json(port, f"/messages?since={last['id']}", alice)
+    unread = (await status_of(port, alice))["unread"]
+    assert unread["total"] == 0
+    assert unread["chats"].get("general", 0) == 0
+    assert unread["private"].get("bob", 0) == 0
+
+
+@pytest.mark.asyncio
+async def test_status_online_counts_users_with_an_open_connection(
+    server: ms.MessengerServer,
+) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    async with Client(port) as alice_conn:
+        first = await alice_conn.request("GET", "/status", token=alice)
+        assert first.json()["server"]["online"] == 1
+        async with Client(port) as bob_conn:
+            await bob_conn.request("GET", "/health")  # no token: not online by this
+            assert (await alice_conn.request("GET", "/status", token=alice)).json()[
+                "server"
+            ]["online"] == 1
+            await bob_conn.request("GET", "/status", token=bob)
+            again = await alice_conn.request("GET", "/status", token=alice)
+            assert again.json()["server"]["online"] == 2
+        await until(lambda: "bob" not in server.app.online)
+        last = await alice_conn.request("GET", "/status", token=alice)
+        assert last.json()["server"]["online"] == 1
+
+
+@pytest.mark.asyncio
+async def test_health_needs_no_token(server: ms.MessengerServer) -> None:
+    response = await call(server.port, "GET", "/health")
+    assert response.status == 200
+    assert response.headers["content-type"] == JSON_TYPE
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.asyncio
+async def test_openapi_needs_no_token(server: ms.MessengerServer) -> None:
+    document = await get_json(server.port, "/openapi.json")
+    assert document["openapi"].startswith("3.1")
+    assert "paths" in document
+
+
+@pytest.mark.asyncio
+async def test_openapi_is_a_valid_document(server: ms.MessengerServer) -> None:
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(await get_json(server.port, "/openapi.json"))
+
+
+CONTRACT_ROUTES = [
+    ("post", "/connect"), ("post", "/disconnect"), ("post", "/send"), ("get", "/messages"),
+    ("get", "/messages/{id}"), ("get", "/history"), ("get", "/scheduled"),
+    ("delete", "/scheduled/{id}"), ("get", "/chat"), ("post", "/chat"),
+    ("post", "/chat/{name}/leave"), ("post", "/chat/{name}/invite"),
+    ("post", "/chat/{name}/link"), ("post", "/join/{token}"), ("get", "/chat/{name}/requests"),
+    ("post", "/chat/{name}/requests/{user}"), ("get", "/status"), ("post", "/report"),
+    ("post", "/files"), ("get", "/files/{id}"), ("get", "/health"), ("get", "/openapi.json"),
+]
+
+
+@pytest.mark.asyncio
+async def test_openapi_documents_every_route(server: ms.MessengerServer) -> None:
+    paths = (await get_json(server.port, "/openapi.json"))["paths"]
+    missing = [
+        f"{method.upper()} {path}"
+        for method, path in CONTRACT_ROUTES
+        if method not in paths.get(path, {})
+    ]
+    assert missing == []
+
+
+# Routing errors and the order of checks #####################################
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/nope", "/", "/messages/", "/chat/room/nope", "/health/x"])
+async def test_route_unknown_404_json(server: ms.MessengerServer, path: str) -> None:
+    assert_error(await call(server.port, "GET", path), 404, "not_found")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/send", {"POST"}),
+        ("DELETE", "/send", {"POST"}),
+        ("POST", "/health", {"GET", "HEAD"}),
+        ("PUT", "/chat", {"GET", "HEAD", "POST"}),
+        ("GET", "/connect", {"POST"}),
+        ("POST", "/status", {"GET", "HEAD"}),
+        ("DELETE", "/messages/1", {"GET", "HEAD"}),
+        ("OPTIONS", "/health", {"GET", "HEAD"}),
+        ("TRACE", "/status", {"GET", "HEAD"}),
+    ],
+)
+async def test_route_wrong_method_405_with_allow(
+    server: ms.MessengerServer, method: str, path: str, allow: set[str]
+) -> None:
+    response = await call(server.port, method, path)  # no token: the route is checked first
+    assert_error(response, 405, "method_not_allowed")
+    assert {m.strip() for m in response.headers["allow"].split(",")} == allow
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", ["FOO", "get", "Post", "PATCHX"])
+async def test_route_unknown_method_501(server: ms.MessengerServer, method: str) -> None:
+    assert_error(await call(server.port, method, "/health"), 501, "not_implemented")
+
+
+@pytest.mark.asyncio
+async def test_route_checked_before_token_before_body(server: ms.MessengerServer) -> None:
+    port = server.port
+    alice = await connect(port, "alice")
+    assert_error(await call(port, "GET", "/nope"), 404, "not_found")
+    assert_error(await call(port, "POST", "/nope", b"{bad"), 404, "not_found")
+    assert_error(await call(port, "GET", "/send"), 405, "method_not_allowed")
+    assert_error(await call(port, "POST", "/send", b"{bad"), 401, "unauthorized")
+    assert_error(await call(port, "POST", "/send", b"x" * 70_000), 401, "unauthorized")
+    assert_error(await call(port, "POST", "/send", b"{bad", token=alice), 400, "bad_json")
+
+
+@pytest.mark.asyncio
+async def test_json_body_parsed_whatever_the_content_type(server: ms.MessengerServer) -> None:
+    response = await call(
+        server.port,
+        "POST",
+        "/connect",
+        {"user": "alice", "password": "pw"},
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 201
+
+
+# Bad bodies #################################################################
+
+NESTED = b"[" * 32_000 + b"]" * 32_000  # under 64 KiB, far deeper than any parser recurses
+
+BAD_JSON_BODIES = {
+    "not-json": b"hello",
+    "empty": b"",
+    "truncated": b'{"user": "alice", "password": ',
+    "trailing-comma": b'{"user": "alice", "password": "x",}',
+    "single-quotes": b"{'user': 'alice'}",
+    "array": b'["alice", "x"]',
+    "string": b'"alice"',
+    "number": b"42",
+    "null": b"null",
+    "invalid-utf8": b'{"user": "al\xffice", "password": "x"}',
+    "nested": NESTED,
+    "nested-object": b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+    "nan": b'{"user": "alice", "password": NaN}',
+    "infinity": b'{"user": "alice", "password": Infinity}',
+    "minus-infinity": b'{"user": "alice", "password": -Infinity}',
+    "two-values": b'{"user": "alice"} {"password": "x"}',
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body", BAD_JSON_BODIES.values(), ids=BAD_JSON_BODIES.keys())
+async def test_connect_bad_json_400(server: ms.MessengerServer, body: bytes) -> None:
+    async with Client(server.port) as client:
+        response = await client.request("POST", "/connect", body)
+        assert_error(response, 400, "bad_json")
+        # The server read the whole body: the connection still serves.
+        assert (await client.request("GET", "/health")).status == 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body", BAD_JSON_BODIES.values(), ids=BAD_JSON_BODIES.keys())
+async def test_send_bad_json_400(server: ms.MessengerServer, body: bytes) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/send", body, token=alice)
+    assert_error(response, 400, "bad_json")
+
+
+BAD_SEND_FIELDS = {
+    "text-number": {"text": 5},
+    "text-list": {"text": ["a"]},
+    "text-null": {"text": None},
+    "text-lone-surrogate": {"text": "\ud800"},
+    "chat-number": {"text": "x", "chat": 5},
+    "chat-bool": {"text": "x", "chat": True},
+    "to-list": {"text": "x", "to": ["bob"]},
+    "reply_to-string": {"text": "x", "reply_to": "1"},
+    "reply_to-bool": {"text": "x", "reply_to": True},
+    "reply_to-float": {"text": "x", "reply_to": 1.5},
+    "reply_to-zero": {"text": "x", "reply_to": 0},
+    "reply_to-negative": {"text": "x", "reply_to": -1},
+    "reply_to-huge-float": {"text": "x", "reply_to": 1e300},
+    "client_id-number": {"text": "x", "client_id": 5},
+    "send_at-string": {"text": "x", "send_at": "soon"},
+    "send_at-past": {"text": "x", "send_at": 1.0},
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body", BAD_SEND_FIELDS.values(), ids=BAD_SEND_FIELDS.keys())
+async def test_send_invalid_field_400(server: ms.MessengerServer, body: Any) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", "/send", body, token=alice)
+    assert_error(response, 400, "invalid_field")
+    assert await texts(server.port, "/messages?since=0", alice) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"text": "x", "send_at": 1e999}',
+        b'{"text": "x", "reply_to": -1e999}',
+        b'{"text": "x", "reply_to": 1' + b"0" * 5000 + b"}",
+        b'{"text": "x", "send_at": 1' + b"0" * 5000 + b"}",
+        b'{"text": "x", "send_at": 1' + b"0" * 5000 + b".5}",
+        b'{"text": "x", "send_at": 0.' + b"0" * 5000 + b"1}",
+        b'{"user": 1' + b"0" * 5000 + b', "password": "x"}',
+    ],
+    ids=["send_at-1e999", "reply_to-minus-1e999", "reply_to-5000-digits",
+         "send_at-5000-digits", "send_at-5000-digit-float", "send_at-tiny", "user-5000-digits"],
+)
+async def test_send_huge_numbers_400(server: ms.MessengerServer, raw: bytes) -> None:
+    alice = await connect(server.port, "alice")
+    path = "/connect" if raw.startswith(b'{"user"') else "/send"
+    response = await call(server.port, "POST", path, raw, token=alice)
+    # Valid JSON with an out-of-range number: either code is a 400 the user can act on.
+    assert_error(response, 400, {"bad_json", "invalid_field"})
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/connect", {"user": 5, "password": "x"}),
+        ("/connect", {"user": "alice", "password": ["x"]}),
+        ("/connect", {"user": "alice", "password": {"p": 1}}),
+        ("/connect", {"user": True, "password": "x"}),
+        ("/connect", {"user": None, "password": "x"}),
+        ("/connect", {"user": "alice", "password": 12345678901234567890}),
+        ("/chat", {"chat_name": ["room"]}),
+        ("/chat", {"chat_name": "room", "private": 1}),
+        ("/report", {"user": 5}),
+    ],
+)
+async def test_wrong_field_types_400(server: ms.MessengerServer, path: str, body: Any) -> None:
+    alice = await connect(server.port, "alice")
+    response = await call(server.port, "POST", path, body, token=alice)
+    assert_error(response, 400, "invalid_field")
+
+
+@pytest.mark.asyncio
+async def test_body_over_64_kib_413(server: ms.MessengerServer) -> None:
+    limit = 64 * 1024
+    prefix = b'{"user": "alice", "password": "x"}'
+    fits = prefix + b" " * (limit - len(prefix))
+    response = await call(server.port, "POST", "/connect", fits)
+    assert response.status == 201, response.body
+    async with Client(server.port) as client:
+        too_big = await client.request("POST", "/connect", fits + b" ")
+        assert_error(too_big, 413, "too_large")
+        assert await client.closed()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert_error(await call(server.port, "POST", "/connect", deep), 413, "too_large")
+    alice = await connect(server.port, "alice", "x")
+    big_text = {"text": "x" * 70_000}
+    assert_error(await call(server.port, "POST", "/send", big_text, token=alice), 413, "too_large")
+
+
+# Privacy ####################################################################
+
+
+@pytest_asyncio.fixture
+async def private_world(
+    server: ms.MessengerServer,
+) -> AsyncIterator[dict[str, Any]]:
+    """alice and bob share a private chat, a private thread and a file; eve is outside."""
+    port = server.port
+    alice = await connect(port, "alice")
+    bob = await connect(port, "bob")
+    eve = await connect(port, "eve")
+    await join(port, alice, "secret", private=True)
+    invite = await call(port, "POST", "/chat/secret/invite", {"user": "bob"}, token=alice)
+    assert invite.status == 200, invite.body
+    assert (await join(port, bob, "secret")).status == 200
+    await join(port, alice, "club")  # a public chat eve is not in
+    async with Client(port) as uploader:
+        uploaded = await uploader.request(
+            "POST", "/files?name=plan.txt", b"the plan",
+            token=alice, headers={"Content-Type": "text/plain"},
+        )
+    assert uploaded.status == 201, uploaded.body
+    file_id = uploaded.json()["file"]["id"]
+    world = {
+        "alice": alice, "bob": bob, "eve": eve, "file": file_id,
+        "in_secret": await send(port, alice, "secret plan", chat="secret"),
+        "in_club": await send(port, alice, "club talk", chat="club"),
+        "private": await send(port, alice, "dm", to="bob", file=file_id),
+    }
+    world["comment"] = await send(port, bob, "re: dm", reply_to=world["private"]["id"])
+    world["chat_comment"] = await send(port, bob, "re", reply_to=world["in_secret"]["id"])
+    yield world
+
+
+@pytest.mark.asyncio
+async def test_privacy_outsider_reads_nothing(
+    server: ms.MessengerServer, private_world: dict[str, Any]
+) -> None:
+    port, eve = server.port, private_world["eve"]
+    assert await get_json(port, "/messages?since=0", eve) == {"messages": [], "next": 0}
+    assert (await get_json(port, "/messages", eve))["messages"] == []
+    for key in ("in_secret", "in_club", "private", "comment", "chat_comment"):
+        message_id = private_world[key]["id"]
+        assert_error(await call(port, "GET", f"/messages/{message_id}", token=eve), 404,
+                     "not_found")
+        reply = await call(
+            port, "POST", "/send", {"text": "me too", "reply_to": message_id}, token=eve
+        )
+        assert_error(reply, 404, "not_found")
+    for chat in ("secret", "club"):
+        for path in (f"/history?chat={chat}", f"/messages?chat={chat}"):
+            assert_error(await call(port, "GET", path, token=eve), 403, "not_a_member")
+        sent = await call(port, "POST", "/send", {"text": "hi", "chat": chat}, token=eve)
+        assert_error(sent, 403, "not_a_member")
+    assert_error(await join(port, eve, "secret"), 403, "forbidden")
+    assert_error(
+        await call(port, "GET", f"/files/{private_world['file']}", token=eve), 404, "not_found"
+    )
+    assert_error(
+        await call(port, "GET", "/chat/secret/requests", token=eve), 403, "forbidden"
+    )
+    chats = {c["name"] for c in (await get_json(port, "/chat", eve))["chats"]}
+    assert "secret" not in chats
+    status = await status_of(port, eve)
+    assert {c["name"] for c in status["chats"]} == {"general"}
+    assert status["unread"]["total"] == 0
+    assert status["unread"]["private"] == {}
+    assert set(status["unread"]["chats"]) == {"general"}
+
+
+@pytest.mark.asyncio
+async def test_privacy_the_two_parties_see_it_all(
+    server: ms.MessengerServer, private_world: dict[str, Any]
+) -> None:
+    port = server.port
+    bob = private_world["bob"]
+    expected = ["secret plan", "dm", "re: dm", "re"]
+    assert await texts(port, "/messages?since=0", bob) == expected
+    thread = await get_json(port, f"/messages/{private_world['private']['id']}", bob)
+    assert [m["text"] for m in thread["comments"]] == ["re: dm"]
+    comment = private_world["comment"]
+    assert (comment["chat"], comment["to"]) == (None, "alice")
+    assert private_world["chat_comment"]["chat"] == "secret"
+    download = await call(port, "GET", f"/files/{private_world['file']}", token=bob)
+    assert (download.status, download.body) == (200, b"the plan")

@@ -1,0 +1,670 @@
+"""The command-line client, run with CliRunner against a real server in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import http.client
+import json
+import re
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+import messenger_client as mc
+import messenger_server as ms
+
+PASSWORD = "correct horse battery"
+
+
+class ServerThread:
+    """A MessengerServer on its own event loop in a background thread."""
+
+    def __init__(self, config: ms.ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = ms.MessengerServer(config)
+        self._run(self.server.start())
+        self.config = dataclasses.replace(config, port=self.server.port)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    def stop(self) -> None:
+        self._run(self.server.stop())
+
+    def start_again(self) -> None:
+        """Serve again on the same port from the same state folder."""
+        self.server = ms.MessengerServer(self.config)
+        self._run(self.server.start())
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class Cli:
+    """The client's commands against one server, as a user types them."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.runner = CliRunner()
+
+    def __call__(
+        self,
+        *args: str,
+        user: str | None = None,
+        json_output: bool = False,
+        input: str | None = None,
+        code: int = 0,
+    ) -> Result:
+        options = ["--server", self.url]
+        if user is not None:
+            options += ["--user", user]
+        if json_output:
+            options.append("--json")
+        result = self.runner.invoke(mc.cli, [*options, *args], input=input, catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result
+
+    def json(self, *args: str, user: str | None = None) -> Any:
+        return json.loads(self(*args, user=user, json_output=True).stdout)
+
+    def login(self, user: str) -> str:
+        """Connect ``user`` (registering it the first time); its token."""
+        token: str = self.json("connect", user, "--password", PASSWORD)["token"]
+        return token
+
+
+def error_line(result: Result) -> str:
+    """The one line a failed command shows, checked to be exactly one line, no traceback."""
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Saved logins go to a temporary folder; the user's environment is ignored."""
+    folder = tmp_path / "config"
+    monkeypatch.setenv("MESSENGER_CONFIG_DIR", str(folder))
+    for name in ("MESSENGER_SERVER", "MESSENGER_USER", "MESSENGER_PASSWORD", "MESSENGER_JSON"):
+        monkeypatch.delenv(name, raising=False)
+    return folder
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
+    """Start servers with test settings (cheap passwords, quick shutdown) plus ``overrides``."""
+    started: list[ServerThread] = []
+
+    def start(**overrides: Any) -> ServerThread:
+        state_dir = tmp_path / f"state-{len(started)}"
+        config = ms.ServerConfig(
+            port=0, state_dir=state_dir, password_cost=10, shutdown_timeout=1.0
+        )
+        started.append(ServerThread(dataclasses.replace(config, **overrides)))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.close()
+
+
+@pytest.fixture
+def live_server(serve: Callable[..., ServerThread]) -> ServerThread:
+    return serve()
+
+
+@pytest.fixture
+def cli(live_server: ServerThread) -> Cli:
+    return Cli(live_server.url)
+
+
+@pytest.fixture
+def down_url() -> str:
+    """The address of a port nobody listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# connect, disconnect, saved logins ###########################################
+
+
+def test_connect_registers_then_logs_in(cli: Cli) -> None:
+    first = cli("connect", "alice", "--password", PASSWORD)
+    assert f"Connected to {cli.url} as alice (new account)." in first.stdout
+    assert "Active chat: general" in first.stdout
+    again = cli("connect", "alice", "--password", PASSWORD)
+    assert f"Connected to {cli.url} as alice." in again.stdout
+
+
+def test_connect_saves_token_in_a_private_file(cli: Cli, config_dir: Path) -> None:
+    token = cli.login("alice")
+    saved = config_dir / "config.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert token in saved.read_text()
+    assert list(config_dir.iterdir()) == [saved]  # no temporary file left behind
+
+
+def test_connect_prints_history_and_unread(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("send", "first", user="bob")
+    cli("send", "second", user="bob")
+    result = cli("connect", "alice", "--password", PASSWORD)
+    lines = result.stdout.splitlines()
+    history = [line for line in lines if " general bob: " in line]
+    assert [line.rpartition(": ")[2] for line in history] == ["first", "second"]
+    assert "2 unread messages. Show them with: read" in lines
+
+
+def test_connect_asks_for_the_password_without_echo(cli: Cli) -> None:
+    result = cli("connect", "alice", input=PASSWORD + "\n")
+    assert "Password:" in result.output
+    assert PASSWORD not in result.output
+    assert "as alice (new account)" in result.stdout
+
+
+def test_connect_takes_the_password_from_the_environment(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli.login("alice")
+    monkeypatch.setenv("MESSENGER_PASSWORD", PASSWORD)
+    assert "as alice." in cli("connect", "alice").stdout
+
+
+def test_connect_with_a_wrong_password_fails(cli: Cli) -> None:
+    cli.login("alice")
+    line = error_line(cli("connect", "alice", "--password", "wrong", code=1))
+    assert line == "Error: wrong password"
+    assert cli.json("status")["user"] == "alice"  # the saved login still works
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["connect", "alice", "--password", PASSWORD],
+        ["chats"],
+        ["send", "hello"],
+        ["download", "abc"],
+    ],
+)
+def test_server_down_is_one_clear_line(args: list[str], down_url: str, config_dir: Path) -> None:
+    mc.Config(config_dir / "config.json").remember(down_url, "alice", "some-token")
+    result = CliRunner().invoke(mc.cli, ["--server", down_url, *args], catch_exceptions=False)
+    assert error_line(result) == f"Error: cannot reach {down_url}: connection refused"
+
+
+def test_not_logged_in_says_how_to_log_in(cli: Cli) -> None:
+    line = error_line(cli("chats", code=1))
+    assert line == f"Error: not logged in to {cli.url}; log in with: connect USER"
+
+
+def test_user_option_picks_a_saved_login(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    assert cli.json("status")["user"] == "bob"  # the last one connected
+    assert cli.json("status", user="alice")["user"] == "alice"
+    line = error_line(cli("status", user="carol", code=1))
+    assert line == f"Error: no saved login for carol on {cli.url}; run: connect carol"
+
+
+def test_revoked_token_suggests_connecting_again(cli: Cli) -> None:
+    token = cli.login("alice")
+    mc.MessengerClient(cli.url, token).disconnect()
+    assert error_line(cli("chats", code=1)).endswith("(log in again with: connect USER)")
+
+
+def test_disconnect_revokes_and_forgets_the_token(cli: Cli, config_dir: Path) -> None:
+    token = cli.login("alice")
+    assert cli("disconnect").stdout == f"Disconnected alice from {cli.url}.\n"
+    assert token not in (config_dir / "config.json").read_text()
+    error_line(cli("chats", code=1))
+    with pytest.raises(mc.ApiError) as raised:
+        mc.MessengerClient(cli.url, token).chats()
+    assert raised.value.status == 401
+
+
+# chats ######################################################################
+
+
+def test_chats_lists_public_chats_and_own_private_ones(cli: Cli) -> None:
+    cli.login("alice")
+    cli("join", "books", user="alice")
+    cli("join", "secret", "--private", user="alice")
+    cli.login("bob")
+    lines = sorted(cli("chats", user="bob").stdout.splitlines())
+    assert [line.split() for line in lines] == [
+        ["books", "public", "1", "member", "owner", "alice"],
+        ["general", "public", "2", "members"],
+    ]
+    names = [chat["name"] for chat in cli.json("chats", user="alice")["chats"]]
+    assert sorted(names) == ["books", "general", "secret"]
+
+
+def test_join_creates_a_chat_then_joins_it(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    created = cli("join", "books", user="alice")
+    assert created.stdout.startswith("Created public chat books; it is now your active chat.")
+    cli("send", "a good read", user="alice")  # to the active chat: books
+    joined = cli("join", "books", user="bob").stdout.splitlines()
+    assert joined[0] == "Joined public chat books; it is now your active chat."
+    assert joined[1].endswith(" books alice: a good read")
+
+
+def test_join_a_private_chat_without_invitation_fails(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("join", "secret", "--private", user="alice")
+    error_line(cli("join", "secret", user="bob", code=1))
+
+
+def test_leave_a_chat(cli: Cli) -> None:
+    cli.login("alice")
+    cli("join", "books")
+    assert cli("leave", "books").stdout == "Left books.\n"
+    error_line(cli("leave", "books", code=1))  # not a member any more
+    error_line(cli("leave", "general", code=1))  # general cannot be left
+
+
+def test_invite_lets_a_user_join_a_private_chat(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("join", "secret", "--private", user="alice")
+    invited = cli("invite", "secret", "bob", user="alice").stdout
+    assert invited == "Invited bob to secret; they can now run: join secret\n"
+    assert cli("join", "secret", user="bob").stdout.startswith("Joined private chat secret")
+    error_line(cli("invite", "secret", "alice", user="bob", code=1))  # bob is not the owner
+
+
+@pytest.mark.parametrize("form", ["url", "path", "token"])
+def test_join_link_request_then_approve(cli: Cli, form: str) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("join", "secret", "--private", user="alice")
+    url = cli("link", "secret", user="alice").stdout.strip()
+    assert url.startswith(f"{cli.url}/join/")
+    link = {"url": url, "path": url.removeprefix(cli.url), "token": url.rpartition("/")[2]}[form]
+    asked = cli("request", link, user="bob").stdout
+    assert asked == "Asked to join secret; its owner must approve.\n"
+    assert cli("requests", "secret", user="alice").stdout.startswith("bob (asked ")
+    approved = cli("approve", "secret", "bob", user="alice").stdout
+    assert approved == "Approved: bob is now a member of secret.\n"
+    assert cli("requests", "secret", user="alice").stdout == "No pending requests for secret.\n"
+    cli("history", "secret", user="bob")  # a member now
+    assert cli("request", link, user="bob").stdout == "You are already a member of that chat.\n"
+
+
+def test_deny_keeps_a_user_out(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("join", "secret", "--private", user="alice")
+    link = cli("link", "secret", user="alice").stdout.strip()
+    cli("request", link, user="bob")
+    denied = cli("deny", "secret", "bob", user="alice").stdout
+    assert denied == "Denied bob's request to join secret.\n"
+    error_line(cli("join", "secret", user="bob", code=1))
+
+
+def test_request_with_an_unknown_link_fails(cli: Cli) -> None:
+    cli.login("bob")
+    error_line(cli("request", f"{cli.url}/join/nosuchtoken", code=1))
+
+
+# send, read, history, show ###################################################
+
+
+def test_send_then_read_marks_read(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    sent = cli("send", "hello alice", user="bob").stdout
+    assert sent.startswith("#") and sent.endswith(" general bob: hello alice\n")
+    read = cli("read", user="alice").stdout.splitlines()
+    assert len(read) == 1 and read[0].endswith(" general bob: hello alice")
+    assert cli("read", user="alice").stdout == "No unread messages.\n"
+
+
+def test_read_chat_shows_only_that_chat(cli: Cli) -> None:
+    cli.login("alice")
+    cli("join", "books", user="alice")
+    cli.login("bob")
+    cli("join", "books", user="bob")
+    cli("send", "--chat", "general", "in general", user="bob")
+    cli("send", "--chat", "books", "in books", user="bob")
+    shown = cli("read", "--chat", "books", user="alice").stdout
+    assert "in books" in shown and "in general" not in shown
+
+
+def test_send_private_comment_and_show(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    sent = cli.json("send", "--to", "bob", "psst", user="alice")["message"]
+    assert cli("read", user="bob").stdout.endswith(" @alice alice: psst\n")
+    comment = cli("send", "--reply-to", str(sent["id"]), "got it", user="bob").stdout
+    assert comment.endswith(f" @alice bob (on #{sent['id']}): got it\n")
+    thread = cli("show", str(sent["id"]), user="alice").stdout.splitlines()
+    assert thread[0].startswith(f"#{sent['id']} ") and thread[0].endswith(" @bob alice: psst")
+    assert thread[1].startswith("    #") and thread[1].endswith(
+        f" @bob bob (on #{sent['id']}): got it"
+    )
+
+
+def test_send_shows_text_from_others_without_terminal_escapes(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("send", "\x1b[2Jgone\nsecond line", user="bob")
+    shown = cli("read", user="alice").stdout
+    assert "\x1b" not in shown
+    assert shown.endswith(" general bob: \\x1b[2Jgone\n    second line\n")
+
+
+@pytest.mark.parametrize(
+    "target", [["--chat", "nowhere"], ["--to", "nobody"], ["--reply-to", "99999"]]
+)
+def test_send_to_an_unknown_target_fails(cli: Cli, target: list[str]) -> None:
+    cli.login("alice")
+    error_line(cli("send", *target, "hello", code=1))
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["send", "--in", "soon", "hi"], "Invalid value for '--in'"),
+        (["send", "--in", "10x", "hi"], "Invalid value for '--in'"),
+        (["send", "--at", "25:00", "hi"], "Invalid value for '--at'"),
+        (["send", "--at", "tomorrow", "hi"], "Invalid value for '--at'"),
+        (["send", "--at", "18:30", "--in", "1h", "hi"], "give --at or --in, not both"),
+        (["send", "--to", "bob", "--chat", "general", "hi"], "give --to or --chat, not both"),
+        (["send"], "give a TEXT, a --file, or both"),
+        (["request", "/join/"], "is not a join link"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str], complaint: str) -> None:
+    result = CliRunner().invoke(mc.cli, args, catch_exceptions=False)
+    assert result.exit_code == 2
+    assert complaint in result.stderr
+
+
+def test_send_retries_a_dropped_answer_without_doubling(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli.login("alice")
+    original = http.client.HTTPConnection.getresponse
+    dropped: list[bool] = []
+
+    def drop_first_answer(connection: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        response = original(connection)
+        if not dropped:  # the server has stored the message; its answer is lost
+            dropped.append(True)
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+        return response
+
+    monkeypatch.setattr(http.client.HTTPConnection, "getresponse", drop_first_answer)
+    sent = cli("send", "only once").stdout
+    assert dropped and sent.endswith(" general alice: only once\n")
+    texts = [m["text"] for m in cli.json("history", "general", user="alice")["messages"]]
+    assert texts.count("only once") == 1
+
+
+def test_send_over_the_rate_limit_says_when_to_try_again(
+    serve: Callable[..., ServerThread],
+) -> None:
+    cli = Cli(serve(rules=ms.Rules(rate_limit=1)).url)
+    cli.login("alice")
+    cli("send", "one")
+    line = error_line(cli("send", "two", code=1))
+    assert re.fullmatch(r"Error: .+ \(try again in \d+ s\)", line), line
+
+
+def test_send_later_list_and_cancel(cli: Cli) -> None:
+    cli.login("alice")
+    before = time.time()
+    scheduled = cli("send", "--in", "10m", "later").stdout
+    assert (
+        scheduled.startswith("Scheduled ") and " to general; cancel it with: cancel " in scheduled
+    )
+    [item] = cli.json("scheduled")["scheduled"]
+    assert before + 600 <= item["send_at"] <= time.time() + 600
+    assert (
+        cli("scheduled").stdout
+        == f"{item['id']} {mc.format_time(item['send_at'])} general: later\n"
+    )
+    assert cli("cancel", item["id"]).stdout == f"Cancelled {item['id']}.\n"
+    assert cli("scheduled").stdout == "No scheduled messages.\n"
+    error_line(cli("cancel", item["id"], code=1))
+
+
+def test_send_at_a_clock_time_or_an_iso_datetime(cli: Cli) -> None:
+    cli.login("alice")
+    soon = dt.datetime.now() + dt.timedelta(hours=2)
+    cli("send", "--at", soon.strftime("%H:%M"), "at a clock time")
+    cli("send", "--at", soon.isoformat(timespec="seconds"), "at a datetime")
+    times = {s["text"]: s["send_at"] for s in cli.json("scheduled")["scheduled"]}
+    assert time.time() < times["at a clock time"] <= time.time() + 24 * 3600
+    assert times["at a datetime"] == soon.replace(microsecond=0).timestamp()
+
+
+def test_history_shows_messages_from_before_joining(cli: Cli) -> None:
+    cli.login("alice")
+    cli("send", "old news", user="alice")
+    cli.login("bob")
+    assert cli("history", "general", user="bob").stdout.endswith(" general alice: old news\n")
+    cli("join", "books", user="bob")
+    assert cli("history", "books", user="bob").stdout == "No messages in books.\n"
+    error_line(cli("history", "nowhere", user="bob", code=1))
+
+
+def test_show_an_unknown_message_fails(cli: Cli) -> None:
+    cli.login("alice")
+    error_line(cli("show", "99999", code=1))
+
+
+# files ######################################################################
+
+
+def test_send_a_file_then_download_it(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"line one\nline two\n")
+    sent = cli.json("send", "--to", "bob", "--file", str(notes), user="alice")["message"]
+    file = sent["file"]
+    assert (sent["text"], file["name"], file["size"]) == ("", "notes.txt", 18)
+    assert file["type"] == "text/plain"
+    assert cli("read", user="bob").stdout.endswith(
+        f" @alice alice: [file {file['id']}: notes.txt, 18 B]\n"
+    )
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    monkeypatch.chdir(downloads)
+    saved = cli("download", file["id"], user="bob").stdout
+    assert saved == "Saved notes.txt (18 B, text/plain).\n"
+    assert (downloads / "notes.txt").read_bytes() == notes.read_bytes()
+    line = error_line(cli("download", file["id"], user="bob", code=1))
+    assert line == "Error: notes.txt exists; add --force to overwrite it"
+    (downloads / "notes.txt").write_bytes(b"changed")
+    cli("download", file["id"], "--force", user="bob")
+    assert (downloads / "notes.txt").read_bytes() == notes.read_bytes()
+    cli("download", file["id"], "-o", "copy.txt", user="bob")
+    assert (downloads / "copy.txt").read_bytes() == notes.read_bytes()
+
+
+def test_send_a_file_over_the_limit_shows_the_server_message(
+    serve: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    cli = Cli(serve(max_file_size=1024).url)
+    cli.login("alice")
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(4 * 1024 * 1024))  # refused before it is all sent
+    line = error_line(cli("send", "--file", str(big), code=1))
+    assert line == "Error: files are limited to 1024 bytes"
+
+
+def test_download_keeps_only_the_base_name(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = cli.login("alice")
+    uploaded = mc.MessengerClient(cli.url, token).upload("../../evil.sh", b"echo hi\n")
+    monkeypatch.chdir(tmp_path)
+    cli("download", uploaded["file"]["id"])
+    assert (tmp_path / "evil.sh").read_bytes() == b"echo hi\n"
+
+
+def test_download_an_unknown_file_fails(cli: Cli) -> None:
+    cli.login("alice")
+    error_line(cli("download", "nosuchfile", code=1))
+
+
+# status, report ##############################################################
+
+
+def test_status_shows_user_unread_and_server(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("send", "--to", "alice", "hi", user="bob")
+    lines = cli("status", user="alice").stdout.splitlines()
+    assert lines[0] == f"alice on {cli.url}, 1 session, active chat general"
+    assert lines[1] == "Unread: 1 (@bob 1)"
+    assert lines[2] == "Chats: general"
+    assert lines[-1].startswith("Server 1.0.0, up ")
+
+
+def test_report_counts_and_bans(cli: Cli) -> None:
+    for name in ("alice", "bob", "carol", "dave"):
+        cli.login(name)
+    assert cli("report", "dave", "--reason", "spam", user="alice").stdout == (
+        "Reported dave (1 report).\n"
+    )
+    cli("report", "dave", user="bob")
+    banned = cli("report", "dave", user="carol").stdout.splitlines()
+    assert banned[0] == "Reported dave (3 reports)."
+    assert banned[1].startswith("dave is banned until ")
+    assert "(until " in error_line(cli("send", "hello", user="dave", code=1))
+    error_line(cli("report", "alice", user="alice", code=1))  # not oneself
+    error_line(cli("report", "nobody", user="alice", code=1))
+
+
+# JSON output ##################################################################
+
+
+def test_json_prints_the_server_answer(cli: Cli) -> None:
+    cli.login("alice")
+    answer = cli.json("chats")
+    assert [chat["name"] for chat in answer["chats"]] == ["general"]
+    sent = cli.json("send", "hi")["message"]
+    assert (sent["chat"], sent["from"], sent["text"]) == ("general", "alice", "hi")
+    assert cli("disconnect", json_output=True).stdout == ""  # 204: nothing to say
+
+
+# read --follow ################################################################
+
+
+class Follower:
+    """``read --follow`` in a thread, watched: Ctrl-C comes after the first messages."""
+
+    def __init__(self, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.cli = cli
+        self.failed = threading.Event()  # a poll failed: the server is down
+        self.stopping = threading.Event()
+        self.results: list[Result] = []
+        original = mc.MessengerClient.messages
+
+        def messages(client: mc.MessengerClient, **query: Any) -> mc.MessagesPage:
+            if self.stopping.is_set():  # Ctrl-C during the next poll, once it has started
+                with contextlib.suppress(mc.ServerUnreachable):
+                    original(client, **{**query, "wait": 0})
+                raise KeyboardInterrupt
+            try:
+                page = original(client, **query)
+            except mc.ClientError:
+                self.failed.set()
+                raise
+            if page["messages"]:
+                self.stopping.set()
+            return page
+
+        monkeypatch.setattr(mc.MessengerClient, "messages", messages)
+        monkeypatch.setattr(mc, "FOLLOW_WAIT", 5)  # bounds a failed test's teardown
+        monkeypatch.setattr(mc, "RECONNECT_DELAY", 0.05)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.results.append(self.cli("read", "--follow", user="alice"))
+
+    def result(self) -> Result:
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive()
+        [result] = self.results
+        return result
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=20)
+
+
+def wait_until_parked(watcher: mc.MessengerClient) -> None:
+    """Until the follower's long poll waits in the server: /status then counts 2 users online,
+    the watcher (during its own request) and the follower (whose poll is parked)."""
+    deadline = time.monotonic() + 10
+    while watcher.status()["server"]["online"] < 2:
+        assert time.monotonic() < deadline, "read --follow never started waiting"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def follower(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> Iterator[Follower]:
+    following = Follower(cli, monkeypatch)
+    yield following
+    following.close()
+
+
+def test_read_follow_prints_a_message_sent_while_waiting(cli: Cli, follower: Follower) -> None:
+    cli.login("alice")
+    bob = mc.MessengerClient(cli.url, cli.login("bob"))
+    follower.thread.start()
+    wait_until_parked(bob)
+    bob.send("are you there?", to="alice")
+    result = follower.result()
+    assert result.exit_code == 0  # Ctrl-C ends it cleanly
+    assert result.stdout.endswith(" @bob bob: are you there?\n")
+    assert cli.json("status", user="alice")["unread"]["total"] == 0  # marked read
+
+
+def test_read_follow_reconnects_after_a_server_restart(
+    cli: Cli, live_server: ServerThread, follower: Follower
+) -> None:
+    cli.login("alice")
+    bob = mc.MessengerClient(cli.url, cli.login("bob"))
+    follower.thread.start()
+    wait_until_parked(bob)
+    live_server.stop()
+    assert follower.failed.wait(timeout=10)
+    live_server.start_again()
+    bob.send("back again", to="alice")
+    result = follower.result()
+    assert result.exit_code == 0
+    assert f"cannot reach {cli.url}" in result.stderr
+    assert f"Reconnected to {cli.url}." in result.stderr
+    assert result.stdout.endswith(" @bob bob: back again\n")
