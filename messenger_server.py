@@ -1921,7 +1921,10 @@ class StateStore:
                 path.unlink(missing_ok=True)
 
 
-def read_snapshot(path: Path) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+def read_snapshot(path: Path) -> tuple[dict[str, Any], Iterator[tuple[Any, ...]]]:
+    """A snapshot's state, and its messages: decoded one frame at a time, as they are used.
+
+    The whole file is checked (size, checksum) before anything is decoded."""
     data = path.read_bytes()
     if len(data) < SNAPSHOT_HEADER.size:
         raise DamagedState("shorter than its header")
@@ -1933,10 +1936,8 @@ def read_snapshot(path: Path) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
         raise DamagedState("size or checksum mismatch")
     frames = _split_frames(payload)
     state = _unpickle(next(frames))
-    messages: list[tuple[Any, ...]] = []
-    for _ in range(state.pop("message_frames")):
-        messages.extend(_unpickle(next(frames)))
-    return state, messages
+    del state["message_frames"]
+    return state, itertools.chain.from_iterable(map(_unpickle, frames))
 
 
 def _split_frames(payload: memoryview) -> Iterator[memoryview]:
@@ -3186,19 +3187,25 @@ class MessengerServer:
                 return
             self._journal_number = number
             state, messages = self.messenger.export()  # the state journal `number` starts from
-            changes = self.messenger.changes
+            changes, count = self.messenger.changes, len(messages)
+            # The snapshot holds a list of every message while it is written: the cyclic
+            # garbage collector pauses meanwhile, as each of its passes would walk that list.
+            gc.disable()
             try:
                 await self.journal.sync()
                 size = await self.store.write_snapshot(number, state, messages)
             except (OSError, Unavailable) as exc:
                 logger.error("snapshot %d failed, the journals keep everything: %s", number, exc)
                 return
+            finally:
+                gc.enable()
+            del state, messages
             self._saved_changes = changes
             self.store.prune()
             _freeze_long_lived()
             logger.info(
                 "snapshot %d: %d messages, %d bytes, %.3f s",
-                number, len(messages), size, loop.time() - started,
+                number, count, size, loop.time() - started,
             )
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
