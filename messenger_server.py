@@ -2383,14 +2383,13 @@ class MessengerApp:
         chat = query.optional_string("chat", pattern=CHAT_NAME_RE)
         limit = min(query.optional_int("limit", minimum=1) or 100, MAX_LIMIT)
         wait = min(query.optional_float("wait") or 0.0, self.config.max_wait)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            found, next_id = self.messenger.poll(call.user, since, chat, limit)
-            remaining = deadline - loop.time()
-            if found or remaining <= 0 or self.closing:
-                break
-            await self.waiters.wait(call.user, remaining)
+        found, next_id = self.messenger.poll(call.user, since, chat, limit)
+        if not found and wait > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait
+            while not found and not self.closing and (remaining := deadline - loop.time()) > 0:
+                await self.waiters.wait(call.user, remaining)
+                found, next_id = self.messenger.poll(call.user, since, chat, limit)
         await self._changed()
         return Response.json({"messages": self._messages(found), "next": next_id})
 
@@ -3211,9 +3210,14 @@ class MessengerServer:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "?"
-        if self._per_ip.get(ip, 0) >= self.config.max_connections_per_ip or self.closing:
-            logger.warning("refused a connection from %s: too many open connections", ip)
-            response = Response.error(Unavailable("too many open connections from your address"))
+        refusal = None
+        if self.closing:
+            refusal = "the server is shutting down"
+        elif self._per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
+            refusal = "too many open connections from your address"
+        if refusal is not None:
+            logger.warning("refused a connection from %s: %s", ip, refusal)
+            response = Response.error(Unavailable(refusal))
             writer.write(response.serialize_head(close=True) + response.body)
             writer.close()
             return
