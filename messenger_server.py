@@ -234,9 +234,10 @@ _FIELDS_RE: Final = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 _HOST_RE: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]+)(?::[0-9]*)?")
 _ABSOLUTE_RE: Final = re.compile(r"[hH][tT][tT][pP][sS]?://([^/?#]*)([^#]*)(?:#.*)?")
 _AUTHORITY_FORM_RE: Final = re.compile(r"[-A-Za-z0-9._~!$&'()*+,;=%]+:[0-9]+")
-# A request line that has begun: a method, maybe a target, maybe the start of a version.
+# A request line that has begun: a method, maybe a target, maybe the start of a version
+# (or the CR of an empty line before it).
 _PARTIAL_LINE_RE: Final = re.compile(
-    rb"(?:" + _TOKEN + rb"(?: [\x21-\x7e]*(?: [HTP/0-9.]*\r?)?)?)?"
+    rb"\r|(?:" + _TOKEN + rb"(?: [\x21-\x7e]*(?: [HTP/0-9.]*\r?)?)?)?"
 )
 _BARE_EOL_RE: Final = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
 _CHUNK_SIZE_RE: Final = re.compile(
@@ -290,15 +291,19 @@ def _unquote_query(text: str) -> str:
         raise BadRequest("the query string is not valid UTF-8 percent-encoding") from exc
 
 
-def check_partial_head(data: bytes | bytearray, limits: HttpLimits) -> None:
-    """Refuse a head that is still arriving but can already be judged bad or too big."""
+def check_partial_head(data: bytes | bytearray, limits: HttpLimits, checked: int = 0) -> None:
+    """Refuse a head that is still arriving but can already be judged bad or too big.
+
+    ``checked`` bytes were judged by an earlier call: line ends are only looked for in
+    the new ones, so a client sending a byte at a time costs linear work, not quadratic.
+    """
     line_end = data.find(b"\r\n")
     first_line = data if line_end == -1 else data[:line_end]
     if len(first_line) > limits.max_request_line:
         raise UriTooLong(f"the request line is longer than {limits.max_request_line} bytes")
     if line_end == -1 and not _PARTIAL_LINE_RE.fullmatch(first_line):
         raise BadRequest("malformed request line")
-    if _BARE_EOL_RE.search(data):
+    if _BARE_EOL_RE.search(data, max(0, checked - 1)):
         raise BadRequest("lines must end with CRLF")
     if len(data) > limits.max_head:
         raise HeadersTooLarge(f"the request head is larger than {limits.max_head} bytes")
@@ -2943,19 +2948,20 @@ class Connection:
 
     async def _read_request(self) -> Request | None:
         buffer = self._buffer
-        searched = 0
+        checked = 0  # bytes of the buffer already judged by check_partial_head
         while True:
             if buffer.startswith(b"\r\n"):
                 self._skip_empty_lines()
-            end = buffer.find(b"\r\n\r\n", searched)
+                checked = 0
+            end = buffer.find(b"\r\n\r\n", max(0, checked - 3))
             if end != -1:
                 break
             if buffer:
                 if self.phase == _IDLE:
                     self.phase = _HEAD
                     self.deadline = self._loop.time() + self._config.head_timeout
-                check_partial_head(buffer, self._config.http)
-                searched = max(0, len(buffer) - 3)
+                check_partial_head(buffer, self._config.http, checked)
+                checked = len(buffer)
             if not await self._fill():
                 if buffer and not self.expired:
                     raise BadRequest("the connection ended in the middle of a request head")

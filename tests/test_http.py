@@ -246,6 +246,16 @@ def test_check_partial_head_lets_a_good_start_wait(partial: bytes) -> None:
     ms.check_partial_head(partial, LIMITS)
 
 
+def test_check_partial_head_lets_the_cr_of_an_empty_line_wait() -> None:
+    ms.check_partial_head(b"\r", LIMITS)
+
+
+@pytest.mark.parametrize("checked", [0, 14, 15])
+def test_check_partial_head_finds_a_bare_lf_in_the_new_bytes(checked: int) -> None:
+    with pytest.raises(ms.BadRequest):
+        ms.check_partial_head(b"GET / HTTP/1.1\nHost: a", LIMITS, checked)
+
+
 # Chunked bodies ############################################################
 
 
