@@ -678,7 +678,11 @@ pass_app = click.make_pass_decorator(App)
     help="The server's address.",
 )
 @click.option(
-    "--user", metavar="NAME", help="Which saved login to use (default: the last one connected)."
+    "--user",
+    metavar="NAME",
+    envvar="MESSENGER_USER",
+    show_envvar=True,
+    help="Which saved login to use (default: the last one connected).",
 )
 @click.option("--json", "json_output", is_flag=True, help="Print the server's JSON answer.")
 @click.option(

@@ -1870,10 +1870,13 @@ class StateStore:
         return max([*snapshots, *journals, 0]) + 1
 
     def _remove_orphan_files(self, messenger: Messenger) -> None:
-        """Uploads cut short, or never journaled, leave files nobody knows: remove them."""
+        """A crash may leave uploads cut short or never journaled, and half-written
+        snapshots: files nobody knows. Remove them."""
         for path in self.files.iterdir():
             if path.name not in messenger.files:
                 path.unlink(missing_ok=True)
+        for path in self.folder.glob("snapshot-*.tmp"):
+            path.unlink()
 
     async def write_snapshot(
         self, number: int, state: dict[str, Any], messages: list[Message]
@@ -2555,10 +2558,10 @@ class MessengerApp:
                 async for chunk in call.channel.stream(request, self.config.max_file_size):
                     digest.update(chunk)
                     out.write(chunk)
-                if self.journal.always:
-                    out.flush()
-                    await asyncio.to_thread(os.fsync, out.fileno())
+                out.flush()  # on disk before the journal names it, whatever --fsync says
+                await asyncio.to_thread(os.fsync, out.fileno())
             os.replace(temporary, path)
+            await asyncio.to_thread(_fsync_folder, self.store.files)
             stored = self.messenger.add_file(
                 call.user, file_id, name, request.content_length, media_type, digest.hexdigest()
             )
@@ -3297,7 +3300,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, str]:
     add("--host", default="127.0.0.1", help="address to listen on")
     add("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
     add("--state-dir", type=Path, default=Path("state"), help="folder for snapshots and files")
-    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="DEBUG logs a line per request")
     add("--log-format", default="text", choices=["text", "json"], help="for humans or machines")
     add("--max-request-line", type=int, default=MAX_REQUEST_LINE, help="bytes; 414 above")
     add("--max-header-line", type=int, default=MAX_HEADER_LINE, help="bytes; 431 above")
@@ -3309,7 +3313,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, str]:
     add("--body-timeout", type=float, default=BODY_TIMEOUT, help="seconds; 408 after")
     add("--idle-timeout", type=float, default=IDLE_TIMEOUT, help="seconds of keep-alive")
     add("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, help="seconds")
-    add("--max-connections-per-ip", type=int, default=MAX_CONNECTIONS_PER_IP)
+    add("--max-connections-per-ip", type=int, default=MAX_CONNECTIONS_PER_IP,
+        help="open connections per client address; 503 above")
     add("--max-wait", type=float, default=MAX_WAIT, help="seconds a long-poll may wait")
     add("--password-cost", type=int, default=PASSWORD_COST, help="log2 of scrypt's n")
     add("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help="seconds")
