@@ -46,9 +46,12 @@ DEFAULT_SERVER: Final = "http://127.0.0.1:8000"
 CONFIG_FILE: Final = "config.json"
 REQUEST_TIMEOUT: Final = 30.0  # seconds for one request, beyond any long-poll wait
 FOLLOW_WAIT: Final = 30  # seconds each long poll of `read --follow` may wait
+MAX_PAGE: Final = 1000  # messages per answer, the server's maximum
 RECONNECT_DELAY: Final = 2.0  # seconds between attempts while the server is unreachable
 JSON_TYPE: Final = "application/json; charset=utf-8"
 DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # seconds per unit
+BIDI_CONTROLS: Final = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F),
+                                  *range(0x2066, 0x206A)])  # marks that reorder shown text
 
 
 class Config:
@@ -329,7 +332,11 @@ class MessengerClient:
     """
 
     def __init__(self, server: str, token: str | None = None) -> None:
-        parts = urlsplit(server)
+        try:
+            parts = urlsplit(server)
+            port = parts.port
+        except ValueError as exc:
+            raise ClientError(f"not a server address: {server} ({exc})") from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"not an http:// server address: {server}")
         self.server = server
@@ -338,7 +345,7 @@ class MessengerClient:
             http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
         self._host = parts.hostname
-        self._port = parts.port
+        self._port = port
         self._prefix = parts.path.rstrip("/")
 
     # Identity
@@ -563,11 +570,18 @@ def format_size(size: int) -> str:
 
 
 def clean(text: str) -> str:
-    """Text from others, safe for a terminal: control characters (escapes) shown as ``\\x1b``."""
+    """Text from others, safe for a terminal: control characters (escapes) and the marks
+    that reorder text on screen (bidi overrides) are shown as codes like ``\\x1b``."""
     return "".join(
-        char if char == "\n" or unicodedata.category(char) != "Cc" else f"\\x{ord(char):02x}"
+        f"\\x{ord(char):02x}" if _unsafe(char) else char
         for char in text
     )
+
+
+def _unsafe(char: str) -> bool:
+    if char == "\n":
+        return False
+    return unicodedata.category(char) == "Cc" or ord(char) in BIDI_CONTROLS
 
 
 def where(chat: str | None, to: str | None, sender: str, me: str) -> str:
@@ -883,10 +897,23 @@ def read(app: App, chat: str | None, follow: bool) -> None:
     """Print the unread messages and mark them read.
 
     With --follow, keep waiting for new ones (reconnecting if the server restarts).
+    The read position covers all chats: with --chat, the unread messages of that chat are
+    shown and nothing is marked read (with --follow, what is shown is marked read, and so
+    is everything older).
     """
     client, user = app.login()
     if follow:
         follow_messages(app, client, user, chat)
+        return
+    if chat is not None:
+        page = client.messages(chat=chat, limit=MAX_PAGE)  # no since: nothing marked read
+        if app.json_output:
+            print_json(page)
+            return
+        for message in page["messages"]:
+            click.echo(format_message(message, user))
+        if not page["messages"]:
+            click.echo("No unread messages.")
         return
     # Without since the server starts at the read position; since=X marks up to X read.
     seen: list[Message] = []

@@ -28,7 +28,8 @@ Routes (all but the first three need ``Authorization: Bearer <token>``):
     GET    /files/{id}                      download one
 
 The file reads top to bottom: configuration, errors, the HTTP protocol (no I/O), routing,
-the domain model (no I/O), persistence, the API handlers, the server lifecycle, main().
+the domain model (no I/O), persistence, the API handlers, the OpenAPI document, the
+server lifecycle, main().
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import asyncio
 import bisect
 import contextlib
 import email.utils
+import enum
 import gc
 import hashlib
 import heapq
@@ -81,6 +83,7 @@ HEAD_TIMEOUT: Final = 10.0  # seconds from a head's first byte to its end; 408 a
 BODY_TIMEOUT: Final = 30.0  # seconds for a whole body; 408 after
 IDLE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection is kept
 SHUTDOWN_TIMEOUT: Final = 10.0  # seconds in-flight requests get to finish at shutdown
+LINGER_TIMEOUT: Final = 2.0  # seconds a refused request's remaining bytes are taken in
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
 PASSWORD_COST: Final = 17  # log2 of scrypt's n
@@ -164,6 +167,27 @@ class BadRequest(MessengerError):
     code = "bad_request"
 
 
+class InvalidField(BadRequest):
+    code = "invalid_field"
+
+
+class BadJson(BadRequest):
+    code = "bad_json"
+
+
+class Unauthorized(MessengerError):
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("WWW-Authenticate", 'Bearer realm="messenger"')]
+
+
+class Forbidden(MessengerError):
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"
+
+
 class MethodNotAllowed(MessengerError):
     status = HTTPStatus.METHOD_NOT_ALLOWED
     code = "method_not_allowed"
@@ -199,6 +223,42 @@ class UriTooLong(MessengerError):
 class HeadersTooLarge(MessengerError):
     status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
     code = "headers_too_large"
+
+
+class Conflict(MessengerError):
+    status = HTTPStatus.CONFLICT
+    code = "conflict"
+
+
+class LengthRequired(MessengerError):
+    status = HTTPStatus.LENGTH_REQUIRED
+    code = "length_required"
+
+
+class RateLimited(MessengerError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float, rate: RateInfo | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+        self.rate = rate
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after)), *rate_headers(self.rate)]
+
+
+def rate_headers(rate: RateInfo | None) -> list[tuple[str, str]]:
+    """GitHub's X-RateLimit-* headers, for sends to the general chat."""
+    if rate is None:
+        return []
+    headers = [
+        ("X-RateLimit-Limit", str(rate.limit)),
+        ("X-RateLimit-Remaining", str(rate.remaining)),
+    ]
+    if rate.reset is not None:
+        headers.append(("X-RateLimit-Reset", str(math.ceil(rate.reset))))
+    return headers
 
 
 class NotImplementedByServer(MessengerError):
@@ -604,7 +664,8 @@ Handler = Callable[["Call"], Awaitable[Response]]
 @dataclass(frozen=True, slots=True)
 class Route:
     handler: Handler
-    auth: bool
+    auth: bool  # it needs a bearer token
+    body: bool  # its handler reads the request body
 
 
 class Router:
@@ -620,7 +681,9 @@ class Router:
         self._dynamic: list[tuple[re.Pattern[str], dict[str, Route]]] = []
         self._patterns: dict[str, dict[str, Route]] = {}
 
-    def add(self, method: str, pattern: str, handler: Handler, *, auth: bool = True) -> None:
+    def add(
+        self, method: str, pattern: str, handler: Handler, *, auth: bool, body: bool
+    ) -> None:
         methods = self._patterns.get(pattern)
         if methods is None:
             methods = self._patterns[pattern] = {}
@@ -629,7 +692,7 @@ class Router:
                 self._dynamic.append((re.compile(regex), methods))
             else:
                 self._static[pattern] = methods
-        methods[method] = Route(handler, auth)
+        methods[method] = Route(handler, auth, body)
 
     def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
         params: tuple[str, ...] = ()
@@ -676,19 +739,6 @@ IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at leas
 Event = tuple[Any, ...]  # ("kind", *fields): the unit of the journal
 
 
-class Unauthorized(MessengerError):
-    status = HTTPStatus.UNAUTHORIZED
-    code = "unauthorized"
-
-    def headers(self) -> list[tuple[str, str]]:
-        return [("WWW-Authenticate", 'Bearer realm="messenger"')]
-
-
-class Forbidden(MessengerError):
-    status = HTTPStatus.FORBIDDEN
-    code = "forbidden"
-
-
 class NotAMember(Forbidden):
     code = "not_a_member"
 
@@ -720,30 +770,6 @@ class UnknownChat(NotFound):
 class UnknownMessage(NotFound):
     def __init__(self, message_id: int | str) -> None:
         super().__init__(f"no message {message_id} that you can see")
-
-
-class Conflict(MessengerError):
-    status = HTTPStatus.CONFLICT
-    code = "conflict"
-
-
-class InvalidField(BadRequest):
-    code = "invalid_field"
-
-
-class RateLimited(MessengerError):
-    status = HTTPStatus.TOO_MANY_REQUESTS
-    code = "rate_limited"
-
-    def __init__(
-        self, message: str, retry_after: float, headers: list[tuple[str, str]] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, math.ceil(retry_after))
-        self._headers = headers or []
-
-    def headers(self) -> list[tuple[str, str]]:
-        return [("Retry-After", str(self.retry_after)), *self._headers]
 
 
 class Message(NamedTuple):
@@ -1025,12 +1051,13 @@ class Messenger:
         if known is None or known[2] + self._client_id_lifetime() <= now:
             return None
         kind, ref, _ = known
-        if kind == "scheduled" and ref in self.scheduled:
-            return SendResult(None, self.scheduled[str(ref)], False, None)
-        message = self.messages.get(ref) if isinstance(ref, int) else None
+        if kind == "scheduled":
+            scheduled = self.scheduled[str(ref)]  # a cancelled one forgets its client_id
+            return SendResult(None, scheduled, False, self._rate(user, scheduled.chat))
+        message = self.messages.get(int(ref))
         if message is None:
             raise NotFound(f"the message sent with client_id {client_id} has expired")
-        return SendResult(message, None, False, None)
+        return SendResult(message, None, False, self._rate(user, message.chat))
 
     def _destination(self, user: User, draft: Draft) -> tuple[str | None, str | None, int | None]:
         """Where a draft goes: (chat, to, reply_to); a comment goes where its parent is."""
@@ -1074,7 +1101,7 @@ class Messenger:
             raise RateLimited(
                 f"at most {self.rules.rate_limit} messages per window in {GENERAL}",
                 reset - now,
-                rate_headers(rate),
+                rate,
             )
 
     def _rate(self, user: User, chat: str | None) -> RateInfo | None:
@@ -1273,8 +1300,8 @@ class Messenger:
         if user is None:
             raise UnknownUser(target)
         now = self.clock()
-        counted = reporter in user.reporters and not _ban_ended(user, now)
-        if not counted:
+        already_counted = reporter in user.reporters and not _ban_ended(user, now)
+        if not already_counted:
             made = self.users[reporter].reports_made
             if made.used(now, self.rules.rate_window) >= self.rules.report_limit:
                 reset = made.reset_at(now, self.rules.rate_window) or now
@@ -1574,6 +1601,9 @@ class Messenger:
             self.files[scheduled.file].scheduled += 1
 
     def _apply_cancel(self, scheduled_id: str, ts: float) -> None:
+        scheduled = self.scheduled.get(scheduled_id)
+        if scheduled is not None and scheduled.client_id is not None:
+            self.users[scheduled.sender].client_ids.pop(scheduled.client_id, None)
         self._remove_scheduled(scheduled_id, ts)
 
     def _remove_scheduled(self, scheduled_id: str, now: float) -> None:
@@ -1655,18 +1685,6 @@ def _remove_sorted(ids: list[int], value: int) -> None:
         del ids[index]
 
 
-def rate_headers(rate: RateInfo | None) -> list[tuple[str, str]]:
-    """GitHub's X-RateLimit-* headers for a send to the general chat."""
-    if rate is None:
-        return []
-    reset = rate.reset if rate.reset is not None else time.time()
-    return [
-        ("X-RateLimit-Limit", str(rate.limit)),
-        ("X-RateLimit-Remaining", str(rate.remaining)),
-        ("X-RateLimit-Reset", str(math.ceil(reset))),
-    ]
-
-
 # Persistence ################################################################
 
 SNAPSHOT_MAGIC: Final = b"MSGRSNAP"
@@ -1719,7 +1737,7 @@ class Journal:
 
     def __init__(self, path: Path, *, always: bool) -> None:
         self.always = always
-        self.broken = False  # a failed write could not be undone: refuse until a new file
+        self.broken = False  # a write could not be undone or an fsync failed: refuse changes
         self._fd = self._open(path)
         self._size = 0
         self._written = 0  # records appended
@@ -1765,9 +1783,13 @@ class Journal:
                     await asyncio.to_thread(os.fsync, self._switched[0])
                     os.close(self._switched.pop(0))
                 await asyncio.to_thread(os.fsync, self._fd)
-            except OSError as exc:
-                logger.error("journal fsync failed: %s", exc)
-                raise Unavailable("the state cannot be written to disk") from exc
+            except OSError as exc:  # the disk may have dropped what it had: trust it no more
+                logger.error("journal fsync failed, refusing changes until a new file: %s", exc)
+                self.broken = True
+                raise Unavailable(
+                    "the change was made but may not be on disk (disk error); "
+                    "the server takes no changes until it can write its state again"
+                ) from exc
             self._synced = max(self._synced, written)
 
     def switch(self, path: Path) -> None:
@@ -1868,6 +1890,29 @@ class StateStore:
         logger.info("replayed %d journal events (%d failed)", replayed, failed)
         self._remove_orphan_files(messenger)
         return max([*snapshots, *journals, 0]) + 1
+
+    async def save_upload(self, chunks: AsyncIterator[bytes]) -> tuple[str, str]:
+        """Store an upload under a new server-made name, on disk before this returns (it is
+        journaled next, whatever ``--fsync`` says); its id and its sha256. An upload cut
+        short leaves nothing behind."""
+        file_id = secrets.token_urlsafe(16)
+        temporary = self.files / f".upload-{file_id}"
+        digest = hashlib.sha256()
+        try:
+            with create_private(temporary) as out:
+                async for chunk in chunks:
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                await asyncio.to_thread(os.fsync, out.fileno())
+            os.replace(temporary, self.files / file_id)
+            await asyncio.to_thread(_fsync_folder, self.files)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return file_id, digest.hexdigest()
+
+    def remove_file(self, file_id: str) -> None:
+        (self.files / file_id).unlink(missing_ok=True)
 
     def _remove_orphan_files(self, messenger: Messenger) -> None:
         """A crash may leave uploads cut short or never journaled, and half-written
@@ -1971,20 +2016,12 @@ MAX_FILE_NAME: Final = 255  # characters
 MAX_LIMIT: Final = 1000  # messages per answer
 MAX_TIMER_SLEEP: Final = 1.0  # seconds the timer task sleeps at most between looks
 ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # file, scheduled message and link ids
+_DECIMAL_RE: Final = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,18})?")  # a number in a query
 _MEDIA_TYPE_RE: Final = re.compile(
     r"[-!#$%&'*+.^_`|~0-9A-Za-z]+/[-!#$%&'*+.^_`|~0-9A-Za-z]+"
     r"""(?:[ \t]*;[ \t]*[-!#$%&'*+.^_`|~0-9A-Za-z]+=(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+|"[^"\\]*"))*"""
 )
 _UNSAFE_FILE_NAME_RE: Final = re.compile(r"[^A-Za-z0-9._ ()+-]")
-
-
-class LengthRequired(MessengerError):
-    status = HTTPStatus.LENGTH_REQUIRED
-    code = "length_required"
-
-
-class BadJson(BadRequest):
-    code = "bad_json"
 
 
 @dataclass(slots=True)
@@ -2007,6 +2044,8 @@ class Channel(Protocol):
 
     def stream(self, request: Request, limit: int) -> AsyncIterator[bytes]: ...
 
+    async def discard(self, request: Request) -> None: ...
+
 
 class Fields:
     """Typed access to a JSON object or a query string; every refusal names the field."""
@@ -2015,8 +2054,14 @@ class Fields:
         self._values = values
         self._from_query = from_query
 
-    def string(self, name: str, **checks: Any) -> str:
-        value = self.optional_string(name, **checks)
+    def string(
+        self,
+        name: str,
+        *,
+        max_length: int = MAX_TEXT,
+        pattern: re.Pattern[str] | None = None,
+    ) -> str:
+        value = self.optional_string(name, max_length=max_length, pattern=pattern)
         if value is None:
             raise InvalidField(f"{name} is required")
         return value
@@ -2058,14 +2103,17 @@ class Fields:
         value = self._values.get(name)
         if value is None:
             return None
-        if self._from_query and isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
+        if self._from_query and isinstance(value, str) and _DECIMAL_RE.fullmatch(value):
+            value = float(value)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise InvalidField(f"{name} must be a number")
-        if not math.isfinite(value) or value < minimum:
+        try:
+            number = float(value)  # an integer of hundreds of digits overflows here
+        except OverflowError as exc:
+            raise InvalidField(f"{name} is too large") from exc
+        if not math.isfinite(number) or number < minimum:
             raise InvalidField(f"{name} must be a finite number of at least {minimum}")
-        return float(value)
+        return number
 
     def optional_bool(self, name: str) -> bool | None:
         value = self._values.get(name)
@@ -2147,35 +2195,36 @@ class MessengerApp:
         self.closing = False
         self.wake_timer: Callable[[], None] = _ignore
         self.started = messenger.clock()
-        self._hashing = asyncio.Semaphore(os.cpu_count() or 1)
+        self._hashing = asyncio.Semaphore(len(os.sched_getaffinity(0)))  # a core each
         messenger.on_message = self._on_message
         self.router = Router()
-        routes: list[tuple[str, str, Handler, bool]] = [
-            ("GET", "/health", self.health, False),
-            ("GET", "/openapi.json", self.openapi, False),
-            ("POST", "/connect", self.connect, False),
-            ("POST", "/disconnect", self.disconnect, True),
-            ("POST", "/send", self.send, True),
-            ("GET", "/messages", self.poll, True),
-            ("GET", "/messages/{id}", self.thread, True),
-            ("GET", "/history", self.history, True),
-            ("GET", "/scheduled", self.scheduled, True),
-            ("DELETE", "/scheduled/{id}", self.cancel, True),
-            ("GET", "/chat", self.chats, True),
-            ("POST", "/chat", self.join, True),
-            ("POST", "/chat/{name}/leave", self.leave, True),
-            ("POST", "/chat/{name}/invite", self.invite, True),
-            ("POST", "/chat/{name}/link", self.link, True),
-            ("GET", "/chat/{name}/requests", self.requests, True),
-            ("POST", "/chat/{name}/requests/{user}", self.decide, True),
-            ("POST", "/join/{token}", self.request_join, True),
-            ("GET", "/status", self.status, True),
-            ("POST", "/report", self.report, True),
-            ("POST", "/files", self.upload, True),
-            ("GET", "/files/{id}", self.download, True),
+        routes: list[tuple[str, str, Handler, bool, bool]] = [
+            # method   path                              handler             token  reads body
+            ("GET",    "/health",                        self.health,        False, False),
+            ("GET",    "/openapi.json",                  self.openapi,       False, False),
+            ("POST",   "/connect",                       self.connect,       False, True),
+            ("POST",   "/disconnect",                    self.disconnect,    True,  False),
+            ("POST",   "/send",                          self.send,          True,  True),
+            ("GET",    "/messages",                      self.poll,          True,  False),
+            ("GET",    "/messages/{id}",                 self.thread,        True,  False),
+            ("GET",    "/history",                       self.history,       True,  False),
+            ("GET",    "/scheduled",                     self.scheduled,     True,  False),
+            ("DELETE", "/scheduled/{id}",                self.cancel,        True,  False),
+            ("GET",    "/chat",                          self.chats,         True,  False),
+            ("POST",   "/chat",                          self.join,          True,  True),
+            ("POST",   "/chat/{name}/leave",             self.leave,         True,  False),
+            ("POST",   "/chat/{name}/invite",            self.invite,        True,  True),
+            ("POST",   "/chat/{name}/link",              self.link,          True,  False),
+            ("GET",    "/chat/{name}/requests",          self.requests,      True,  False),
+            ("POST",   "/chat/{name}/requests/{user}",   self.decide,        True,  True),
+            ("POST",   "/join/{token}",                  self.request_join,  True,  False),
+            ("GET",    "/status",                        self.status,        True,  False),
+            ("POST",   "/report",                        self.report,        True,  True),
+            ("POST",   "/files",                         self.upload,        True,  True),
+            ("GET",    "/files/{id}",                    self.download,      True,  False),
         ]
-        for method, path, handler, auth in routes:
-            self.router.add(method, path, handler, auth=auth)
+        for method, path, handler, auth, body in routes:
+            self.router.add(method, path, handler, auth=auth, body=body)
 
     # Dispatch ---------------------------------------------------------------
 
@@ -2187,12 +2236,14 @@ class MessengerApp:
             if request.path == "*":
                 allow = ", ".join(self.router.all_methods())
                 return Response(HTTPStatus.NO_CONTENT, headers=[("Allow", allow)])
-            if request.method == "CONNECT":
+            if not request.path.startswith("/"):  # CONNECT host:port: no resource of ours
                 raise MethodNotAllowed("this is an origin server: CONNECT is refused", [])
             route, params = self.router.match(request.method, request.path)
             call = Call(request, params, channel)
             if route.auth:
                 self._authenticate(call)
+            if request.has_body and not route.body:
+                await channel.discard(request)  # a malformed body fails before any change
             return await route.handler(call)
         except MessengerError as exc:
             logger.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
@@ -2357,6 +2408,7 @@ class MessengerApp:
 
     async def disconnect(self, call: Call) -> Response:
         self.messenger.disconnect(call.token_hash)
+        self.forget(call.channel)  # the connection no longer makes its user online
         await self._changed()
         return Response(HTTPStatus.NO_CONTENT)
 
@@ -2537,7 +2589,7 @@ class MessengerApp:
         )
 
     async def upload(self, call: Call) -> Response:
-        """Stream the raw body to a temporary file, hashing it on the way, then keep it."""
+        """Store the raw body as a file of the caller's, under a name the server makes."""
         request = call.request
         if request.content_length is None:
             raise LengthRequired("a file upload needs Content-Length")
@@ -2549,29 +2601,19 @@ class MessengerApp:
         media_type = request.headers.get("content-type", "application/octet-stream")
         if not _MEDIA_TYPE_RE.fullmatch(media_type):
             raise InvalidField("Content-Type must be a media type such as image/png")
-        file_id = secrets.token_urlsafe(16)
-        path = self.store.files / file_id
-        temporary = self.store.files / f".upload-{file_id}"
-        digest = hashlib.sha256()
+        body = call.channel.stream(request, self.config.max_file_size)
         try:
-            with create_private(temporary) as out:
-                async for chunk in call.channel.stream(request, self.config.max_file_size):
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()  # on disk before the journal names it, whatever --fsync says
-                await asyncio.to_thread(os.fsync, out.fileno())
-            os.replace(temporary, path)
-            await asyncio.to_thread(_fsync_folder, self.store.files)
-            stored = self.messenger.add_file(
-                call.user, file_id, name, request.content_length, media_type, digest.hexdigest()
-            )
+            file_id, sha256 = await self.store.save_upload(body)
         except OSError as exc:
             logger.error("could not store an upload: %s", exc)
             raise Unavailable("the file cannot be stored now") from exc
-        finally:
-            temporary.unlink(missing_ok=True)
-            if file_id not in self.messenger.files:
-                path.unlink(missing_ok=True)
+        try:
+            stored = self.messenger.add_file(
+                call.user, file_id, name, request.content_length, media_type, sha256
+            )
+        except Unavailable:
+            self.store.remove_file(file_id)
+            raise
         await self._changed()
         return Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
 
@@ -2591,6 +2633,9 @@ class MessengerApp:
         return Response(
             content_type=stored.type, headers=headers, file=handle, file_size=stored.size
         )
+
+
+# OpenAPI document ###########################################################
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -2625,7 +2670,7 @@ def _operation(
         responses[str(status)] = {"description": description}
         if schema is not None:
             responses[str(status)]["content"] = _json_content(schema)
-    for status in [*errors, *([] if public else [401])]:
+    for status in [*errors, *([] if public else [401, 503])]:
         responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
     if public:
@@ -2722,11 +2767,14 @@ def build_openapi() -> dict[str, Any]:
         "token user chat history unread", token=string, user=user_name, chat=chat_name,
         history=messages, unread=integer,
     )
-    send_body = _object(
-        "", text={"type": "string", "maxLength": MAX_TEXT}, chat=chat_name, to=user_name,
-        reply_to=integer, send_at=number, file=string,
-        client_id={"type": "string", "maxLength": 64},
+    send_body = _object(  # optional fields may also be null, which means absent
+        "", text=_nullable({"type": "string", "maxLength": MAX_TEXT}),
+        chat=_nullable(chat_name), to=_nullable(user_name), reply_to=_nullable(integer),
+        send_at=_nullable(number), file=_nullable(string),
+        client_id=_nullable({"type": "string", "maxLength": 64}),
     )
+    sent = _object("message", message=_ref("Message"))
+    scheduled = _object("scheduled", scheduled=_ref("Scheduled"))
     paths = {
         "/health": {"get": _operation("Liveness", {200: ("Up", _object("status", status=string))},
                                       public=True)},
@@ -2735,7 +2783,7 @@ def build_openapi() -> dict[str, Any]:
         "/connect": {"post": _operation(
             "Register on first use, or log in; opens a session",
             {200: ("Logged in", connect_answer), 201: ("Registered", connect_answer)},
-            errors=[400, 413, 429],
+            errors=[400, 401, 413, 429, 503],
             body=_object("user password", user=user_name,
                          password={"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD}),
             public=True,
@@ -2743,10 +2791,9 @@ def build_openapi() -> dict[str, Any]:
         "/disconnect": {"post": _operation("Revoke the caller's token", {204: ("Revoked", None)})},
         "/send": {"post": _operation(
             "Send to the active chat, a chat, or privately; or schedule with send_at",
-            {200: ("A retry with a known client_id", {}),
-             201: ("Sent", _object("message", message=_ref("Message"))),
-             202: ("Scheduled", _object("scheduled", scheduled=_ref("Scheduled")))},
-            errors=[400, 403, 404, 413, 429, 503], body=send_body,
+            {200: ("A retry with a known client_id", {"oneOf": [sent, scheduled]}),
+             201: ("Sent", sent), 202: ("Scheduled", scheduled)},
+            errors=[400, 403, 404, 413, 429], body=send_body,
         )},
         "/messages": {"get": _operation(
             "Messages the caller can see after since, oldest first; long-polls with wait",
@@ -2792,7 +2839,7 @@ def build_openapi() -> dict[str, Any]:
                 {200: ("Joined", _object("chat history", chat=_ref("Chat"), history=messages)),
                  201: ("Created", _object("chat history", chat=_ref("Chat"), history=messages))},
                 errors=[400, 403, 409, 413],
-                body=_object("chat_name", chat_name=chat_name, private=boolean),
+                body=_object("chat_name", chat_name=chat_name, private=_nullable(boolean)),
             ),
         },
         "/chat/{name}/leave": {"post": _operation(
@@ -2825,12 +2872,12 @@ def build_openapi() -> dict[str, Any]:
             {200: ("Reported", _object("user reports banned_until", user=user_name,
                                        reports=integer, banned_until=_nullable(number)))},
             errors=[400, 404, 429],
-            body=_object("user", user=user_name, reason={"type": "string"}))},
+            body=_object("user", user=user_name, reason=_nullable({"type": "string"})))},
         "/files": {"post": {
             **_operation(
                 "Upload a file: the raw bytes with their Content-Type",
                 {201: ("Stored", _object("file", file=_ref("File")))},
-                errors=[400, 411, 413, 503],
+                errors=[400, 411, 413],
                 parameters=[_parameter("name", "query", string, "the file's name")],
             ),
             "requestBody": {"required": True, "content": {"*/*": {"schema": {
@@ -2854,7 +2901,6 @@ def build_openapi() -> dict[str, Any]:
             "version": VERSION,
             "description": "Chats over HTTP/1.1. Every error is JSON: {error, message}.",
         },
-        "servers": [{"url": "http://127.0.0.1:8000"}],
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
@@ -2874,7 +2920,14 @@ _OPENAPI_BODY: Final = encode_json(OPENAPI)
 
 # Server lifecycle ##########################################################
 
-_IDLE, _HEAD, _BODY, _HANDLER, _WRITE = "idle", "head", "body", "handler", "write"
+class Phase(enum.Enum):
+    """Where a connection is in a request's life: its deadline depends on it."""
+
+    IDLE = "waiting for a request"
+    HEAD = "reading a request head"
+    BODY = "reading a request body"
+    HANDLER = "answering"
+    WRITE = "sending"
 
 
 class Connection:
@@ -2893,7 +2946,7 @@ class Connection:
         self._writer = writer
         self._buffer = bytearray()
         self._loop = asyncio.get_running_loop()
-        self.phase = _IDLE
+        self.phase = Phase.IDLE
         self.deadline = self._loop.time() + self._config.idle_timeout
         self._body_left = False  # a request body that is still (partly) in the stream
         self._continued = False  # 100 Continue sent for the current request
@@ -2907,16 +2960,21 @@ class Connection:
                 request = await self._read_request()
                 if request is None:
                     return
-                self.phase, self.deadline = _HANDLER, float("inf")
+                self.phase, self.deadline = Phase.HANDLER, float("inf")
                 response = await self._server.app.dispatch(request, self)
                 if self.expired:
                     return
                 close = not request.keep_alive or self._server.closing
-                if self._body_left and not self._broken:
-                    try:
-                        close = not await self._discard_body(request) or close
-                    except MessengerError as exc:  # a malformed body makes a bad request
-                        response = Response.error(exc)
+                if self._body_left and not self._broken:  # the answer came before the body
+                    if request.expect_continue and not self._continued:
+                        close = True  # the client waits for our word before it sends it
+                    else:
+                        try:
+                            await self.discard(request)
+                        except PayloadTooLarge:
+                            close = True
+                        except MessengerError as exc:  # a malformed body: a bad request
+                            response = Response.error(exc)
                 close = close or self._broken
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
@@ -2924,19 +2982,35 @@ class Connection:
                     )
                 await self._send(request, response, close)
                 if close:
+                    await self._close(linger=self._body_left)
                     return
-                self.phase = _IDLE
+                self.phase = Phase.IDLE
                 self.deadline = self._loop.time() + self._config.idle_timeout
         except MessengerError as exc:
             if not self.expired:
                 logger.info("bad request from %s: %d %s", self.peer, exc.status, exc.message)
                 with contextlib.suppress(ConnectionError):
                     await self._send(None, Response.error(exc), close=True)
+                    await self._close(linger=True)
         except OSError as exc:  # the client went away, or a file could not be read
             logger.debug("connection with %s ended: %s", self.peer, exc)
         finally:
             self._server.app.forget(self)
             self._writer.close()
+
+    async def _close(self, *, linger: bool) -> None:
+        """Close after the last answer. If the client may still be sending (a body we did
+        not read, a bad request), stop writing first and take in what comes for a moment:
+        closing at once would reset the connection and could destroy the answer on its way
+        (RFC 9112 §9.6)."""
+        if linger and self._writer.can_write_eof():
+            self.phase, self.deadline = Phase.WRITE, self._loop.time() + LINGER_TIMEOUT
+            self._writer.write_eof()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINGER_TIMEOUT):
+                    while await self._reader.read(READ_SIZE):
+                        pass
+        self._writer.close()
 
     @property
     def peer(self) -> str:
@@ -2944,8 +3018,11 @@ class Connection:
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
     async def _fill(self) -> bool:
-        """Read what the client sent next into the buffer; False at end of stream."""
-        data = await self._reader.read(READ_SIZE)
+        """Read what the client sent next into the buffer; False once the client is gone."""
+        try:
+            data = await self._reader.read(READ_SIZE)
+        except ConnectionError:
+            return False
         self._buffer += data
         return bool(data)
 
@@ -2960,8 +3037,8 @@ class Connection:
             if end != -1:
                 break
             if buffer:
-                if self.phase == _IDLE:
-                    self.phase = _HEAD
+                if self.phase == Phase.IDLE:
+                    self.phase = Phase.HEAD
                     self.deadline = self._loop.time() + self._config.head_timeout
                 check_partial_head(buffer, self._config.http, checked)
                 checked = len(buffer)
@@ -2998,7 +3075,7 @@ class Connection:
         if request.expect_continue and not self._continued:
             self._continued = True
             self._writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.phase = _BODY
+        self.phase = Phase.BODY
         self.deadline = self._loop.time() + self._config.body_timeout
         self._broken = True  # until the body has been read to its end
         if request.content_length is not None:
@@ -3025,21 +3102,12 @@ class Connection:
                     raise BadRequest("the connection ended in the middle of a body")
         self._broken = False
         self._body_left = False
-        self.phase, self.deadline = _HANDLER, float("inf")
+        self.phase, self.deadline = Phase.HANDLER, float("inf")
 
-    async def _discard_body(self, request: Request) -> bool:
-        """Skip a body no handler read, if it is small; False when the connection must close.
-
-        A malformed body raises its error: the request was a bad one after all.
-        """
-        if request.expect_continue and not self._continued:
-            return False  # the client waits for our word before it sends the body
-        try:
-            async for _ in self.stream(request, self._config.max_json_body):
-                pass
-        except PayloadTooLarge:
-            return False
-        return True
+    async def discard(self, request: Request) -> None:
+        """Read and drop a body nobody needs: 413 beyond the JSON limit, 400 if malformed."""
+        async for _ in self.stream(request, self._config.max_json_body):
+            pass
 
     async def _send(self, request: Request | None, response: Response, close: bool) -> None:
         """Write ``response``; for HEAD only its head. Waits while the client is slow to read."""
@@ -3054,44 +3122,62 @@ class Connection:
         else:
             self._writer.write(head + response.body if with_body else head)
         if self._writer.transport.get_write_buffer_size():
-            self._start_writing()
-            await self._writer.drain()
+            await self._drain()
 
-    def _start_writing(self) -> None:
-        self.phase = _WRITE
+    async def _drain(self) -> None:
+        """Wait while the client reads; one that reads nothing for idle_timeout is dropped."""
+        self.phase = Phase.WRITE
         self.deadline = self._loop.time() + self._config.idle_timeout
+        await self._writer.drain()
 
     async def _send_file(self, file: BinaryIO, size: int) -> None:
-        self._start_writing()
         while size > 0:
             chunk = file.read(min(READ_SIZE, size))
             if not chunk:
                 raise ConnectionAbortedError("the file shrank while it was sent")
             size -= len(chunk)
             self._writer.write(chunk)
-            await self._writer.drain()
+            await self._drain()
 
     def expire(self) -> None:
         """Called by the watchdog past the deadline: 408 for a slow head or body, then close."""
-        self.expired = True
-        if self.phase in (_HEAD, _BODY):
-            what = "request head" if self.phase == _HEAD else "request body"
+        if self.phase in (Phase.HEAD, Phase.BODY):
+            what = "request head" if self.phase == Phase.HEAD else "request body"
             logger.warning("%s too slow with its %s: 408", self.peer, what)
-            response = Response.error(RequestTimeout(f"the {what} did not arrive in time"))
-            self._writer.write(response.serialize_head(close=True) + response.body)
-            self._writer.close()
-        elif self.phase == _IDLE and not self._writer.transport.get_write_buffer_size():
-            self._writer.close()
-        else:  # a client that does not read what we send: drop what is pending
+            self._refuse(RequestTimeout(f"the {what} did not arrive in time"))
+        else:
+            self.drop()
+
+    def shut_down(self) -> None:
+        """The server stops: close between requests; tell a client in mid-head why."""
+        if self.phase == Phase.IDLE:
+            self.drop()
+        elif self.phase == Phase.HEAD:
+            self._refuse(Unavailable("the server is shutting down"))
+
+    def _refuse(self, error: MessengerError) -> None:
+        """Answer a request that will never be read to its end, and close."""
+        self.expired = True
+        response = Response.error(error)
+        self._writer.write(response.serialize_head(close=True) + response.body)
+        self._writer.close()
+
+    def drop(self) -> None:
+        """Close now; what a client that does not read has left pending is thrown away."""
+        self.expired = True
+        if self._writer.transport.get_write_buffer_size():
             self._writer.transport.abort()
+        else:
+            self._writer.close()
 
 
-def _freeze_long_lived() -> None:
-    """Keep what survived until now out of the cyclic garbage collector's sight.
+def _freeze_loaded_state() -> None:
+    """Keep the state loaded at start out of the cyclic garbage collector's sight.
 
-    Stored messages live long and form no cycles, yet each full collection would walk all
-    of them: with a million messages, a 250 ms pause of the event loop. Refcounting still
-    frees them when they expire; the collector keeps watching everything newer.
+    Stored messages live long, yet each full collection would walk all of them: with a
+    million messages, a 250 ms pause of the event loop. Messages form no reference
+    cycles, so refcounting still frees them when they expire. Done once, before any
+    connection exists: frozen objects in a cycle (a transport, say) would never be freed.
     """
     gc.collect()
     gc.freeze()
@@ -3112,15 +3198,15 @@ class MessengerServer:
         self.store = StateStore(config.state_dir)
         self.messenger = Messenger(config.rules, clock)
         self._journal_number = self.store.load(self.messenger)
-        _freeze_long_lived()
+        _freeze_loaded_state()
         self.journal = Journal(
             self.store.journal_path(self._journal_number), always=config.fsync == "always"
         )
         self.messenger.record = self.journal.append
-        self.messenger.on_file_gone = self._remove_file
+        self.messenger.on_file_gone = self.store.remove_file
         self.app = MessengerApp(config, self.messenger, self.journal, self.store)
         self.app.wake_timer = self.wake_timer
-        self._saved_changes = -1
+        self._saved_changes = [-1, -1]  # the change count in the two snapshots kept
         self._saving = asyncio.Lock()
         self._timer_wakeup = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -3158,14 +3244,13 @@ class MessengerServer:
         self._server.close()
         self.app.waiters.wake_all()
         for connection in self._connections:
-            if connection.phase == _IDLE:
-                connection.expire()
-        tasks = list(self._connections.values())
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            connection.shut_down()
+        if self._connections:
+            await asyncio.wait(self._connections.values(), timeout=self.config.shutdown_timeout)
+        for connection in list(self._connections):  # past the time given: cut them off
+            connection.drop()
+        if self._connections:
+            await asyncio.wait(self._connections.values(), timeout=1.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -3178,9 +3263,6 @@ class MessengerServer:
     def wake_timer(self) -> None:
         """Something new is due (a scheduled message): let the timer task look again."""
         self._timer_wakeup.set()
-
-    def _remove_file(self, file_id: str) -> None:
-        (self.store.files / file_id).unlink(missing_ok=True)
 
     async def save(self) -> None:
         """Take a snapshot: start a new journal, then write the state it starts from."""
@@ -3208,9 +3290,8 @@ class MessengerServer:
             finally:
                 gc.enable()
             del state, messages
-            self._saved_changes = changes
+            self._saved_changes = [self._saved_changes[1], changes]
             self.store.prune()
-            _freeze_long_lived()
             logger.info(
                 "snapshot %d: %d messages, %d bytes, %.3f s",
                 number, count, size, loop.time() - started,
@@ -3281,10 +3362,17 @@ class MessengerServer:
                 await self.journal.sync()
 
     async def _save_often(self) -> None:
+        """A snapshot every ``--snapshot-interval``, while something changed."""
         while True:
             await asyncio.sleep(self.config.snapshot_interval)
-            if self.messenger.changes != self._saved_changes or self.journal.broken:
+            if self.snapshot_due():
                 await self.save()
+
+    def snapshot_due(self) -> bool:
+        """Until both snapshots kept hold the current state, so that expired messages leave
+        the older snapshot and the journals too, even when the server turns quiet; or when
+        the journal refuses changes and needs a new file."""
+        return self.messenger.changes != self._saved_changes[0] or self.journal.broken
 
 
 # Entry point ###############################################################

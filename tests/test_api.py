@@ -1452,3 +1452,70 @@ async def test_privacy_the_two_parties_see_it_all(
     assert private_world["chat_comment"]["chat"] == "secret"
     download = await call(port, "GET", f"/files/{private_world['file']}", token=bob)
     assert (download.status, download.body) == (200, b"the plan")
+
+
+# Found by review ############################################################
+
+
+@pytest.mark.asyncio
+async def test_send_at_with_hundreds_of_digits_400(server: ms.MessengerServer) -> None:
+    token = await connect(server.port, "alice")
+    raw = b'{"text": "x", "send_at": 1' + b"0" * 400 + b"}"
+    assert_error(await call(server.port, "POST", "/send", raw, token=token), 400, "invalid_field")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/chat/room/leave"), ("POST", "/disconnect"), ("GET", "/messages?since=1")],
+)
+async def test_a_malformed_body_on_a_route_without_body_changes_nothing(
+    server: ms.MessengerServer, method: str, path: str
+) -> None:
+    """The body is judged before the handler runs: a 400 leaves everything as it was."""
+    token = await connect(server.port, "alice")
+    await call(server.port, "POST", "/chat", {"chat_name": "room"}, token=token)
+    await send(server.port, token, "hello", chat="room")
+    before = server.messenger.export()
+    async with Client(server.port) as client:
+        await client.send_raw(
+            f"{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode()
+        )
+        assert_error(await client.response(), 400, "bad_request")
+    assert server.messenger.export() == before
+    assert (await call(server.port, "GET", "/status", token=token)).status == 200
+
+
+@pytest.mark.asyncio
+async def test_a_retried_send_to_general_carries_the_rate_headers(
+    server: ms.MessengerServer,
+) -> None:
+    token = await connect(server.port, "alice")
+    body = {"text": "once", "client_id": "k1"}
+    first = await call(server.port, "POST", "/send", body, token=token)
+    retry = await call(server.port, "POST", "/send", body, token=token)
+    assert (first.status, retry.status) == (201, 200)
+    for name in ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"):
+        assert retry.headers[name] == first.headers[name]
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_scheduled_message_frees_its_client_id(
+    server: ms.MessengerServer, clock: FakeClock
+) -> None:
+    token = await connect(server.port, "alice")
+    later = {"text": "later", "send_at": clock.now + 60, "client_id": "k2"}
+    scheduled = (await call(server.port, "POST", "/send", later, token=token)).json()
+    path = f"/scheduled/{scheduled['scheduled']['id']}"
+    assert (await call(server.port, "DELETE", path, token=token)).status == 204
+    again = await call(server.port, "POST", "/send", later, token=token)
+    assert again.status == 202 and again.json()["scheduled"]["id"] != scheduled["scheduled"]["id"]
+
+
+@pytest.mark.asyncio
+async def test_connect_method_follows_the_route_checks(server: ms.MessengerServer) -> None:
+    known = await call(server.port, "CONNECT", "/health")
+    assert_error(known, 405, "method_not_allowed")
+    assert known.headers["allow"] == "GET, HEAD"
+    assert_error(await call(server.port, "CONNECT", "/nowhere"), 404, "not_found")

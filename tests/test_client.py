@@ -355,6 +355,19 @@ def test_read_chat_shows_only_that_chat(cli: Cli) -> None:
     assert "in books" in shown and "in general" not in shown
 
 
+def test_read_chat_leaves_other_chats_unread(cli: Cli) -> None:
+    """The read position covers all chats: reading one chat must not hide the others."""
+    cli.login("alice")
+    cli("join", "books", user="alice")
+    cli.login("bob")
+    cli("join", "books", user="bob")
+    cli("send", "--chat", "general", "in general", user="bob")
+    cli("send", "--chat", "books", "in books", user="bob")
+    cli("read", "--chat", "books", user="alice")
+    shown = cli("read", user="alice").stdout
+    assert "in general" in shown and "in books" in shown
+
+
 def test_send_private_comment_and_show(cli: Cli) -> None:
     cli.login("alice")
     cli.login("bob")
@@ -376,6 +389,21 @@ def test_send_shows_text_from_others_without_terminal_escapes(cli: Cli) -> None:
     shown = cli("read", user="alice").stdout
     assert "\x1b" not in shown
     assert shown.endswith(" general bob: \\x1b[2Jgone\n    second line\n")
+
+
+def test_send_shows_bidi_overrides_from_others_as_codes(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("send", "pay \u202egnp.exe", user="bob")
+    shown = cli("read", user="alice").stdout
+    assert "\u202e" not in shown and shown.endswith(" general bob: pay \\x202egnp.exe\n")
+
+
+@pytest.mark.parametrize("server", ["http://h:abc", "http://h:99999", "http://[::1", "ftp://h"])
+def test_a_malformed_server_address_is_one_clear_line(server: str, config_dir: Path) -> None:
+    result = CliRunner().invoke(mc.cli, ["--server", server, "status"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: not ")
 
 
 @pytest.mark.parametrize(

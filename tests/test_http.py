@@ -376,9 +376,9 @@ async def _handler(call: ms.Call) -> ms.Response:
 
 def make_router() -> ms.Router:
     router = ms.Router()
-    router.add("GET", "/chat", _handler)
-    router.add("POST", "/chat", _handler)
-    router.add("POST", "/chat/{name}/requests/{user}", _handler)
+    router.add("GET", "/chat", _handler, auth=True, body=False)
+    router.add("POST", "/chat", _handler, auth=True, body=True)
+    router.add("POST", "/chat/{name}/requests/{user}", _handler, auth=True, body=True)
     return router
 
 

@@ -624,3 +624,25 @@ async def test_server_sigterm_saves_exits_0_and_restores(
     history = await get(second.port, "/history?chat=general", token)
     assert history.json()["messages"] == acknowledged
     assert await second.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.asyncio
+async def test_an_expired_message_leaves_every_state_file(tmp_path: Path, clock: FakeClock) -> None:
+    """Snapshots go on until both kept hold the current state: then the expired text is
+    in no snapshot and no journal, though the server has been quiet since."""
+    config = make_config(tmp_path, rules=ms.Rules(message_ttl=60.0))
+    server = ms.MessengerServer(config, clock)
+    server.messenger.register("alice", b"hash", b"salt", 4, "token")
+    server.messenger.send("alice", ms.Draft("SECRET-EXPIRING-TEXT"))
+    await server.save()
+    clock.advance(61)
+    server.messenger.tick()
+    saves = 0
+    while server.snapshot_due():
+        await server.save()
+        saves += 1
+    server.journal.close()
+    assert saves == 2
+    for path in server.store.folder.iterdir():
+        if path.is_file():
+            assert b"SECRET-EXPIRING-TEXT" not in path.read_bytes(), path.name

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -545,3 +547,52 @@ async def test_per_ip_cap_frees_a_slot_when_one_closes(tmp_path: Path, clock: Fa
             await health_on_a_new_connection(server.port)
         finally:
             await clients[1].__aexit__(None, None, None)
+
+
+# Found by review ############################################################
+
+
+@pytest.mark.asyncio
+async def test_a_refused_upload_still_being_sent_gets_its_413_and_no_reset(
+    server: ms.MessengerServer,
+) -> None:
+    """The server stops writing, then takes in what the client still sends for a moment:
+    the client can finish its write and read the answer, instead of a reset."""
+    token = await connect(server.port, "alice")
+    async with Client(server.port) as client:
+        await client.send_raw(
+            head("POST /files?name=big HTTP/1.1", "Host: t", f"Authorization: Bearer {token}",
+                 f"Content-Length: {100 * 1024 * 1024}")
+        )
+        assert_error(await client.response(), 413, "too_large")
+        for _ in range(16):  # a client busy with its upload, not yet reading the answer
+            await client.send_raw(b"x" * 65536)
+        assert await client.closed()
+
+
+@pytest.mark.asyncio
+async def test_a_client_reset_in_the_middle_of_a_body_is_no_server_error(
+    server: ms.MessengerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = await connect(server.port, "alice")
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        head("POST /send HTTP/1.1", "Host: t", f"Authorization: Bearer {token}",
+             "Content-Length: 100") + b'{"te'
+    )
+    await writer.drain()
+    await until(lambda: any(c.phase == ms.Phase.BODY for c in server._connections))
+    linger_zero = struct.pack("ii", 1, 0)  # close() then sends a reset, not a clean end
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
+    writer.transport.abort()
+    await until(lambda: not server._connections)
+    async with Client(server.port) as client:  # the server lives on and answers
+        assert (await client.request("GET", "/health")).status == 200
+    assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for a state of the server that has no event to await (within 2 s)."""
+    async with asyncio.timeout(2):
+        while not condition():  # noqa: ASYNC110 - the server offers no event for these
+            await asyncio.sleep(0.001)
