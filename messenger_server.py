@@ -58,6 +58,7 @@ import struct
 import sys
 import time
 import zlib
+from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -971,6 +972,14 @@ class Messenger:
         self.record(event)
         self.replay(event)
 
+    def _note(self, *event: Any) -> None:
+        """Record what a read did (deliveries, the read position). When the journal refuses
+        it (a full disk), the answer still goes out; the next read tries again."""
+        try:
+            self._emit(*event)
+        except Unavailable:
+            logger.warning("could not record a %s event: the state cannot be written", event[0])
+
     def replay(self, event: Event) -> None:
         """Apply one event, recorded now or read back from the journal."""
         self._apply[event[0]](*event[1:])
@@ -1143,7 +1152,7 @@ class Messenger:
         found = [self.messages[message_id] for message_id in ids]
         self._mark_delivered(user, found)
         if since is not None and min(since, self.last_id) > user.read_pos:
-            self._emit("read", name, min(since, self.last_id))
+            self._note("read", name, min(since, self.last_id))
         return found, ids[-1] if ids else start
 
     @staticmethod
@@ -1186,7 +1195,7 @@ class Messenger:
             if m.to == user.name and m.chat is None and m.id not in self._delivered
         ]
         if first_time:
-            self._emit("deliver", first_time, self.clock())
+            self._note("deliver", first_time, self.clock())
 
     def unread(self, name: str) -> tuple[dict[str, int], dict[str, int]]:
         """Unread messages by others after the read position: by chat, and by private peer."""
@@ -2046,6 +2055,8 @@ class Channel(Protocol):
 
     async def discard(self, request: Request) -> None: ...
 
+    async def gone(self) -> None: ...
+
 
 class Fields:
     """Typed access to a JSON object or a query string; every refusal names the field."""
@@ -2135,16 +2146,13 @@ class Waiters:
     def __init__(self) -> None:
         self._by_user: dict[str, set[asyncio.Future[None]]] = {}
 
-    async def wait(self, user: str, seconds: float) -> None:
-        """Until a message for ``user`` arrives, or ``seconds`` pass."""
+    async def wait(self, user: str, seconds: float, gone: asyncio.Future[None]) -> None:
+        """Until a message for ``user`` arrives, ``seconds`` pass, or the client is ``gone``."""
         future = asyncio.get_running_loop().create_future()
         waiting = self._by_user.setdefault(user, set())
         waiting.add(future)
         try:
-            async with asyncio.timeout(seconds):
-                await future
-        except TimeoutError:
-            pass
+            await asyncio.wait([future, gone], timeout=seconds, return_when=FIRST_COMPLETED)
         finally:
             waiting.discard(future)
             if not waiting and self._by_user.get(user) is waiting:
@@ -2447,9 +2455,17 @@ class MessengerApp:
         if not found and wait > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
-            while not found and not self.closing and (remaining := deadline - loop.time()) > 0:
-                await self.waiters.wait(call.user, remaining)
-                found, next_id = self.messenger.poll(call.user, since, chat, limit)
+            gone = asyncio.ensure_future(call.channel.gone())  # a client that hangs up
+            try:
+                while not (found or self.closing or gone.done()):
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    await self.waiters.wait(call.user, remaining, gone)
+                    found, next_id = self.messenger.poll(call.user, since, chat, limit)
+            finally:
+                gone.cancel()
+                await asyncio.wait([gone])  # its read must end before the next one starts
         await self._changed()
         return Response.json({"messages": self._messages(found), "next": next_id})
 
@@ -2648,6 +2664,8 @@ def _object(required: str, **properties: Any) -> dict[str, Any]:
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(schema.get("type"), str):
+        return {**schema, "type": [schema["type"], "null"]}
     return {"oneOf": [schema, {"type": "null"}]}
 
 
@@ -2697,6 +2715,7 @@ def build_openapi() -> dict[str, Any]:
     string, integer, number, boolean = (
         {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
     )
+    natural, positive = {"type": "integer", "minimum": 0}, {"type": "integer", "minimum": 1}
     user_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"}
     chat_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
     chat_path = _parameter("name", "path", chat_name, "the chat")
@@ -2769,7 +2788,7 @@ def build_openapi() -> dict[str, Any]:
     )
     send_body = _object(  # optional fields may also be null, which means absent
         "", text=_nullable({"type": "string", "maxLength": MAX_TEXT}),
-        chat=_nullable(chat_name), to=_nullable(user_name), reply_to=_nullable(integer),
+        chat=_nullable(chat_name), to=_nullable(user_name), reply_to=_nullable(positive),
         send_at=_nullable(number), file=_nullable(string),
         client_id=_nullable({"type": "string", "maxLength": 64}),
     )
@@ -2800,10 +2819,11 @@ def build_openapi() -> dict[str, Any]:
             {200: ("Messages", _object("messages next", messages=messages, next=integer))},
             errors=[400, 403, 404],
             parameters=[
-                _parameter("since", "query", integer, "start after this id; marks it read"),
-                _parameter("wait", "query", number, "seconds to long-poll (0-60)"),
+                _parameter("since", "query", natural, "start after this id; marks it read"),
+                _parameter("wait", "query", {"type": "number", "minimum": 0},
+                           "seconds to long-poll (0-60)"),
                 _parameter("chat", "query", chat_name, "only this chat"),
-                _parameter("limit", "query", integer, "at most this many (1-1000)"),
+                _parameter("limit", "query", positive, "at most this many (1-1000)"),
             ],
         )},
         "/messages/{id}": {"get": _operation(
@@ -2818,8 +2838,8 @@ def build_openapi() -> dict[str, Any]:
             errors=[400, 403, 404],
             parameters=[
                 _parameter("chat", "query", chat_name, "the chat (default: the active one)"),
-                _parameter("before", "query", integer, "only ids below this"),
-                _parameter("limit", "query", integer, "the newest this many (1-1000)"),
+                _parameter("before", "query", positive, "only ids below this"),
+                _parameter("limit", "query", positive, "the newest this many (1-1000)"),
             ],
         )},
         "/scheduled": {"get": _operation(
@@ -3108,6 +3128,14 @@ class Connection:
         """Read and drop a body nobody needs: 413 beyond the JSON limit, 400 if malformed."""
         async for _ in self.stream(request, self._config.max_json_body):
             pass
+
+    async def gone(self) -> None:
+        """Return when the client hangs up while its request waits (a long-poll). What it
+        sends meanwhile (a next request) is kept for later, up to the size of a head."""
+        while len(self._buffer) <= self._config.http.max_head and await self._fill():
+            pass
+        if len(self._buffer) > self._config.http.max_head:
+            await asyncio.Future()  # it talks, so it is there: stop watching
 
     async def _send(self, request: Request | None, response: Response, close: bool) -> None:
         """Write ``response``; for HEAD only its head. Waits while the client is slow to read."""

@@ -747,9 +747,9 @@ class Tour:
         waiters = server.server.app.waiters
         wait = waiters.wait
 
-        async def parking(user: str, seconds: float) -> None:
+        async def parking(user: str, seconds: float, gone: asyncio.Future[None]) -> None:
             self.parked.set()  # the waiter is registered before the loop runs anything else
-            await wait(user, seconds)
+            await wait(user, seconds, gone)
 
         monkeypatch.setattr(waiters, "wait", parking)
 
