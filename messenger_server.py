@@ -477,7 +477,8 @@ def _parse_target(
         if match is None or not _HOST_RE.fullmatch(match[1]):
             raise BadRequest("the request target must be a path or an absolute http URI")
         origin = match[2] if match[2].startswith("/") else "/" + match[2]
-    origin = origin.partition("#")[0]
+    if "#" in origin:
+        origin = origin.partition("#")[0]
     path, _, query = origin.partition("?")
     return path, query
 
@@ -635,18 +636,16 @@ class Response:
 
     def serialize_head(self, *, close: bool, keep_alive_1_0: bool = False) -> bytes:
         """The status line and header section (RFC 9112 §4), ready for the wire."""
-        parts = [_STATUS_LINES[self.status], "Date: ", _DateCache.now(), "\r\n"]
+        head = f"{_STATUS_LINES[self.status]}Date: {_DateCache.now()}\r\n"
         if self.status != HTTPStatus.NO_CONTENT:
-            parts += ["Content-Type: ", self.content_type, "\r\n"]
-            parts += ["Content-Length: ", str(self.length), "\r\n"]
+            head += f"Content-Type: {self.content_type}\r\nContent-Length: {self.length}\r\n"
         for name, value in self.headers:
-            parts += [name, ": ", value, "\r\n"]
+            head += f"{name}: {value}\r\n"
         if close:
-            parts.append("Connection: close\r\n")
+            head += "Connection: close\r\n"
         elif keep_alive_1_0:
-            parts.append("Connection: keep-alive\r\n")
-        parts.append("\r\n")
-        return "".join(parts).encode("latin-1")
+            head += "Connection: keep-alive\r\n"
+        return (head + "\r\n").encode("latin-1")
 
 
 _STATUS_LINES: Final = {status: f"HTTP/1.1 {status} {status.phrase}\r\n" for status in HTTPStatus}
