@@ -1038,7 +1038,7 @@ class Messenger:
         if draft.send_at is not None:
             if not now < draft.send_at <= now + MAX_SCHEDULE_AHEAD:
                 raise InvalidField("send_at must be in the future, at most 7 days ahead")
-            scheduled_id = secrets.token_urlsafe(12)
+            scheduled_id = secrets.token_hex(12)  # hex: an id never starts with "-"
             self._emit(
                 "schedule", scheduled_id, name, draft.send_at, draft.text, chat, to, reply_to,
                 file_id, draft.client_id, now, counted,
@@ -1903,7 +1903,7 @@ class StateStore:
         """Store an upload under a new server-made name, on disk before this returns (it is
         journaled next, whatever ``--fsync`` says); its id and its sha256. An upload cut
         short leaves nothing behind."""
-        file_id = secrets.token_urlsafe(16)
+        file_id = secrets.token_hex(16)
         temporary = self.files / f".upload-{file_id}"
         digest = hashlib.sha256()
         try:
@@ -2054,7 +2054,7 @@ class Channel(Protocol):
 
     async def discard(self, request: Request) -> None: ...
 
-    async def gone(self) -> None: ...
+    def next_read(self) -> asyncio.Future[bytes]: ...
 
 
 class Fields:
@@ -2145,13 +2145,14 @@ class Waiters:
     def __init__(self) -> None:
         self._by_user: dict[str, set[asyncio.Future[None]]] = {}
 
-    async def wait(self, user: str, seconds: float, gone: asyncio.Future[None]) -> None:
-        """Until a message for ``user`` arrives, ``seconds`` pass, or the client is ``gone``."""
+    async def wait(self, user: str, seconds: float, client: asyncio.Future[bytes]) -> None:
+        """Until a message for ``user`` arrives, ``seconds`` pass, or the ``client`` read
+        ends (it hung up, or sent its next request)."""
         future = asyncio.get_running_loop().create_future()
         waiting = self._by_user.setdefault(user, set())
         waiting.add(future)
         try:
-            await asyncio.wait([future, gone], timeout=seconds, return_when=FIRST_COMPLETED)
+            await asyncio.wait([future, client], timeout=seconds, return_when=FIRST_COMPLETED)
         finally:
             waiting.discard(future)
             if not waiting and self._by_user.get(user) is waiting:
@@ -2454,17 +2455,13 @@ class MessengerApp:
         if not found and wait > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
-            gone = asyncio.ensure_future(call.channel.gone())  # a client that hangs up
-            try:
-                while not (found or self.closing or gone.done()):
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    await self.waiters.wait(call.user, remaining, gone)
-                    found, next_id = self.messenger.poll(call.user, since, chat, limit)
-            finally:
-                gone.cancel()
-                await asyncio.wait([gone])  # its read must end before the next one starts
+            client = call.channel.next_read()  # ends if the client hangs up meanwhile
+            while not (found or self.closing or client.done()):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await self.waiters.wait(call.user, remaining, client)
+                found, next_id = self.messenger.poll(call.user, since, chat, limit)
         await self._changed()
         return Response.json({"messages": self._messages(found), "next": next_id})
 
@@ -2972,6 +2969,7 @@ class Connection:
         self._broken = False  # the stream position is in doubt: answer, then close
         self.expired = False
         self.user: str | None = None  # whose token the connection used last
+        self._next_read: asyncio.Future[bytes] | None = None  # a read begun by a handler
 
     async def serve(self) -> None:
         try:
@@ -3015,6 +3013,8 @@ class Connection:
             logger.debug("connection with %s ended: %s", self.peer, exc)
         finally:
             self._server.app.forget(self)
+            if self._next_read is not None:
+                self._next_read.cancel()
             self._writer.close()
 
     async def _close(self, *, linger: bool) -> None:
@@ -3027,8 +3027,8 @@ class Connection:
             self._writer.write_eof()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LINGER_TIMEOUT):
-                    while await self._reader.read(READ_SIZE):
-                        pass
+                    while await self._fill():
+                        self._buffer.clear()
         self._writer.close()
 
     @property
@@ -3038,8 +3038,9 @@ class Connection:
 
     async def _fill(self) -> bool:
         """Read what the client sent next into the buffer; False once the client is gone."""
+        started, self._next_read = self._next_read, None
         try:
-            data = await self._reader.read(READ_SIZE)
+            data = await (started if started is not None else self._reader.read(READ_SIZE))
         except ConnectionError:
             return False
         self._buffer += data
@@ -3128,13 +3129,12 @@ class Connection:
         async for _ in self.stream(request, self._config.max_json_body):
             pass
 
-    async def gone(self) -> None:
-        """Return when the client hangs up while its request waits (a long-poll). What it
-        sends meanwhile (a next request) is kept for later, up to the size of a head."""
-        while len(self._buffer) <= self._config.http.max_head and await self._fill():
-            pass
-        if len(self._buffer) > self._config.http.max_head:
-            await asyncio.Future()  # it talks, so it is there: stop watching
+    def next_read(self) -> asyncio.Future[bytes]:
+        """The client's next bytes, read from now on while a request waits (a long-poll):
+        done with nothing if the client hangs up. ``_fill`` takes what it brings."""
+        if self._next_read is None:
+            self._next_read = asyncio.ensure_future(self._reader.read(READ_SIZE))
+        return self._next_read
 
     async def _send(self, request: Request | None, response: Response, close: bool) -> None:
         """Write ``response``; for HEAD only its head. Waits while the client is slow to read."""

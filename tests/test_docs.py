@@ -747,9 +747,9 @@ class Tour:
         waiters = server.server.app.waiters
         wait = waiters.wait
 
-        async def parking(user: str, seconds: float, gone: asyncio.Future[None]) -> None:
+        async def parking(user: str, seconds: float, client: asyncio.Future[bytes]) -> None:
             self.parked.set()  # the waiter is registered before the loop runs anything else
-            await wait(user, seconds, gone)
+            await wait(user, seconds, client)
 
         monkeypatch.setattr(waiters, "wait", parking)
 

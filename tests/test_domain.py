@@ -459,7 +459,7 @@ def test_tick_delivers_same_instant_messages_in_scheduling_order(
     messenger: ms.Messenger, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fresh_ids = iter(["zzzz", "aaaa"])
-    monkeypatch.setattr("secrets.token_urlsafe", lambda *_: next(fresh_ids))
+    monkeypatch.setattr("secrets.token_hex", lambda *_: next(fresh_ids))
     schedule(messenger, "alice", "first", chat="club", send_at=clock.now + 10)
     schedule(messenger, "alice", "second", chat="club", send_at=clock.now + 10)
     clock.advance(10)
