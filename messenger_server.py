@@ -735,6 +735,9 @@ CHAT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TEXT: Final = 4096  # characters in a message
 MAX_SCHEDULE_AHEAD: Final = 7 * 24 * 3600.0  # seconds; send_at beyond is refused
 IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at least
+# Characters of message text in one answer: long messages come fewer at a time, so a
+# client that asks a lot and reads nothing cannot make the server hold much for it.
+MAX_ANSWER_TEXT: Final = 256 * 1024
 
 Event = tuple[Any, ...]  # ("kind", *fields): the unit of the journal
 
@@ -1148,22 +1151,36 @@ class Messenger:
                 ]
                 sources.append(self._after(user.private, start))
             ids = list(itertools.islice(heapq.merge(*sources), limit))
-        found = [self.messages[message_id] for message_id in ids]
+        found = self._within_budget(self.messages[message_id] for message_id in ids)
         self._mark_delivered(user, found)
         if since is not None and min(since, self.last_id) > user.read_pos:
             self._note("read", name, min(since, self.last_id))
-        return found, ids[-1] if ids else start
+        return found, found[-1].id if found else start
+
+    @staticmethod
+    def _within_budget(messages: Iterable[Message]) -> list[Message]:
+        """As many of ``messages`` as fit in one answer's text budget (one at least)."""
+        kept: list[Message] = []
+        budget = MAX_ANSWER_TEXT
+        for message in messages:
+            budget -= len(message.text)
+            if budget < 0 and kept:
+                break
+            kept.append(message)
+        return kept
 
     @staticmethod
     def _after(ids: list[int], position: int) -> Iterator[int]:
         return itertools.islice(ids, bisect.bisect_right(ids, position), None)
 
     def history(self, name: str, chat_name: str, before: int | None, limit: int) -> list[Message]:
-        """The newest ``limit`` messages of a chat below ``before``, oldest first."""
+        """The newest ``limit`` messages of a chat below ``before``, oldest first (fewer
+        when they are long: see MAX_ANSWER_TEXT)."""
         self.expire(self.clock())
         chat = self._member_chat(self.users[name], chat_name)
         end = len(chat.messages) if before is None else bisect.bisect_left(chat.messages, before)
-        return [self.messages[i] for i in chat.messages[max(0, end - limit) : end]]
+        newest_first = reversed(chat.messages[max(0, end - limit) : end])
+        return self._within_budget(self.messages[i] for i in newest_first)[::-1]
 
     def visible_message(self, name: str, message_id: int) -> Message:
         """A message the user may see; 404 for every other, existing or not."""

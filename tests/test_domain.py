@@ -1131,3 +1131,17 @@ def test_replay_of_random_operations_rebuilds_the_same_state(
     restored.restore(state, [tuple(message) for message in messages])
     assert restored.export() == messenger.export()
 
+
+
+def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
+    """An answer holds at most MAX_ANSWER_TEXT characters of text (one message at least),
+    so a client asking a lot cannot make the server hold much; the rest comes next."""
+    long_text = "x" * ms.MAX_TEXT
+    per_answer = ms.MAX_ANSWER_TEXT // ms.MAX_TEXT
+    sent = [post(messenger, "bob", long_text, chat="club") for _ in range(per_answer + 5)]
+    first, next_id = messenger.poll("alice", 0, "club", 1000)
+    assert [m.id for m in first] == [m.id for m in sent[:per_answer]] and next_id == first[-1].id
+    rest, _ = messenger.poll("alice", next_id, "club", 1000)
+    assert [m.id for m in rest] == [m.id for m in sent[per_answer:]]
+    newest = messenger.history("alice", "club", None, 1000)
+    assert [m.id for m in newest] == [m.id for m in sent[-per_answer:]]
