@@ -1131,18 +1131,26 @@ def requests(app: App, chat: str) -> None:
         click.echo(f"No pending requests for {chat}.")
 
 
+def decide_request(app: App, chat: str, user: str, *, approve: bool, done: str) -> None:
+    """Approve or deny USER's request to join CHAT, then show the answer: as JSON, or as
+    ``done`` with ``{user}`` and ``{chat}`` (the chat's name) filled in."""
+    client, _ = app.login()
+    answer = client.decide(chat, user, approve=approve)
+    if app.json_output:
+        print_json(answer)
+        return
+    click.echo(done.format(user=user, chat=answer["chat"]["name"]))
+
+
 @cli.command()
 @click.argument("chat")
 @click.argument("user")
 @pass_app
 def approve(app: App, chat: str, user: str) -> None:
     """Let USER into your chat CHAT."""
-    client, _ = app.login()
-    answer = client.decide(chat, user, approve=True)
-    if app.json_output:
-        print_json(answer)
-        return
-    click.echo(f"Approved: {user} is now a member of {answer['chat']['name']}.")
+    decide_request(
+        app, chat, user, approve=True, done="Approved: {user} is now a member of {chat}."
+    )
 
 
 @cli.command()
@@ -1151,12 +1159,7 @@ def approve(app: App, chat: str, user: str) -> None:
 @pass_app
 def deny(app: App, chat: str, user: str) -> None:
     """Turn down USER's request to join your chat CHAT."""
-    client, _ = app.login()
-    answer = client.decide(chat, user, approve=False)
-    if app.json_output:
-        print_json(answer)
-        return
-    click.echo(f"Denied {user}'s request to join {answer['chat']['name']}.")
+    decide_request(app, chat, user, approve=False, done="Denied {user}'s request to join {chat}.")
 
 
 @cli.command()

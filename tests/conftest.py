@@ -1,4 +1,5 @@
-"""Fixtures: a real server on an ephemeral port, and a raw HTTP/1.1 client for it."""
+"""Fixtures: a real server on an ephemeral port, a raw HTTP/1.1 client for it (``Client``,
+and ``call`` for one request), the contract's error check, and server processes (``spawn``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import pytest
 import pytest_asyncio
 
 import messenger_server as ms
+from tests.servers import ServerProcess, Spawn
+
+JSON_TYPE = "application/json; charset=utf-8"
 
 
 @dataclasses.dataclass
@@ -112,6 +116,40 @@ class Client:
         return await at_eof(self.reader)
 
 
+async def call(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> RawResponse:
+    """One request on a fresh connection."""
+    async with Client(port) as client:
+        return await client.request(method, path, body, token=token, headers=headers)
+
+
+def assert_error(
+    response: RawResponse, status: int | set[int], code: str | set[str] | None = None
+) -> dict[str, Any]:
+    """The contract's error shape, with the status (or one of a set): JSON whose ``error``
+    and ``message`` are strings; the body.
+
+    With ``code`` (one or a set), the error must also be that code and the message not empty.
+    """
+    statuses = {status} if isinstance(status, int) else status
+    assert response.status in statuses, (response.status, response.body[:300])
+    assert response.headers["content-type"] == JSON_TYPE
+    body: dict[str, Any] = response.json()
+    assert isinstance(body["error"], str) and isinstance(body["message"], str), body
+    if code is not None:
+        codes = {code} if isinstance(code, str) else code
+        assert body["error"] in codes, body
+        assert body["message"], body
+    return body
+
+
 class FakeClock:
     """An injectable clock: tests move time with ``advance`` instead of sleeping."""
 
@@ -143,6 +181,22 @@ async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ms.Messenger
 
 
 @pytest_asyncio.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """Starts server processes (``spawn(*flags, state_dir=...)``); kills what is left."""
+    started: list[ServerProcess] = []
+
+    async def start(*flags: str, state_dir: Path | None = None) -> ServerProcess:
+        process = ServerProcess(state_dir or tmp_path / "state", *flags)
+        started.append(process)
+        await process.start()
+        return process
+
+    yield start
+    for process in started:
+        await process.ensure_dead()
+
+
+@pytest_asyncio.fixture
 async def client(server: ms.MessengerServer) -> AsyncIterator[Client]:
     async with Client(server.port) as connected:
         yield connected
@@ -150,8 +204,7 @@ async def client(server: ms.MessengerServer) -> AsyncIterator[Client]:
 
 async def connect(port: int, user: str, password: str = "secret") -> str:
     """Connect ``user`` (registering it on first use) and return its token."""
-    async with Client(port) as client:
-        response = await client.request("POST", "/connect", {"user": user, "password": password})
-        assert response.status in (200, 201), response.body
-        token: str = response.json()["token"]
-        return token
+    response = await call(port, "POST", "/connect", {"user": user, "password": password})
+    assert response.status in (200, 201), response.body
+    token: str = response.json()["token"]
+    return token

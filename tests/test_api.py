@@ -15,39 +15,22 @@ import pytest
 import pytest_asyncio
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, connect, make_config
+from tests.conftest import (
+    JSON_TYPE,
+    Client,
+    FakeClock,
+    RawResponse,
+    assert_error,
+    call,
+    connect,
+    make_config,
+)
 
-JSON_TYPE = "application/json; charset=utf-8"
 MESSAGE_KEYS = {"id", "chat", "to", "from", "text", "ts", "reply_to", "file"}
 CHAT_KEYS = {"name", "private", "owner", "members", "unread"}
 
 
 # Helpers ####################################################################
-
-
-async def call(
-    port: int,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    token: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> RawResponse:
-    """One request on a fresh connection."""
-    async with Client(port) as client:
-        return await client.request(method, path, body, token=token, headers=headers)
-
-
-def assert_error(response: RawResponse, status: int, code: str | set[str]) -> dict[str, Any]:
-    """The contract's error shape: the status, JSON, an ``error`` code and a ``message``."""
-    assert response.status == status, response.body
-    assert response.headers["content-type"] == JSON_TYPE
-    body: dict[str, Any] = response.json()
-    codes = {code} if isinstance(code, str) else code
-    assert body["error"] in codes, body
-    assert isinstance(body["message"], str) and body["message"]
-    return body
 
 
 async def send(port: int, token: str, text: str, **fields: Any) -> dict[str, Any]:

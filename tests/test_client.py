@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -13,7 +11,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +20,9 @@ from click.testing import CliRunner, Result
 
 import messenger_client as mc
 import messenger_server as ms
+from tests.servers import ServerThread, thread_servers
 
 PASSWORD = "correct horse battery"
-
-
-class ServerThread:
-    """A MessengerServer on its own event loop in a background thread."""
-
-    def __init__(self, config: ms.ServerConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = ms.MessengerServer(config)
-        self._run(self.server.start())
-        self.config = dataclasses.replace(config, port=self.server.port)
-        self.url = f"http://127.0.0.1:{self.server.port}"
-
-    def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
-
-    def stop(self) -> None:
-        self._run(self.server.stop())
-
-    def start_again(self) -> None:
-        """Serve again on the same port from the same state folder."""
-        self.server = ms.MessengerServer(self.config)
-        self._run(self.server.start())
-
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 class Cli:
@@ -112,19 +81,8 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
     """Start servers with test settings (cheap passwords, quick shutdown) plus ``overrides``."""
-    started: list[ServerThread] = []
-
-    def start(**overrides: Any) -> ServerThread:
-        state_dir = tmp_path / f"state-{len(started)}"
-        config = ms.ServerConfig(
-            port=0, state_dir=state_dir, password_cost=10, shutdown_timeout=1.0
-        )
-        started.append(ServerThread(dataclasses.replace(config, **overrides)))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.close()
+    with thread_servers(tmp_path, password_cost=10) as start:
+        yield start
 
 
 @pytest.fixture
@@ -344,25 +302,25 @@ def test_send_then_read_marks_read(cli: Cli) -> None:
     assert cli("read", user="alice").stdout == "No unread messages.\n"
 
 
-def test_read_chat_shows_only_that_chat(cli: Cli) -> None:
+def bob_posts_in_general_and_books(cli: Cli) -> None:
+    """alice and bob join "books"; bob posts "in general" to general, then "in books" to books."""
     cli.login("alice")
     cli("join", "books", user="alice")
     cli.login("bob")
     cli("join", "books", user="bob")
     cli("send", "--chat", "general", "in general", user="bob")
     cli("send", "--chat", "books", "in books", user="bob")
+
+
+def test_read_chat_shows_only_that_chat(cli: Cli) -> None:
+    bob_posts_in_general_and_books(cli)
     shown = cli("read", "--chat", "books", user="alice").stdout
     assert "in books" in shown and "in general" not in shown
 
 
 def test_read_chat_leaves_other_chats_unread(cli: Cli) -> None:
     """The read position covers all chats: reading one chat must not hide the others."""
-    cli.login("alice")
-    cli("join", "books", user="alice")
-    cli.login("bob")
-    cli("join", "books", user="bob")
-    cli("send", "--chat", "general", "in general", user="bob")
-    cli("send", "--chat", "books", "in books", user="bob")
+    bob_posts_in_general_and_books(cli)
     cli("read", "--chat", "books", user="alice")
     shown = cli("read", user="alice").stdout
     assert "in general" in shown and "in books" in shown

@@ -32,7 +32,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,6 +42,7 @@ from click.testing import CliRunner
 
 import messenger_client as mc
 import messenger_server as ms
+from tests.servers import ServerThread, thread_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -116,54 +117,11 @@ def table_rows(text: str) -> list[list[str]]:
 # A server in a background thread ###########################################
 
 
-class ServerThread:
-    """A MessengerServer on its own event loop in a background thread."""
-
-    def __init__(self, config: ms.ServerConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = ms.MessengerServer(config)
-        self.run(self.server.start())
-        self.port = self.server.port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.requests: list[tuple[str, str]] = []  # (method, path) of every request answered
-        dispatch = self.server.app.dispatch
-
-        async def recording(request: ms.Request, channel: ms.Channel) -> ms.Response:
-            self.requests.append((request.method, request.path))
-            return await dispatch(request, channel)
-
-        self.server.app.dispatch = recording  # type: ignore[method-assign]
-
-    def run(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
-
-    def close(self) -> None:
-        self.run(self.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=TIMEOUT)
-        self.loop.close()
-
-
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
     """Start servers with test settings (cheap passwords, quick shutdown) plus ``overrides``."""
-    started: list[ServerThread] = []
-
-    def start(**overrides: Any) -> ServerThread:
-        config = ms.ServerConfig(
-            port=0,
-            state_dir=tmp_path / f"state-{len(started)}",
-            password_cost=4,
-            shutdown_timeout=1.0,
-        )
-        started.append(ServerThread(dataclasses.replace(config, **overrides)))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.close()
+    with thread_servers(tmp_path, password_cost=4) as start:
+        yield start
 
 
 @pytest.fixture

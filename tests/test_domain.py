@@ -635,11 +635,17 @@ def add_file(messenger: ms.Messenger, owner: str, file_id: str = "F") -> ms.Stor
     return messenger.add_file(owner, file_id, "cat.png", 3, "image/png", "ab" * 32)
 
 
+def files_gone(messenger: ms.Messenger) -> list[str]:
+    """The ids of the files ``messenger`` drops from now on, filled as it drops them."""
+    gone: list[str] = []
+    messenger.on_file_gone = gone.append
+    return gone
+
+
 def test_expire_drops_an_unused_file_after_the_ttl(
     messenger: ms.Messenger, clock: FakeClock
 ) -> None:
-    gone: list[str] = []
-    messenger.on_file_gone = gone.append
+    gone = files_gone(messenger)
     add_file(messenger, "alice")
     clock.advance(TTL - 1)
     messenger.tick()
@@ -655,8 +661,7 @@ def test_expire_drops_an_unused_file_after_the_ttl(
 def test_expire_keeps_a_file_while_a_message_carries_it(
     messenger: ms.Messenger, clock: FakeClock, posted_after: float
 ) -> None:
-    gone: list[str] = []
-    messenger.on_file_gone = gone.append
+    gone = files_gone(messenger)
     add_file(messenger, "alice")
     clock.advance(posted_after)
     message = post(messenger, "alice", "look", chat="club", file="F")
@@ -673,8 +678,7 @@ def test_expire_keeps_a_file_while_a_message_carries_it(
 def test_expire_keeps_a_file_while_a_scheduled_message_carries_it(
     messenger: ms.Messenger, clock: FakeClock
 ) -> None:
-    gone: list[str] = []
-    messenger.on_file_gone = gone.append
+    gone = files_gone(messenger)
     add_file(messenger, "alice")
     later = schedule(messenger, "alice", "", chat="club", file="F", send_at=clock.now + 2 * TTL)
     clock.advance(TTL + 1)

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, connect, make_config
+from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config
 
 T0 = 1_800_000_000.0  # where the FakeClock starts
 WEEK = 7 * 24 * 3600.0  # seconds; the furthest a message may be scheduled
@@ -57,8 +57,7 @@ class Api:
         body: Any = None,
         headers: dict[str, str] | None = None,
     ) -> RawResponse:
-        async with Client(self.port) as client:
-            return await client.request(method, path, body, token=self.token, headers=headers)
+        return await call(self.port, method, path, body, token=self.token, headers=headers)
 
     async def get(self, path: str) -> RawResponse:
         return await self.call("GET", path)

@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime as dt
 import errno
+import functools
 import itertools
 import logging
 import os
 import pickle
-import re
 import signal
 import stat
-import sys
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, connect, make_config
+from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config
+from tests.servers import ServerProcess, Spawn
 from tests.test_domain import post, register, scenario
 
-SERVER_SCRIPT = Path(ms.__file__).resolve()
 EVENTS: list[ms.Event] = [
     ("user", "alice", b"\x00hash", b"salt", 4, 1_800_000_000.0),
     ("message", 1, "general", None, "alice", "h\xe9llo \U0001f600", 1.5, None, None, "c1", True,
@@ -48,6 +45,15 @@ def write_journal(path: Path, events: list[ms.Event]) -> None:
 def record(payload: bytes) -> bytes:
     """A journal record around ``payload``, with a correct checksum."""
     return ms.RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+async def saved_with_one_post(config: ms.ServerConfig, clock: FakeClock) -> ms.MessengerServer:
+    """A server on ``config`` (not listening) where alice has posted "one", saved once."""
+    server = ms.MessengerServer(config, clock)
+    register(server.messenger, "alice")
+    post(server.messenger, "alice", "one")
+    await server.save()
+    return server
 
 
 def flip(path: Path, position: int) -> None:
@@ -277,10 +283,7 @@ async def test_save_that_fails_leaves_everything_in_the_journals(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(tmp_path)
-    first = ms.MessengerServer(config, clock)
-    register(first.messenger, "alice")
-    post(first.messenger, "alice", "one")
-    await first.save()
+    first = await saved_with_one_post(config, clock)
 
     async def disk_full(*args: object) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -323,10 +326,7 @@ async def test_load_falls_back_again_after_saving_on_a_fallback(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     config = make_config(tmp_path)
-    first = ms.MessengerServer(config, clock)
-    register(first.messenger, "alice")
-    post(first.messenger, "alice", "one")
-    await first.save()
+    first = await saved_with_one_post(config, clock)
     post(first.messenger, "alice", "two")
     await first.save()
     first.journal.close()
@@ -457,79 +457,10 @@ async def test_scheduled_message_due_while_down_goes_out_at_start(
         assert again.messenger.scheduled == {}
 
 
-class ServerProcess:
-    """``python messenger_server.py`` in a child process, its log read as it comes."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.log: list[str] = []
-        self.port = 0
-        self._process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def process(self) -> asyncio.subprocess.Process:
-        assert self._process is not None
-        return self._process
-
-    async def start(self) -> int:
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, str(SERVER_SCRIPT), "--port", "0", "--state-dir", str(self.state_dir),
-            "--password-cost", "4", "--snapshot-interval", "3600",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stderr = self.process.stderr
-        assert stderr is not None
-        async with asyncio.timeout(15):
-            while True:
-                line = (await stderr.readline()).decode()
-                assert line, f"the server exited before listening: {''.join(self.log)}"
-                self.log.append(line)
-                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-                if found:
-                    self.port = int(found[1])
-                    break
-        self._reader = asyncio.create_task(self._read_log(stderr))
-        return self.port
-
-    async def _read_log(self, stderr: asyncio.StreamReader) -> None:
-        while line := await stderr.readline():
-            self.log.append(line.decode())
-
-    async def stop(self, signum: signal.Signals) -> int:
-        """Send ``signum`` and wait for the exit; the exit code."""
-        self.process.send_signal(signum)
-        async with asyncio.timeout(15):
-            code = await self.process.wait()
-            if self._reader is not None:
-                await self._reader
-        return code
-
-    async def ensure_dead(self) -> None:
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-            await self._process.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-
-
-@pytest_asyncio.fixture
-async def server_process(tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[ServerProcess]]]:
-    """Starts real server processes on one state folder; kills what is left at the end."""
-    started: list[ServerProcess] = []
-
-    async def start() -> ServerProcess:
-        process = ServerProcess(tmp_path / "state")
-        started.append(process)
-        await process.start()
-        return process
-
-    yield start
-    for process in started:
-        await process.ensure_dead()
+@pytest.fixture
+def server_process(spawn: Spawn) -> Callable[[], Awaitable[ServerProcess]]:
+    """Starts real server processes on one state folder, snapshots only at shutdown."""
+    return functools.partial(spawn, "--snapshot-interval", "3600")
 
 
 async def send_many(
@@ -547,8 +478,7 @@ async def send_many(
 
 
 async def get(port: int, path: str, token: str) -> RawResponse:
-    async with Client(port) as client:
-        return await client.request("GET", path, token=token)
+    return await call(port, "GET", path, token=token)
 
 
 @pytest.mark.asyncio

@@ -20,10 +20,8 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -35,10 +33,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, connect, make_config, read_response
+from tests.conftest import (
+    Client,
+    FakeClock,
+    RawResponse,
+    assert_error,
+    call,
+    connect,
+    make_config,
+    read_response,
+)
+from tests.servers import Spawn
 
-SERVER_SCRIPT = Path(ms.__file__).resolve()
-JSON_TYPE = "application/json; charset=utf-8"
 # Every status the contract gives a request; 500 and 503 are missing on purpose.
 CONTRACT_STATUSES = frozenset(
     {100, 200, 201, 202, 204, 400, 401, 403, 404, 405, 408, 409, 411, 413, 414, 429, 431, 501, 505}
@@ -62,136 +68,9 @@ class SourceClient(Client):
         return self
 
 
-async def call(
-    port: int,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    token: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> RawResponse:
-    """One request on a fresh connection."""
-    async with Client(port) as client:
-        return await client.request(method, path, body, token=token, headers=headers)
-
-
-def assert_error(response: RawResponse, status: int | set[int]) -> dict[str, Any]:
-    """The contract's error shape, with one of the given statuses."""
-    statuses = {status} if isinstance(status, int) else status
-    assert response.status in statuses, (response.status, response.body[:300])
-    assert response.headers["content-type"] == JSON_TYPE
-    body: dict[str, Any] = response.json()
-    assert isinstance(body["error"], str) and isinstance(body["message"], str), body
-    return body
-
-
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Log lines at ERROR or above: an unhandled exception shows up here."""
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-class ServerProcess:
-    """``python messenger_server.py`` as a child process: its log, RSS and descriptors."""
-
-    def __init__(self, state_dir: Path, *flags: str) -> None:
-        self.state_dir = state_dir
-        self.flags = flags
-        self.log: list[str] = []
-        self.port = 0
-        self._process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def process(self) -> asyncio.subprocess.Process:
-        assert self._process is not None
-        return self._process
-
-    async def start(self) -> int:
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, str(SERVER_SCRIPT), "--port", "0", "--state-dir", str(self.state_dir),
-            "--password-cost", "4", *self.flags,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, limit=1024 * 1024,
-        )
-        stderr = self.process.stderr
-        assert stderr is not None
-        async with asyncio.timeout(20):
-            while True:
-                line = (await stderr.readline()).decode()
-                assert line, f"the server exited before listening: {''.join(self.log)}"
-                self.log.append(line)
-                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-                if found:
-                    self.port = int(found[1])
-                    break
-        self._reader = asyncio.create_task(self._read_log(stderr))
-        return self.port
-
-    async def _read_log(self, stderr: asyncio.StreamReader) -> None:
-        while line := await stderr.readline():
-            self.log.append(line.decode(errors="replace"))
-
-    def _proc(self, name: str) -> Path:
-        return Path(f"/proc/{self.process.pid}/{name}")
-
-    def rss_kib(self) -> int:
-        """The resident set size, from /proc/PID/status."""
-        found = re.search(r"^VmRSS:\s+(\d+) kB", self._proc("status").read_text(), re.M)
-        assert found is not None
-        return int(found[1])
-
-    def open_fds(self) -> int:
-        return len(os.listdir(self._proc("fd")))
-
-    async def kill(self) -> None:
-        self.process.kill()
-        await self.process.wait()
-        await self._finish_log()
-
-    async def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        async with asyncio.timeout(20):
-            code = await self.process.wait()
-        await self._finish_log()
-        return code
-
-    async def _finish_log(self) -> None:
-        if self._reader is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reader, 5)
-
-    async def ensure_dead(self) -> None:
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-            await self._process.wait()
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-
-    def errors(self) -> list[str]:
-        """Log lines that mean a bug: a traceback or an unhandled error."""
-        return [line for line in self.log if "Traceback" in line or "unhandled" in line]
-
-
-Spawn = Callable[..., Awaitable[ServerProcess]]
-
-
-@pytest_asyncio.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    """Starts server processes (``spawn(*flags, state_dir=...)``); kills what is left."""
-    started: list[ServerProcess] = []
-
-    async def start(*flags: str, state_dir: Path | None = None) -> ServerProcess:
-        process = ServerProcess(state_dir or tmp_path / "state", *flags)
-        started.append(process)
-        await process.start()
-        return process
-
-    yield start
-    for process in started:
-        await process.ensure_dead()
 
 
 async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:

@@ -15,9 +15,15 @@ import pytest
 import pytest_asyncio
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, connect, make_config
+from tests.conftest import (
+    Client,
+    FakeClock,
+    RawResponse,
+    assert_error,
+    connect,
+    make_config,
+)
 
-JSON_TYPE = "application/json; charset=utf-8"
 LOGIN = json.dumps({"user": "alice", "password": "secret"}).encode()
 
 
@@ -27,14 +33,6 @@ LOGIN = json.dumps({"user": "alice", "password": "secret"}).encode()
 def head(*lines: str) -> bytes:
     """A request head from its lines, CRLF-terminated, with the blank line."""
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def assert_error(response: RawResponse, status: int, code: str) -> None:
-    assert response.status == status, response.body
-    assert response.headers["content-type"] == JSON_TYPE
-    body = response.json()
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
 
 
 async def read_head(client: Client) -> bytes:
@@ -48,6 +46,24 @@ async def read_body(client: Client, raw_head: bytes) -> Any:
         line.split(": ", 1) for line in raw_head.decode("latin-1").lower().split("\r\n")[1:-2]
     )
     return json.loads(await client.reader.readexactly(int(fields["content-length"])))
+
+
+async def response_while_trickling(client: Client, byte: bytes) -> RawResponse:
+    """The response, within 3 s, while ``client`` sends ``byte`` every 20 ms (200 at most)."""
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):
+                await client.send_raw(byte)
+                await asyncio.sleep(0.02)
+
+    dripping = asyncio.create_task(trickle())
+    try:
+        return await asyncio.wait_for(client.response(), 3)
+    finally:
+        dripping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dripping
 
 
 async def health_on_a_new_connection(port: int) -> None:
@@ -420,20 +436,7 @@ async def test_slow_head_deadline_is_for_the_whole_head(
     async with Client(fast_server.port) as client:
         started = loop.time()
         await client.send_raw(b"GET /health HTTP/1.1\r\n")
-
-        async def trickle() -> None:
-            with contextlib.suppress(ConnectionError):
-                for _ in range(200):
-                    await client.send_raw(b"X")
-                    await asyncio.sleep(0.02)
-
-        dripping = asyncio.create_task(trickle())
-        try:
-            response = await asyncio.wait_for(client.response(), 3)
-        finally:
-            dripping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await dripping
+        response = await response_while_trickling(client, b"X")
         assert_error(response, 408, "timeout")
         assert loop.time() - started < 1.5
 
@@ -456,20 +459,7 @@ async def test_slow_body_deadline_is_for_the_whole_body(
     async with Client(fast_server.port) as client:
         await client.send_raw(head(POST_CONNECT, "Host: t", "Content-Length: 1000"))
         started = loop.time()
-
-        async def trickle() -> None:
-            with contextlib.suppress(ConnectionError):
-                for _ in range(200):
-                    await client.send_raw(b" ")
-                    await asyncio.sleep(0.02)
-
-        dripping = asyncio.create_task(trickle())
-        try:
-            response = await asyncio.wait_for(client.response(), 3)
-        finally:
-            dripping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await dripping
+        response = await response_while_trickling(client, b" ")
         assert_error(response, 408, "timeout")
         assert loop.time() - started < 1.5
 
