@@ -3000,15 +3000,7 @@ class Connection:
                     return
                 close = not request.keep_alive or self._server.closing
                 if self._body_left and not self._broken:  # the answer came before the body
-                    if request.expect_continue and not self._continued:
-                        close = True  # the client waits for our word before it sends it
-                    else:
-                        try:
-                            await self.discard(request)
-                        except PayloadTooLarge:
-                            close = True
-                        except MessengerError as exc:  # a malformed body: a bad request
-                            response = Response.error(exc)
+                    response, close = await self._skip_body(request, response, close)
                 close = close or self._broken
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
@@ -3033,6 +3025,22 @@ class Connection:
             if self._next_read is not None:
                 self._next_read.cancel()
             self._writer.close()
+
+    async def _skip_body(
+        self, request: Request, response: Response, close: bool
+    ) -> tuple[Response, bool]:
+        """The body of a request answered without reading it (an error, say): skip it to
+        keep the connection, or close after the answer when it is too big to skip, or when
+        the client waits for a 100 Continue. A malformed body makes the answer its 400."""
+        if request.expect_continue and not self._continued:
+            return response, True
+        try:
+            await self.discard(request)
+        except PayloadTooLarge:
+            return response, True
+        except MessengerError as exc:
+            return Response.error(exc), True
+        return response, close
 
     async def _close(self, *, linger: bool) -> None:
         """Close after the last answer. If the client may still be sending (a body we did
