@@ -1273,7 +1273,7 @@ class Messenger:
 
     def leave(self, name: str, chat_name: str) -> Chat:
         if chat_name == GENERAL:
-            raise InvalidField(f"nobody leaves {GENERAL}")
+            raise BadRequest(f"nobody leaves {GENERAL}: every user stays a member")
         chat = self._member_chat(self.users[name], chat_name)
         self._emit("leave", chat_name, name)
         return chat
