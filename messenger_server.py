@@ -117,6 +117,7 @@ class Rules:
     ban_duration: float = 4 * 3600.0  # seconds
     login_failures: int = 10  # wrong passwords per name per login window; 429 above
     login_window: float = 60.0  # seconds
+    max_owned_chats: int = 100  # chats a user may create; 403 above
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,8 +356,8 @@ def _unquote_query(text: str) -> str:
 def check_partial_head(data: bytes | bytearray, limits: HttpLimits, checked: int = 0) -> None:
     """Refuse a head that is still arriving but can already be judged bad or too big.
 
-    ``checked`` bytes were judged by an earlier call: line ends are only looked for in
-    the new ones, so a client sending a byte at a time costs linear work, not quadratic.
+    ``checked`` bytes were judged by an earlier call: bare line ends are only looked for
+    in the new ones, so a head sent a byte at a time is not scanned again and again.
     """
     line_end = data.find(b"\r\n")
     first_line = data if line_end == -1 else data[:line_end]
@@ -735,6 +736,7 @@ CHAT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TEXT: Final = 4096  # characters in a message
 MAX_SCHEDULE_AHEAD: Final = 7 * 24 * 3600.0  # seconds; send_at beyond is refused
 IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at least
+MAX_LIMIT: Final = 1000  # messages (or comments) per answer
 # Characters of message text in one answer: long messages come fewer at a time, so a
 # client that asks a lot and reads nothing cannot make the server hold much for it.
 MAX_ANSWER_TEXT: Final = 256 * 1024
@@ -773,6 +775,16 @@ class UnknownChat(NotFound):
 class UnknownMessage(NotFound):
     def __init__(self, message_id: int | str) -> None:
         super().__init__(f"no message {message_id} that you can see")
+
+
+class UnknownFile(NotFound):
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"no file {file_id} that you can use")
+
+
+class UnknownScheduled(NotFound):
+    def __init__(self, scheduled_id: str) -> None:
+        super().__init__(f"no pending scheduled message {scheduled_id} of yours")
 
 
 class Message(NamedTuple):
@@ -824,6 +836,7 @@ class User:
     reports_made: Window = field(default_factory=Window)
     client_ids: dict[str, tuple[str, int | str, float]] = field(default_factory=dict)
     private: list[int] = field(default_factory=list)  # private message ids to or from it
+    owned: int = 0  # chats it created
 
 
 @dataclass(slots=True)
@@ -883,6 +896,17 @@ class Draft:
     file: str | None = None
     client_id: str | None = None
     send_at: float | None = None
+
+
+class Unread(NamedTuple):
+    """A user's unread messages (from others): by chat, and by private peer."""
+
+    chats: dict[str, int]
+    private: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.chats.values()) + sum(self.private.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -1047,12 +1071,21 @@ class Messenger:
                 file_id, draft.client_id, now, counted,
             )
             return SendResult(None, self.scheduled[scheduled_id], True, self._rate(user, chat))
-        message_id = self.last_id + 1
-        self._emit(
-            "message", message_id, chat, to, name, draft.text, now, reply_to, file_id,
-            draft.client_id, counted, None,
-        )
-        return SendResult(self.messages[message_id], None, True, self._rate(user, chat))
+        message = Message(self.last_id + 1, chat, to, name, draft.text, now, reply_to, file_id)
+        self._post(message, client_id=draft.client_id, counted=counted)
+        return SendResult(message, None, True, self._rate(user, chat))
+
+    def _post(
+        self,
+        message: Message,
+        *,
+        client_id: str | None,
+        counted: bool,
+        scheduled_id: str | None = None,
+    ) -> None:
+        """Record and apply a new message: ``counted`` against the general chat's limit,
+        delivering the scheduled message ``scheduled_id``."""
+        self._emit("message", *message, client_id, counted, scheduled_id)
 
     def _known_client_id(self, user: User, client_id: str | None, now: float) -> SendResult | None:
         """The first answer to a retried send, found by its client_id."""
@@ -1096,7 +1129,7 @@ class Messenger:
             return None
         stored = self.files.get(file_id)
         if stored is None or stored.owner != user.name:
-            raise NotFound(f"no file {file_id} uploaded by you")
+            raise UnknownFile(file_id)
         return file_id
 
     @staticmethod
@@ -1190,12 +1223,14 @@ class Messenger:
             raise UnknownMessage(message_id)
         return message
 
-    def thread(self, name: str, message_id: int) -> tuple[Message, list[Message]]:
-        """A message and its comments, oldest first."""
+    def thread(
+        self, name: str, message_id: int, after: int = 0, limit: int = MAX_LIMIT
+    ) -> tuple[Message, list[Message]]:
+        """A message and its comments after ``after``, oldest first: at most ``limit``,
+        fewer when they are long (see MAX_ANSWER_TEXT)."""
         message = self.visible_message(name, message_id)
-        comments = [
-            self.messages[i] for i in self._replies.get(message_id, ()) if i in self.messages
-        ]
+        live = (i for i in self._replies.get(message_id, ()) if i > after and i in self.messages)
+        comments = self._within_budget(self.messages[i] for i in itertools.islice(live, limit))
         self._mark_delivered(self.users[name], [message, *comments])
         return message, comments
 
@@ -1213,24 +1248,25 @@ class Messenger:
         if first_time:
             self._note("deliver", first_time, self.clock())
 
-    def unread(self, name: str) -> tuple[dict[str, int], dict[str, int]]:
+    def unread(self, name: str) -> Unread:
         """Unread messages by others after the read position: by chat, and by private peer."""
         user = self.users[name]
         self.expire(self.clock())
-        by_chat = {
-            chat: self._count_from_others(
-                name, self._after(self.chats[chat].messages, max(user.read_pos, position))
-            )
-            for chat, position in user.chats.items()
-        }
+        by_chat = {chat: self.unread_in(name, chat) for chat in user.chats}
         by_peer: dict[str, int] = {}
         for message_id in self._after(user.private, user.read_pos):
             sender = self.messages[message_id].sender
             if sender != name:
                 by_peer[sender] = by_peer.get(sender, 0) + 1
-        return by_chat, by_peer
+        return Unread(by_chat, by_peer)
 
-    def _count_from_others(self, name: str, ids: Iterator[int]) -> int:
+    def unread_in(self, name: str, chat_name: str) -> int:
+        """Unread messages by others in one chat (0 for a chat the user is not in)."""
+        user = self.users[name]
+        if chat_name not in user.chats:
+            return 0
+        start = max(user.read_pos, user.chats[chat_name])
+        ids = self._after(self.chats[chat_name].messages, start)
         return sum(1 for i in ids if self.messages[i].sender != name)
 
     # Chats ------------------------------------------------------------------
@@ -1268,6 +1304,8 @@ class Messenger:
                 raise Forbidden(f"{chat_name} is private: ask its owner for an invitation")
             if name in chat.members and user.active_chat == chat_name:
                 return chat, False
+        elif user.owned >= self.rules.max_owned_chats:
+            raise Forbidden(f"you created {user.owned} chats already: the most there may be")
         self._emit("join", chat_name, name, bool(private), self.clock())
         return self.chats[chat_name], chat is None
 
@@ -1357,7 +1395,7 @@ class Messenger:
             stored.owner == name
             or any(self._can_see(name, self.messages[i]) for i in stored.messages)
         ):
-            raise NotFound(f"no file {file_id} that you can see")
+            raise UnknownFile(file_id)
         return stored
 
     # Scheduled messages -----------------------------------------------------
@@ -1370,7 +1408,7 @@ class Messenger:
     def cancel(self, name: str, scheduled_id: str) -> None:
         scheduled = self.scheduled.get(scheduled_id)
         if scheduled is None or scheduled.sender != name:
-            raise NotFound(f"no pending scheduled message {scheduled_id} of yours")
+            raise UnknownScheduled(scheduled_id)
         self._emit("cancel", scheduled_id, self.clock())
 
     # Time -------------------------------------------------------------------
@@ -1419,11 +1457,11 @@ class Messenger:
             logger.info("dropped scheduled message %s of %s: %s", scheduled.id, user.name, exc)
             self._emit("cancel", scheduled.id, now)
             return
-        self._emit(
-            "message", self.last_id + 1, scheduled.chat, scheduled.to, scheduled.sender,
-            scheduled.text, now, scheduled.reply_to, scheduled.file, scheduled.client_id,
-            False, scheduled.id,
-        )
+        message = Message(
+            self.last_id + 1, scheduled.chat, scheduled.to, scheduled.sender, scheduled.text,
+            now, scheduled.reply_to, scheduled.file,
+        )  # counted when it was scheduled
+        self._post(message, client_id=scheduled.client_id, counted=False, scheduled_id=scheduled.id)
 
     def expire(self, now: float) -> None:
         """Drop the messages and files whose time is over; costs O(what expires)."""
@@ -1441,6 +1479,7 @@ class Messenger:
 
     def _remove_messages(self, ids: list[int], now: float) -> None:
         by_chat: dict[str, int] = {}
+        by_user: dict[str, list[int]] = {}
         for message_id in ids:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
@@ -1450,13 +1489,15 @@ class Messenger:
                 del self._delivered[message_id]
                 for name in {message.sender, message.to}:
                     if name is not None:
-                        _remove_sorted(self.users[name].private, message_id)
+                        by_user.setdefault(name, []).append(message_id)
             if message.file is not None:
                 stored = self.files[message.file]
                 stored.messages.discard(message_id)
                 self._drop_file_if_unused(stored, now)
         for chat_name, count in by_chat.items():
             del self.chats[chat_name].messages[:count]
+        for name, gone in by_user.items():
+            _remove_ids(self.users[name].private, gone)
         self.changes += len(ids)
 
     def _drop_file_if_unused(self, stored: StoredFile, now: float) -> None:
@@ -1531,6 +1572,7 @@ class Messenger:
         chat = self.chats.get(chat_name)
         if chat is None:
             chat = self.chats[chat_name] = Chat(chat_name, private, name, ts)
+            self.users[name].owned += 1
         self._add_member(chat, name)
         self.users[name].active_chat = chat_name
 
@@ -1688,6 +1730,8 @@ class Messenger:
             self.chats[name] = Chat(
                 name, private, owner, created, set(members), set(invited), dict(requests)
             )
+            if owner is not None:
+                self.users[owner].owned += 1
             if link is not None:
                 self._apply_link(name, link)
         for row in state["files"]:
@@ -1704,10 +1748,14 @@ def _ban_ended(user: User, now: float) -> bool:
     return user.banned_until is not None and user.banned_until <= now
 
 
-def _remove_sorted(ids: list[int], value: int) -> None:
-    index = bisect.bisect_left(ids, value)
-    if index < len(ids) and ids[index] == value:
-        del ids[index]
+def _remove_ids(ids: list[int], gone: list[int]) -> None:
+    """Remove ``gone`` from the sorted ``ids`` in one pass (usually its oldest: a slice)."""
+    gone.sort()
+    if ids[: len(gone)] == gone:
+        del ids[: len(gone)]
+    else:
+        gone_set = set(gone)
+        ids[:] = [i for i in ids if i not in gone_set]
 
 
 # Persistence ################################################################
@@ -2038,7 +2086,7 @@ def _unpickle(data: bytes | memoryview) -> Any:
 MAX_PASSWORD: Final = 1024  # characters
 MAX_REASON: Final = 1024  # characters in a report's reason
 MAX_FILE_NAME: Final = 255  # characters
-MAX_LIMIT: Final = 1000  # messages per answer
+DEFAULT_POLL_LIMIT: Final = 100  # messages per answer of GET /messages without limit
 MAX_TIMER_SLEEP: Final = 1.0  # seconds the timer task sleeps at most between looks
 ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # file, scheduled message and link ids
 _DECIMAL_RE: Final = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,18})?")  # a number in a query
@@ -2192,6 +2240,12 @@ class Waiters:
         self.wake(list(self._by_user))
 
 
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (Linux)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def content_disposition(name: str) -> str:
     """An attachment header safe for any name: an ASCII fallback and the UTF-8 original."""
     fallback = _UNSAFE_FILE_NAME_RE.sub("_", name) or "file"
@@ -2220,7 +2274,7 @@ class MessengerApp:
         self.closing = False
         self.wake_timer: Callable[[], None] = _ignore
         self.started = messenger.clock()
-        self._hashing = asyncio.Semaphore(len(os.sched_getaffinity(0)))  # a core each
+        self._hashing = asyncio.Semaphore(_usable_cores())  # a hash per core at a time
         messenger.on_message = self._on_message
         self.router = Router()
         routes: list[tuple[str, str, Handler, bool, bool]] = [
@@ -2317,9 +2371,11 @@ class MessengerApp:
     def _query(call: Call) -> Fields:
         return Fields(call.request.query_params(), from_query=True)
 
-    async def _changed(self) -> None:
-        """Before answering a change: wait until the journal holds it as ``--fsync`` says."""
+    async def _durable(self, answer: Response) -> Response:
+        """The answer to a change, once the journal holds the change as ``--fsync`` says.
+        The answer is shaped before the wait: what happens meanwhile cannot change it."""
         await self.journal.durable()
+        return answer
 
     # JSON shapes ------------------------------------------------------------
 
@@ -2344,15 +2400,16 @@ class MessengerApp:
         shown = {"id": stored.id, "name": stored.name, "size": stored.size, "type": stored.type}
         return {**shown, "sha256": stored.sha256} if with_digest else shown
 
-    def _chat(self, chat: Chat, user: str, unread: dict[str, int] | None = None) -> dict[str, Any]:
+    def _chat(self, chat: Chat, user: str, unread: int | None = None) -> dict[str, Any]:
+        """A chat object for ``user``: ``unread`` is counted unless given."""
         if unread is None:
-            unread = self.messenger.unread(user)[0]
+            unread = self.messenger.unread_in(user, chat.name)
         return {
             "name": chat.name,
             "private": chat.private,
             "owner": chat.owner,
             "members": len(chat.members),
-            "unread": unread.get(chat.name, 0),
+            "unread": unread,
             "requests": len(chat.requests) if chat.owner == user else 0,
         }
 
@@ -2381,40 +2438,45 @@ class MessengerApp:
         body = await self._json(call)
         name = body.string("user", pattern=USER_NAME_RE, max_length=32)
         password = body.string("password", max_length=MAX_PASSWORD)
-        messenger = self.messenger
-        messenger.check_login_allowed(name)
+        self.messenger.check_login_allowed(name)
         token = secrets.token_urlsafe(32)
-        user = None
-        if name not in messenger.users:
-            salt = os.urandom(16)
-            digest = await self._scrypt(password, salt, self.config.password_cost)
-            if name not in messenger.users:  # nobody took the name during the hash
-                user = messenger.register(name, digest, salt, self.config.password_cost, token)
-                logger.info("new user %s", name)
-        status = HTTPStatus.CREATED if user is not None else HTTPStatus.OK
-        if user is None:
-            logger.info("%s connects", name)
-            known = messenger.users[name]
-            digest = await self._scrypt(password, known.salt, known.cost)
-            messenger.check_login_allowed(name)  # guesses made in parallel count too
-            if not hmac.compare_digest(digest, known.password):
-                messenger.login_failed(name)
-                logger.warning("wrong password for %s", name)
-                raise Unauthorized("wrong password")
-            user = messenger.open_session(name, token)
-        await self._changed()
-        history = messenger.history(name, user.active_chat, None, self.config.rules.history)
-        by_chat, by_peer = messenger.unread(name)
-        return Response.json(
-            {
-                "token": token,
-                "user": name,
-                "chat": user.active_chat,
-                "history": self._messages(history),
-                "unread": sum(by_chat.values()) + sum(by_peer.values()),
-            },
-            status,
-        )
+        status = HTTPStatus.CREATED
+        user = await self._register(name, password, token)
+        if user is None:  # the name is taken: this is a login
+            status = HTTPStatus.OK
+            user = await self._log_in(name, password, token)
+        history = self.messenger.history(name, user.active_chat, None, self.config.rules.history)
+        answer = {
+            "token": token,
+            "user": name,
+            "chat": user.active_chat,
+            "history": self._messages(history),
+            "unread": self.messenger.unread(name).total,
+        }
+        return await self._durable(Response.json(answer, status))
+
+    async def _register(self, name: str, password: str, token: str) -> User | None:
+        """A new user with its first session; None when the name is taken."""
+        if name in self.messenger.users:
+            return None
+        salt = os.urandom(16)
+        digest = await self._scrypt(password, salt, self.config.password_cost)
+        if name in self.messenger.users:  # somebody took it during the hash
+            return None
+        logger.info("new user %s", name)
+        return self.messenger.register(name, digest, salt, self.config.password_cost, token)
+
+    async def _log_in(self, name: str, password: str, token: str) -> User:
+        """A new session for a known user, if the password is right."""
+        known = self.messenger.users[name]
+        digest = await self._scrypt(password, known.salt, known.cost)
+        self.messenger.check_login_allowed(name)  # guesses made in parallel count too
+        if not hmac.compare_digest(digest, known.password):
+            self.messenger.login_failed(name)
+            logger.warning("wrong password for %s", name)
+            raise Unauthorized("wrong password")
+        logger.info("%s connects", name)
+        return self.messenger.open_session(name, token)
 
     async def _scrypt(self, password: str, salt: bytes, cost: int) -> bytes:
         """scrypt (n = 2**cost, r=8, p=1) off the event loop, a core's worth at a time."""
@@ -2434,8 +2496,7 @@ class MessengerApp:
     async def disconnect(self, call: Call) -> Response:
         self.messenger.disconnect(call.token_hash)
         self.forget(call.channel)  # the connection no longer makes its user online
-        await self._changed()
-        return Response(HTTPStatus.NO_CONTENT)
+        return await self._durable(Response(HTTPStatus.NO_CONTENT))
 
     async def send(self, call: Call) -> Response:
         body = await self._json(call)
@@ -2451,46 +2512,49 @@ class MessengerApp:
         if not draft.text and draft.file is None:
             raise InvalidField(f"text must be 1 to {MAX_TEXT} characters, or empty with a file")
         result = self.messenger.send(call.user, draft)
-        await self._changed()
         headers = rate_headers(result.rate)
         if result.scheduled is not None:
             self.wake_timer()
             status = HTTPStatus.ACCEPTED if result.created else HTTPStatus.OK
-            return Response.json({"scheduled": self._scheduled(result.scheduled)}, status, headers)
-        assert result.message is not None
-        status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
-        return Response.json({"message": self._message(result.message)}, status, headers)
+            answer = {"scheduled": self._scheduled(result.scheduled)}
+        else:
+            assert result.message is not None
+            status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
+            answer = {"message": self._message(result.message)}
+        return await self._durable(Response.json(answer, status, headers))
 
     async def poll(self, call: Call) -> Response:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
         query = self._query(call)
         since = query.optional_int("since")
         chat = query.optional_string("chat", pattern=CHAT_NAME_RE)
-        limit = min(query.optional_int("limit", minimum=1) or 100, MAX_LIMIT)
+        limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
         wait = min(query.optional_float("wait") or 0.0, self.config.max_wait)
         found, next_id = self.messenger.poll(call.user, since, chat, limit)
         if not found and wait > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
-            client = call.channel.next_read()  # ends if the client hangs up meanwhile
-            while not (found or self.closing or client.done()):
+            # The client's next bytes end the wait too: it hung up, or sent its next request.
+            client_read = call.channel.next_read()
+            while not (found or self.closing or client_read.done()):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                await self.waiters.wait(call.user, remaining, client)
+                await self.waiters.wait(call.user, remaining, client_read)
                 found, next_id = self.messenger.poll(call.user, since, chat, limit)
-        await self._changed()
-        return Response.json({"messages": self._messages(found), "next": next_id})
+        answer = {"messages": self._messages(found), "next": next_id}
+        return await self._durable(Response.json(answer))
 
     async def thread(self, call: Call) -> Response:
         message_id = call.params[0]
         if not message_id.isascii() or not message_id.isdigit() or len(message_id) > 18:
             raise UnknownMessage(message_id)
-        message, comments = self.messenger.thread(call.user, int(message_id))
-        await self._changed()
-        return Response.json(
-            {"message": self._message(message), "comments": self._messages(comments)}
-        )
+        query = self._query(call)
+        after = query.optional_int("after") or 0
+        limit = min(query.optional_int("limit", minimum=1) or MAX_LIMIT, MAX_LIMIT)
+        message, comments = self.messenger.thread(call.user, int(message_id), after, limit)
+        answer = {"message": self._message(message), "comments": self._messages(comments)}
+        return await self._durable(Response.json(answer))
 
     async def history(self, call: Call) -> Response:
         query = self._query(call)
@@ -2507,28 +2571,26 @@ class MessengerApp:
 
     async def cancel(self, call: Call) -> Response:
         self.messenger.cancel(call.user, call.params[0])
-        await self._changed()
-        return Response(HTTPStatus.NO_CONTENT)
+        return await self._durable(Response(HTTPStatus.NO_CONTENT))
 
     async def chats(self, call: Call) -> Response:
-        unread = self.messenger.unread(call.user)[0]
+        unread = self.messenger.unread(call.user).chats  # one pass for every chat
         visible = self.messenger.visible_chats(call.user)
-        return Response.json({"chats": [self._chat(c, call.user, unread) for c in visible]})
+        chats = [self._chat(c, call.user, unread.get(c.name, 0)) for c in visible]
+        return Response.json({"chats": chats})
 
     async def join(self, call: Call) -> Response:
         body = await self._json(call)
         name = body.string("chat_name", pattern=CHAT_NAME_RE, max_length=64)
         private = body.optional_bool("private")
         chat, created = self.messenger.join(call.user, name, private)
-        await self._changed()
         if created:
             kind = "private" if chat.private else "public"
             logger.info("%s created the %s chat %s", call.user, kind, name)
         history = self.messenger.history(call.user, name, None, self.config.rules.history)
-        return Response.json(
-            {"chat": self._chat(chat, call.user), "history": self._messages(history)},
-            HTTPStatus.CREATED if created else HTTPStatus.OK,
-        )
+        answer = {"chat": self._chat(chat, call.user), "history": self._messages(history)}
+        status = HTTPStatus.CREATED if created else HTTPStatus.OK
+        return await self._durable(Response.json(answer, status))
 
     def _chat_param(self, call: Call) -> str:
         name = call.params[0]
@@ -2538,27 +2600,26 @@ class MessengerApp:
 
     async def leave(self, call: Call) -> Response:
         chat = self.messenger.leave(call.user, self._chat_param(call))
-        await self._changed()
-        return Response.json({"chat": self._chat(chat, call.user)})
+        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
 
     async def invite(self, call: Call) -> Response:
         name = self._chat_param(call)
         guest = (await self._json(call)).string("user", pattern=USER_NAME_RE, max_length=32)
         chat = self.messenger.invite(call.user, name, guest)
-        await self._changed()
-        return Response.json({"chat": self._chat(chat, call.user)})
+        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
 
     async def link(self, call: Call) -> Response:
         token = self.messenger.make_link(call.user, self._chat_param(call))
-        await self._changed()
-        return Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
+        answer = Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
+        return await self._durable(answer)
 
     async def request_join(self, call: Call) -> Response:
         chat, member = self.messenger.request_join(call.user, call.params[0])
-        await self._changed()
         if member:
-            return Response.json({"status": "member", "chat": chat.name})
-        return Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
+            answer = Response.json({"status": "member", "chat": chat.name})
+        else:
+            answer = Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
+        return await self._durable(answer)
 
     async def requests(self, call: Call) -> Response:
         pending = self.messenger.pending_requests(call.user, self._chat_param(call))
@@ -2571,16 +2632,17 @@ class MessengerApp:
         if approve is None:
             raise InvalidField("approve is required: true or false")
         chat = self.messenger.decide(call.user, name, call.params[1], approve)
-        await self._changed()
-        return Response.json({"chat": self._chat(chat, call.user)})
+        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
 
     async def status(self, call: Call) -> Response:
         messenger = self.messenger
         user = messenger.users[call.user]
         standing = messenger.standing(call.user)
-        by_chat, by_peer = messenger.unread(call.user)
+        unread = messenger.unread(call.user)
         rate = messenger.rate_status(call.user)
-        chats = [self._chat(messenger.chats[name], call.user, by_chat) for name in user.chats]
+        chats = [
+            self._chat(messenger.chats[name], call.user, unread.chats[name]) for name in user.chats
+        ]
         return Response.json(
             {
                 "user": user.name,
@@ -2588,9 +2650,9 @@ class MessengerApp:
                 "sessions": len(user.sessions),
                 "chats": chats,
                 "unread": {
-                    "total": sum(by_chat.values()) + sum(by_peer.values()),
-                    "chats": by_chat,
-                    "private": by_peer,
+                    "total": unread.total,
+                    "chats": unread.chats,
+                    "private": unread.private,
                 },
                 "limits": {
                     "general_left": rate.remaining,
@@ -2612,10 +2674,10 @@ class MessengerApp:
         target = body.string("user", pattern=USER_NAME_RE, max_length=32)
         reason = body.optional_string("reason", max_length=MAX_REASON, min_length=0) or ""
         standing = self.messenger.report(call.user, target, reason)
-        await self._changed()
-        return Response.json(
-            {"user": target, "reports": standing.reports, "banned_until": standing.banned_until}
-        )
+        answer = {
+            "user": target, "reports": standing.reports, "banned_until": standing.banned_until
+        }
+        return await self._durable(Response.json(answer))
 
     async def upload(self, call: Call) -> Response:
         """Store the raw body as a file of the caller's, under a name the server makes."""
@@ -2643,18 +2705,18 @@ class MessengerApp:
         except Unavailable:
             self.store.remove_file(file_id)
             raise
-        await self._changed()
-        return Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
+        answer = Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
+        return await self._durable(answer)
 
     async def download(self, call: Call) -> Response:
         file_id = call.params[0]
         if not ID_RE.fullmatch(file_id):
-            raise NotFound(f"no file {file_id} that you can see")
+            raise UnknownFile(file_id)
         stored = self.messenger.readable_file(call.user, file_id)
         try:
             handle = (self.store.files / stored.id).open("rb")
         except FileNotFoundError as exc:
-            raise NotFound(f"no file {file_id} that you can see") from exc
+            raise UnknownFile(file_id) from exc
         headers = [
             ("Content-Disposition", content_disposition(stored.name)),
             ("X-Content-Type-Options", "nosniff"),
@@ -2843,7 +2905,12 @@ def build_openapi() -> dict[str, Any]:
             "A message and its comments",
             {200: ("The thread", _object("message comments", message=_ref("Message"),
                                          comments=messages))},
-            errors=[404], parameters=[_parameter("id", "path", integer, "message id")],
+            errors=[400, 404],
+            parameters=[
+                _parameter("id", "path", integer, "message id"),
+                _parameter("after", "query", natural, "only comments after this id"),
+                _parameter("limit", "query", positive, "at most this many comments (1-1000)"),
+            ],
         )},
         "/history": {"get": _operation(
             "A chat's past, oldest first",
@@ -2984,7 +3051,7 @@ class Connection:
         self._body_left = False  # a request body that is still (partly) in the stream
         self._continued = False  # 100 Continue sent for the current request
         self._broken = False  # the stream position is in doubt: answer, then close
-        self.expired = False
+        self.cut_off = False  # the server ended it (a deadline, shutdown): say no more
         self.user: str | None = None  # whose token the connection used last
         self._next_read: asyncio.Future[bytes] | None = None  # a read begun by a handler
 
@@ -2996,7 +3063,7 @@ class Connection:
                     return
                 self.phase, self.deadline = Phase.HANDLER, float("inf")
                 response = await self._server.app.dispatch(request, self)
-                if self.expired:
+                if self.cut_off:
                     return
                 close = not request.keep_alive or self._server.closing
                 if self._body_left and not self._broken:  # the answer came before the body
@@ -3013,7 +3080,7 @@ class Connection:
                 self.phase = Phase.IDLE
                 self.deadline = self._loop.time() + self._config.idle_timeout
         except MessengerError as exc:
-            if not self.expired:
+            if not self.cut_off:
                 logger.info("bad request from %s: %d %s", self.peer, exc.status, exc.message)
                 with contextlib.suppress(ConnectionError):
                     await self._send(None, Response.error(exc), close=True)
@@ -3088,7 +3155,7 @@ class Connection:
                 check_partial_head(buffer, self._config.http, checked)
                 checked = len(buffer)
             if not await self._fill():
-                if buffer and not self.expired:
+                if buffer and not self.cut_off:
                     raise BadRequest("the connection ended in the middle of a request head")
                 return None
         head = bytes(buffer[:end])
@@ -3156,9 +3223,15 @@ class Connection:
 
     def next_read(self) -> asyncio.Future[bytes]:
         """The client's next bytes, read from now on while a request waits (a long-poll):
-        done with nothing if the client hangs up. ``_fill`` takes what it brings."""
+        done with nothing if the client hangs up, at once if a next request is already
+        here. ``_fill`` takes what it brings."""
         if self._next_read is None:
-            self._next_read = asyncio.ensure_future(self._reader.read(READ_SIZE))
+            if self._buffer:
+                self._next_read = self._loop.create_future()
+                self._next_read.set_result(bytes(self._buffer))
+                self._buffer.clear()
+            else:
+                self._next_read = asyncio.ensure_future(self._reader.read(READ_SIZE))
         return self._next_read
 
     async def _send(self, request: Request | None, response: Response, close: bool) -> None:
@@ -3173,6 +3246,8 @@ class Connection:
                     await self._send_file(response.file, response.file_size)
         else:
             self._writer.write(head + response.body if with_body else head)
+        if self._writer.transport.is_closing():  # no use answering what else it sent
+            raise ConnectionResetError("the client went away")
         if self._writer.transport.get_write_buffer_size():
             await self._drain()
 
@@ -3191,7 +3266,7 @@ class Connection:
             self._writer.write(chunk)
             await self._drain()
 
-    def expire(self) -> None:
+    def past_deadline(self) -> None:
         """Called by the watchdog past the deadline: 408 for a slow head or body, then close."""
         if self.phase in (Phase.HEAD, Phase.BODY):
             what = "request head" if self.phase == Phase.HEAD else "request body"
@@ -3209,14 +3284,14 @@ class Connection:
 
     def _refuse(self, error: MessengerError) -> None:
         """Answer a request that will never be read to its end, and close."""
-        self.expired = True
+        self.cut_off = True
         response = Response.error(error)
         self._writer.write(response.serialize_head(close=True) + response.body)
         self._writer.close()
 
     def drop(self) -> None:
         """Close now; what a client that does not read has left pending is thrown away."""
-        self.expired = True
+        self.cut_off = True
         if self._writer.transport.get_write_buffer_size():
             self._writer.transport.abort()
         else:
@@ -3258,7 +3333,8 @@ class MessengerServer:
         self.messenger.on_file_gone = self.store.remove_file
         self.app = MessengerApp(config, self.messenger, self.journal, self.store)
         self.app.wake_timer = self.wake_timer
-        self._saved_changes = [-1, -1]  # the change count in the two snapshots kept
+        self._older_snapshot_changes = -1  # the state's change count in the older snapshot
+        self._newer_snapshot_changes = -1  # ... and in the newer one
         self._saving = asyncio.Lock()
         self._timer_wakeup = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -3342,7 +3418,8 @@ class MessengerServer:
             finally:
                 gc.enable()
             del state, messages
-            self._saved_changes = [self._saved_changes[1], changes]
+            self._older_snapshot_changes = self._newer_snapshot_changes
+            self._newer_snapshot_changes = changes
             self.store.prune()
             logger.info(
                 "snapshot %d: %d messages, %d bytes, %.3f s",
@@ -3385,8 +3462,8 @@ class MessengerServer:
             await asyncio.sleep(tick)
             now = loop.time()
             for connection in [c for c in self._connections if c.deadline <= now]:
-                if not connection.expired:
-                    connection.expire()
+                if not connection.cut_off:
+                    connection.past_deadline()
 
     async def _run_timers(self) -> None:
         """Deliver scheduled messages when due and drop expired ones (one timer for all)."""
@@ -3421,10 +3498,10 @@ class MessengerServer:
                 await self.save()
 
     def snapshot_due(self) -> bool:
-        """Until both snapshots kept hold the current state, so that expired messages leave
-        the older snapshot and the journals too, even when the server turns quiet; or when
-        the journal refuses changes and needs a new file."""
-        return self.messenger.changes != self._saved_changes[0] or self.journal.broken
+        """True while the older snapshot kept is behind the current state (so an expired
+        message leaves every file, even on a server that turned quiet), or while the journal
+        refuses changes and needs a new file."""
+        return self.messenger.changes != self._older_snapshot_changes or self.journal.broken
 
 
 # Entry point ###############################################################
@@ -3471,6 +3548,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, str]:
     add("--login-failures", type=int, default=rules.login_failures,
         help="wrong passwords per name per login window before 429")
     add("--login-window", type=float, default=rules.login_window, help="seconds")
+    add("--max-owned-chats", type=int, default=rules.max_owned_chats,
+        help="chats a user may create; 403 above")
     args = parser.parse_args(argv)
     config = ServerConfig(
         host=args.host,
@@ -3500,6 +3579,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, str]:
             ban_duration=args.ban_duration,
             login_failures=args.login_failures,
             login_window=args.login_window,
+            max_owned_chats=args.max_owned_chats,
         ),
         password_cost=args.password_cost,
         max_wait=args.max_wait,

@@ -1149,3 +1149,42 @@ def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
     assert [m.id for m in rest] == [m.id for m in sent[per_answer:]]
     newest = messenger.history("alice", "club", None, 1000)
     assert [m.id for m in newest] == [m.id for m in sent[-per_answer:]]
+
+
+@pytest.mark.parametrize(
+    ("ids", "gone", "left"),
+    [([1, 2, 3, 4], [2, 1], [3, 4]), ([1, 2, 3, 4], [3, 1], [2, 4]), ([5], [5], [])],
+    ids=["oldest", "scattered", "all"],
+)
+def test_remove_ids_keeps_the_rest_in_order(
+    ids: list[int], gone: list[int], left: list[int]
+) -> None:
+    ms._remove_ids(ids, gone)
+    assert ids == left
+
+
+def test_comments_come_after_a_position_and_within_the_budget(messenger: ms.Messenger) -> None:
+    root = post(messenger, "alice", "root", chat="club")
+    short = [post(messenger, "bob", "ok", reply_to=root.id) for _ in range(3)]
+    assert messenger.thread("alice", root.id, after=short[0].id)[1] == short[1:]
+    assert messenger.thread("alice", root.id, limit=2)[1] == short[:2]
+    long_text = "x" * ms.MAX_TEXT
+    per_answer = ms.MAX_ANSWER_TEXT // ms.MAX_TEXT
+    for _ in range(per_answer + 1):
+        post(messenger, "bob", long_text, reply_to=root.id)
+    _, first = messenger.thread("alice", root.id, after=short[-1].id)
+    assert len(first) == per_answer
+    _, rest = messenger.thread("alice", root.id, after=first[-1].id)
+    assert len(rest) == 1
+
+
+def test_a_user_creates_at_most_max_owned_chats(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock, max_owned_chats=2)
+    register(messenger, "alice")
+    messenger.join("alice", "one", None)
+    messenger.join("alice", "two", None)
+    recorded = len(events)
+    with pytest.raises(ms.Forbidden):
+        messenger.join("alice", "three", None)
+    assert len(events) == recorded and "three" not in messenger.chats
+    messenger.join("alice", "general", None)  # joining is not creating

@@ -586,3 +586,19 @@ async def until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(2):
         while not condition():  # noqa: ASYNC110 - the server offers no event for these
             await asyncio.sleep(0.001)
+
+
+@pytest.mark.asyncio
+async def test_a_long_poll_followed_by_a_pipelined_request_answers_both_at_once(
+    server: ms.MessengerServer,
+) -> None:
+    token = await connect(server.port, "alice")
+    async with Client(server.port) as client:
+        await client.send_raw(
+            head("GET /messages?wait=30 HTTP/1.1", "Host: t", f"Authorization: Bearer {token}")
+            + head("GET /health HTTP/1.1", "Host: t")
+        )
+        async with asyncio.timeout(5):  # not the 30 s of the wait
+            polled = await client.response()
+            health = await client.response()
+    assert (polled.status, polled.json()["messages"], health.status) == (200, [], 200)
