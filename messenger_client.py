@@ -69,7 +69,7 @@ class Config:
             return
         except (OSError, ValueError) as exc:
             raise ClientError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+        if not _is_config(data):
             raise ClientError(f"cannot read {path}: not a messenger config file")
         self.servers = data["servers"]
 
@@ -110,6 +110,22 @@ class Config:
                 raise
         except OSError as exc:
             raise ClientError(f"cannot save {self.path}: {exc}") from exc
+
+
+def _is_config(data: Any) -> bool:
+    """The shape of the config file: servers, each with tokens by user and a last user."""
+    if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+        return False
+    for entry in data["servers"].values():
+        if not isinstance(entry, dict):
+            return False
+        tokens = entry.get("tokens", {})
+        last_user = entry.get("last_user")
+        if not isinstance(tokens, dict) or not all(isinstance(t, str) for t in tokens.values()):
+            return False
+        if last_user is not None and not isinstance(last_user, str):
+            return False
+    return True
 
 
 # Errors ####################################################################
@@ -765,9 +781,8 @@ def disconnect(app: App) -> None:
     try:
         client.disconnect()
     except ApiError as exc:
-        if (
-            exc.status != HTTPStatus.UNAUTHORIZED
-        ):  # a token the server no longer knows is as good as revoked
+        # A token the server no longer knows is as good as revoked.
+        if exc.status != HTTPStatus.UNAUTHORIZED:
             raise
     app.config.forget(app.server, user)
     if not app.json_output:
@@ -917,13 +932,13 @@ def read(app: App, chat: str | None, follow: bool) -> None:
         return
     # Without since the server starts at the read position; since=X marks up to X read.
     seen: list[Message] = []
-    page = client.messages(chat=chat)
+    page = client.messages()
     while page["messages"]:
         seen += page["messages"]
         if not app.json_output:
             for message in page["messages"]:
                 click.echo(format_message(message, user))
-        page = client.messages(since=page["next"], chat=chat)
+        page = client.messages(since=page["next"])
     if app.json_output:
         print_json({"messages": seen, "next": page["next"]})
     elif not seen:

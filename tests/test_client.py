@@ -654,3 +654,16 @@ def test_read_follow_reconnects_after_a_server_restart(
     assert f"cannot reach {cli.url}" in result.stderr
     assert f"Reconnected to {cli.url}." in result.stderr
     assert result.stdout.endswith(" @bob bob: back again\n")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"servers": {"http://h": []}}', '{"servers": {"http://h": {"tokens": []}}}',
+     '{"servers": {"http://h": {"last_user": 3}}}', "[]", "not json"],
+)
+def test_a_damaged_config_file_is_one_clear_line(content: str, config_dir: Path) -> None:
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / mc.CONFIG_FILE).write_text(content)
+    result = CliRunner().invoke(mc.cli, ["status"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: cannot read ")
