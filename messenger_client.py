@@ -683,6 +683,12 @@ class App:
     def anonymous(self) -> MessengerClient:
         return MessengerClient(self.server)
 
+    def printed_as_json(self, answer: object) -> bool:
+        """With --json, print the server's answer as is; whether it did."""
+        if self.json_output:
+            print_json(answer)
+        return self.json_output
+
     def login(self) -> tuple[MessengerClient, str]:
         """A client with the chosen user's saved token, and that user's name."""
         user = self.user or self.config.last_user(self.server)
@@ -759,8 +765,7 @@ def connect(app: App, user: str, password: str) -> None:
     """
     answer, created = app.anonymous().connect(user, password)
     app.config.remember(app.server, answer["user"], answer["token"])
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     account = " (new account)" if created else ""
     click.echo(f"Connected to {app.server} as {answer['user']}{account}.")
@@ -795,8 +800,7 @@ def chats(app: App) -> None:
     """List the public chats and the private ones you belong to."""
     client, _ = app.login()
     answer = client.chats()
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     for chat in answer["chats"]:
         click.echo(format_chat(chat))
@@ -810,8 +814,7 @@ def join(app: App, chat: str, private: bool) -> None:
     """Join CHAT, creating it if it does not exist, and make it the active chat."""
     client, user = app.login()
     answer, created = client.join(chat, private=private)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     joined = answer["chat"]
     privacy = "private" if joined["private"] else "public"
@@ -828,8 +831,7 @@ def leave(app: App, chat: str) -> None:
     """Leave CHAT (not general)."""
     client, _ = app.login()
     answer = client.leave(chat)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     click.echo(f"Left {answer['chat']['name']}.")
 
@@ -986,8 +988,7 @@ def history(app: App, chat: str, before: int | None, limit: int | None) -> None:
     """Print CHAT's last messages, from before you joined too."""
     client, user = app.login()
     answer = client.history(chat, before=before, limit=limit)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     for message in answer["messages"]:
         click.echo(format_message(message, user))
@@ -1002,8 +1003,7 @@ def show(app: App, message_id: int) -> None:
     """Print message ID and its comments."""
     client, user = app.login()
     answer = client.message(message_id)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     click.echo(format_message(answer["message"], user))
     for comment in answer["comments"]:
@@ -1016,8 +1016,7 @@ def status(app: App) -> None:
     """Print who you are, your unread counts, your limits and the server's state."""
     client, _ = app.login()
     answer = client.status()
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     unread, limits, server = answer["unread"], answer["limits"], answer["server"]
     sessions = plural(answer["sessions"], "session")
@@ -1046,8 +1045,7 @@ def scheduled(app: App) -> None:
     """List your scheduled messages that are not sent yet."""
     client, user = app.login()
     answer = client.scheduled()
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     for item in answer["scheduled"]:
         text = clean(item["text"]).replace("\n", " ")
@@ -1077,8 +1075,7 @@ def report(app: App, user: str, reason: str | None) -> None:
     """Report USER; enough reports ban them from sending for a while."""
     client, _ = app.login()
     answer = client.report(user, reason)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     click.echo(f"Reported {answer['user']} ({plural(answer['reports'], 'report')}).")
     if answer["banned_until"] is not None:
@@ -1093,8 +1090,7 @@ def invite(app: App, chat: str, user: str) -> None:
     """Invite USER to your chat CHAT; they may then join it."""
     client, _ = app.login()
     answer = client.invite(chat, user)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     click.echo(f"Invited {user} to {answer['chat']['name']}; they can now run: join {chat}")
 
@@ -1106,8 +1102,7 @@ def link(app: App, chat: str) -> None:
     """Make a join link for your chat CHAT (the previous link stops working)."""
     client, _ = app.login()
     answer = client.link(chat)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     click.echo(app.server + answer["link"])
 
@@ -1137,8 +1132,7 @@ def requests(app: App, chat: str) -> None:
     """List the pending requests to join your chat CHAT."""
     client, _ = app.login()
     answer = client.requests(chat)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     for pending in answer["requests"]:
         click.echo(f"{pending['user']} (asked {format_time(pending['ts'])})")
@@ -1151,8 +1145,7 @@ def decide_request(app: App, chat: str, user: str, *, approve: bool, done: str) 
     ``done`` with ``{user}`` and ``{chat}`` (the chat's name) filled in."""
     client, _ = app.login()
     answer = client.decide(chat, user, approve=approve)
-    if app.json_output:
-        print_json(answer)
+    if app.printed_as_json(answer):
         return
     click.echo(done.format(user=user, chat=answer["chat"]["name"]))
 
