@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +208,15 @@ async def connect(port: int, user: str, password: str = "secret") -> str:
     assert response.status in (200, 201), response.body
     token: str = response.json()["token"]
     return token
+
+
+async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Wait until ``predicate`` holds, for states that offer no event to await (a count in
+    the server, a child process's /proc); False if ``seconds`` pass first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True

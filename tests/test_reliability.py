@@ -42,6 +42,7 @@ from tests.conftest import (
     connect,
     make_config,
     read_response,
+    settle,
 )
 from tests.servers import Spawn
 
@@ -71,17 +72,6 @@ class SourceClient(Client):
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Log lines at ERROR or above: an unhandled exception shows up here."""
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
-    """Wait until ``predicate`` holds: a child process's /proc offers no event to await."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not predicate():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 # Parser properties ##########################################################

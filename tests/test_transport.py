@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tests.conftest import (
     assert_error,
     connect,
     make_config,
+    settle,
 )
 
 LOGIN = json.dumps({"user": "alice", "password": "secret"}).encode()
@@ -571,21 +572,14 @@ async def test_a_client_reset_in_the_middle_of_a_body_is_no_server_error(
              "Content-Length: 100") + b'{"te'
     )
     await writer.drain()
-    await until(lambda: any(c.phase == ms.Phase.BODY for c in server._connections))
+    assert await settle(lambda: any(c.phase == ms.Phase.BODY for c in server._connections), 2)
     linger_zero = struct.pack("ii", 1, 0)  # close() then sends a reset, not a clean end
     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
     writer.transport.abort()
-    await until(lambda: not server._connections)
+    assert await settle(lambda: not server._connections, 2)
     async with Client(server.port) as client:  # the server lives on and answers
         assert (await client.request("GET", "/health")).status == 200
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for a state of the server that has no event to await (within 2 s)."""
-    async with asyncio.timeout(2):
-        while not condition():  # noqa: ASYNC110 - the server offers no event for these
-            await asyncio.sleep(0.001)
 
 
 @pytest.mark.asyncio
