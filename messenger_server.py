@@ -142,6 +142,11 @@ class ServerConfig:
     snapshot_interval: float = SNAPSHOT_INTERVAL
     fsync: str = "everysec"  # or "always"
 
+    @property
+    def largest_body(self) -> int:
+        """Bytes of the largest body any route takes: a bigger one is refused at once."""
+        return max(self.max_json_body, self.max_file_size)
+
 
 # Errors ####################################################################
 
@@ -2317,7 +2322,7 @@ class MessengerApp:
                 return Response(HTTPStatus.NO_CONTENT, headers=[("Allow", allow)])
             if not request.path.startswith("/"):  # CONNECT host:port: no resource of ours
                 raise MethodNotAllowed("this is an origin server: CONNECT is refused", [])
-            route, params = self.router.match(request.method, request.path)
+            route, params = self._route(request)
             call = Call(request, params, channel)
             if route.auth:
                 self._authenticate(call)
@@ -2330,6 +2335,17 @@ class MessengerApp:
         except Exception:
             logger.exception("unhandled error in %s %s", request.method, request.path)
             return Response.error(InternalError("internal server error"))
+
+    def _route(self, request: Request) -> tuple[Route, tuple[str, ...]]:
+        """The route of a request: 404 or 405 if none, but 413 for a body larger than any
+        route takes (it could never be read)."""
+        try:
+            return self.router.match(request.method, request.path)
+        except (NotFound, MethodNotAllowed):
+            largest = self.config.largest_body
+            if (request.content_length or 0) > largest:
+                raise PayloadTooLarge(f"no route takes a body over {largest} bytes") from None
+            raise
 
     def _authenticate(self, call: Call) -> None:
         scheme, _, token = call.request.headers.get("authorization", "").partition(" ")
@@ -3097,14 +3113,16 @@ class Connection:
         self, request: Request, response: Response, close: bool
     ) -> tuple[Response, bool]:
         """The body of a request answered without reading it (an error, say): skip it to
-        keep the connection, or close after the answer when it is too big to skip, or when
-        the client waits for a 100 Continue. A malformed body makes the answer its 400."""
+        keep the connection; or close after the answer when the client waits for a 100
+        Continue. A body too large to read or malformed makes the answer a 413 (unless it
+        is one already) or a 400."""
         if request.expect_continue and not self._continued:
             return response, True
         try:
             await self.discard(request)
-        except PayloadTooLarge:
-            return response, True
+        except PayloadTooLarge as exc:
+            too_large = response.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+            return (response if too_large else Response.error(exc)), True
         except MessengerError as exc:
             return Response.error(exc), True
         return response, close
@@ -3217,8 +3235,9 @@ class Connection:
         self.phase, self.deadline = Phase.HANDLER, float("inf")
 
     async def discard(self, request: Request) -> None:
-        """Read and drop a body nobody needs: 413 beyond the JSON limit, 400 if malformed."""
-        async for _ in self.stream(request, self._config.max_json_body):
+        """Read and drop a body nobody needs: 413 beyond the largest body any route takes,
+        400 if malformed."""
+        async for _ in self.stream(request, self._config.largest_body):
             pass
 
     def next_read(self) -> asyncio.Future[bytes]:

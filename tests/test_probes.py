@@ -37,9 +37,7 @@ def methods_in(raw: bytes) -> list[bytes]:
 
 
 def expected_statuses(case: dict[str, Any]) -> set[int]:
-    """The case's error statuses, read through API.md: routing (404, 405) precedes 413."""
-    statuses = {status for status in case["expected_status"] if isinstance(status, int)}
-    return statuses | {404, 405} if 413 in statuses else statuses
+    return {status for status in case["expected_status"] if isinstance(status, int)}
 
 
 @pytest.mark.skipif(not CASES, reason="../shared/http-probes is not beside the project")

@@ -596,3 +596,30 @@ async def test_a_long_poll_followed_by_a_pipelined_request_answers_both_at_once(
             polled = await client.response()
             health = await client.response()
     assert (polled.status, polled.json()["messages"], health.status) == (200, [], 200)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("target", ["/health", "/nowhere", "/files?name=f"])
+async def test_a_body_larger_than_any_route_takes_is_a_413(
+    server: ms.MessengerServer, target: str
+) -> None:
+    """Whatever the route, and without a token: such a body could never be read."""
+    too_big = server.config.largest_body + 1
+    async with Client(server.port) as client:
+        await client.send_raw(
+            head(f"POST {target} HTTP/1.1", "Host: t", f"Content-Length: {too_big}")
+        )
+        assert_error(await client.response(), 413, "too_large")
+        assert await client.closed()
+
+
+@pytest.mark.asyncio
+async def test_a_body_within_the_limits_keeps_the_order_of_checks(
+    server: ms.MessengerServer,
+) -> None:
+    """Route, then token, then body: a 100 KiB body without a token is a 401, and the
+    connection lives on, the body skipped."""
+    async with Client(server.port) as client:
+        response = await client.request("POST", "/send", b"x" * 100 * 1024)
+        assert_error(response, 401, "unauthorized")
+        assert (await client.request("GET", "/health")).status == 200
