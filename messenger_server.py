@@ -3340,7 +3340,6 @@ class MessengerServer:
     def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.closing = False
         self.store = StateStore(config.state_dir)
         self.messenger = Messenger(config.rules, clock)
         self._journal_number = self.store.load(self.messenger)
@@ -3360,6 +3359,11 @@ class MessengerServer:
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._per_ip: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def closing(self) -> bool:
+        """The server is stopping (the app knows it too: its long-polls answer at once)."""
+        return self.app.closing
 
     @property
     def port(self) -> int:
@@ -3387,7 +3391,7 @@ class MessengerServer:
         """Stop accepting, let requests in flight finish (bounded), save, close."""
         if self._server is None:
             return
-        self.closing = self.app.closing = True
+        self.app.closing = True
         self._server.close()
         self.app.waiters.wake_all()
         for connection in self._connections:
