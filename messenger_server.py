@@ -38,12 +38,16 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import email.utils
 import enum
+import fcntl
+import functools
 import gc
 import hashlib
 import heapq
 import hmac
+import inspect
 import io
 import itertools
 import json
@@ -54,9 +58,12 @@ import pickle
 import re
 import secrets
 import signal
+import stat
 import struct
 import sys
 import time
+import types
+import typing
 import zlib
 from asyncio import FIRST_COMPLETED
 from collections import deque
@@ -64,10 +71,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Final, NamedTuple, Protocol
+from typing import Any, BinaryIO, ClassVar, Final, NamedTuple, Protocol, TypeVar
 from urllib.parse import quote, unquote, unquote_plus
 
 logger = logging.getLogger("messenger")
+T = TypeVar("T")
 
 # Configuration ##############################################################
 
@@ -747,6 +755,7 @@ MAX_LIMIT: Final = 1000  # messages (or comments) per answer
 MAX_ANSWER_TEXT: Final = 256 * 1024
 
 Event = tuple[Any, ...]  # ("kind", *fields): the unit of the journal
+DERIVED: Final = {"derived": True}  # field metadata: rebuilt from the rest, never saved
 
 
 class NotAMember(Forbidden):
@@ -834,14 +843,14 @@ class User:
     active_chat: str = GENERAL
     read_pos: int = 0  # every message id up to here has been read
     chats: dict[str, int] = field(default_factory=dict)  # chat -> the last id when it joined
-    sessions: set[str] = field(default_factory=set)  # token hashes
+    sessions: set[str] = field(default_factory=set, metadata=DERIVED)  # token hashes
     reporters: set[str] = field(default_factory=set)
     banned_until: float | None = None
     general: Window = field(default_factory=Window)  # messages sent to general
     reports_made: Window = field(default_factory=Window)
     client_ids: dict[str, tuple[str, int | str, float]] = field(default_factory=dict)
-    private: list[int] = field(default_factory=list)  # private message ids to or from it
-    owned: int = 0  # chats it created
+    private: list[int] = field(default_factory=list, metadata=DERIVED)  # ids to or from it
+    owned: int = field(default=0, metadata=DERIVED)  # chats it created
 
 
 @dataclass(slots=True)
@@ -850,15 +859,16 @@ class Chat:
     private: bool
     owner: str | None
     created: float
-    members: set[str] = field(default_factory=set)
+    members: set[str] = field(default_factory=set, metadata=DERIVED)  # from users' chats
     invited: set[str] = field(default_factory=set)
     requests: dict[str, float] = field(default_factory=dict)  # user -> when it asked
     link: str | None = None  # the hash of the current join link's token
-    messages: list[int] = field(default_factory=list)  # live message ids, oldest first
+    messages: list[int] = field(default_factory=list, metadata=DERIVED)  # live ids, oldest first
 
 
 @dataclass(slots=True)
 class Session:
+    token_hash: str  # SHA-256 of the bearer token: the token itself is never kept
     user: str
     created: float
 
@@ -872,8 +882,8 @@ class StoredFile:
     type: str
     sha256: str
     ts: float
-    messages: set[int] = field(default_factory=set)  # live messages carrying it
-    scheduled: int = 0  # pending scheduled messages carrying it
+    messages: set[int] = field(default_factory=set, metadata=DERIVED)  # live ones carrying it
+    scheduled: int = field(default=0, metadata=DERIVED)  # pending scheduled ones carrying it
 
 
 @dataclass(slots=True)
@@ -955,12 +965,37 @@ class Messenger:
     check everything before they record anything: a refused request changes nothing.
     """
 
+    # The applier of each kind of event (its parameters are the event's fields).
+    APPLIERS: ClassVar[dict[str, str]] = {
+        "user": "_apply_user",
+        "session": "_apply_session",
+        "revoke": "_apply_revoke",
+        "message": "_apply_message",
+        "deliver": "_apply_deliver",
+        "read": "_apply_read",
+        "join": "_apply_join",
+        "leave": "_apply_leave",
+        "invite": "_apply_invite",
+        "link": "_apply_link",
+        "request": "_apply_request",
+        "decide": "_apply_decide",
+        "report": "_apply_report",
+        "file": "_apply_file",
+        "schedule": "_apply_schedule",
+        "cancel": "_apply_cancel",
+    }
+
     def __init__(self, rules: Rules, clock: Callable[[], float] = time.time) -> None:
         self.rules = rules
         self.clock = clock
         self.record: Callable[[Event], None] = _ignore
         self.on_message: Callable[[Message], None] = _ignore
         self.on_file_gone: Callable[[str], None] = _ignore
+        self._apply = {kind: getattr(self, name) for kind, name in self.APPLIERS.items()}
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty: no user, no message, only the general chat."""
         self.users: dict[str, User] = {}
         self.sessions: dict[str, Session] = {}
         self.chats: dict[str, Chat] = {GENERAL: Chat(GENERAL, False, None, 0.0)}
@@ -978,30 +1013,14 @@ class Messenger:
         self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
         self._scheduled_count = 0  # orders scheduled messages due at the same time
         self._login_failures: dict[str, Window] = {}
-        self._apply: dict[str, Callable[..., None]] = {
-            "user": self._apply_user,
-            "session": self._apply_session,
-            "revoke": self._apply_revoke,
-            "message": self._apply_message,
-            "deliver": self._apply_deliver,
-            "read": self._apply_read,
-            "join": self._apply_join,
-            "leave": self._apply_leave,
-            "invite": self._apply_invite,
-            "link": self._apply_link,
-            "request": self._apply_request,
-            "decide": self._apply_decide,
-            "report": self._apply_report,
-            "file": self._apply_file,
-            "schedule": self._apply_schedule,
-            "cancel": self._apply_cancel,
-        }
 
     # Events -----------------------------------------------------------------
 
     def _emit(self, *event: Any) -> None:
         self.record(event)
         self.replay(event)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("%s", describe_event(event))
 
     def _note(self, *event: Any) -> None:
         """Record what a read did (deliveries, the read position). When the journal refuses
@@ -1516,15 +1535,15 @@ class Messenger:
     # Applying events --------------------------------------------------------
 
     def _apply_user(
-        self, name: str, password: bytes, salt: bytes, cost: int, token_hash: str, ts: float
+        self, new_user: str, password: bytes, salt: bytes, cost: int, token_hash: str, ts: float
     ) -> None:
         """A new user, member of general, with its first session: one event, all or nothing."""
-        self.users[name] = User(name, password, salt, cost, ts)
-        self._add_member(self.chats[GENERAL], name)
-        self._apply_session(token_hash, name, ts)
+        self.users[new_user] = User(new_user, password, salt, cost, ts)
+        self._add_member(self.chats[GENERAL], new_user)
+        self._apply_session(token_hash, new_user, ts)
 
     def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
-        self.sessions[token_hash] = Session(name, ts)
+        self.sessions[token_hash] = Session(token_hash, name, ts)
         self.users[name].sessions.add(token_hash)
 
     def _apply_revoke(self, token_hash: str) -> None:
@@ -1588,31 +1607,31 @@ class Messenger:
         chat.invited.discard(name)
         chat.requests.pop(name, None)
 
-    def _apply_leave(self, chat_name: str, name: str) -> None:
+    def _apply_leave(self, chat: str, name: str) -> None:
         user = self.users[name]
-        self.chats[chat_name].members.discard(name)
-        user.chats.pop(chat_name, None)
-        if user.active_chat == chat_name:
+        self.chats[chat].members.discard(name)
+        user.chats.pop(chat, None)
+        if user.active_chat == chat:
             user.active_chat = GENERAL
 
-    def _apply_invite(self, chat_name: str, name: str) -> None:
-        self.chats[chat_name].invited.add(name)
+    def _apply_invite(self, chat: str, name: str) -> None:
+        self.chats[chat].invited.add(name)
 
-    def _apply_link(self, chat_name: str, token_hash: str) -> None:
-        chat = self.chats[chat_name]
-        if chat.link is not None:
-            self._links.pop(chat.link, None)
-        chat.link = token_hash
-        self._links[token_hash] = chat_name
+    def _apply_link(self, chat: str, token_hash: str) -> None:
+        joined = self.chats[chat]
+        if joined.link is not None:
+            self._links.pop(joined.link, None)
+        joined.link = token_hash
+        self._links[token_hash] = chat
 
-    def _apply_request(self, chat_name: str, name: str, ts: float) -> None:
-        self.chats[chat_name].requests.setdefault(name, ts)
+    def _apply_request(self, chat: str, name: str, ts: float) -> None:
+        self.chats[chat].requests.setdefault(name, ts)
 
-    def _apply_decide(self, chat_name: str, name: str, approve: bool, ts: float) -> None:
-        chat = self.chats[chat_name]
-        chat.requests.pop(name, None)
+    def _apply_decide(self, chat: str, name: str, approve: bool, ts: float) -> None:
+        joined = self.chats[chat]
+        joined.requests.pop(name, None)
         if approve:
-            self._add_member(chat, name)
+            self._add_member(joined, name)
 
     def _apply_report(self, reporter: str, target: str, reason: str, ts: float) -> None:
         user = self.users[target]
@@ -1629,26 +1648,28 @@ class Messenger:
                         len(user.reporters))
 
     def _apply_file(
-        self, file_id: str, owner: str, name: str, size: int, media_type: str, sha256: str,
-        ts: float,
+        self, new_file: str, owner: str, file_name: str, size: int, media_type: str,
+        sha256: str, ts: float,
     ) -> None:
-        self.files[file_id] = StoredFile(file_id, owner, name, size, media_type, sha256, ts)
-        self._file_expiry.append(file_id)
+        self.files[new_file] = StoredFile(
+            new_file, owner, file_name, size, media_type, sha256, ts
+        )
+        self._file_expiry.append(new_file)
 
     def _apply_schedule(
-        self, scheduled_id: str, sender: str, send_at: float, text: str, chat: str | None,
+        self, new_scheduled: str, sender: str, send_at: float, text: str, chat: str | None,
         to: str | None, reply_to: int | None, file_id: str | None, client_id: str | None,
         ts: float, counted: bool,
     ) -> None:
         scheduled = Scheduled(
-            scheduled_id, sender, send_at, text, chat, to, reply_to, file_id, client_id, ts
+            new_scheduled, sender, send_at, text, chat, to, reply_to, file_id, client_id, ts
         )
         self._add_scheduled(scheduled)
         user = self.users[sender]
         if counted:
             user.general.add(ts, self.rules.rate_window)
         if client_id is not None:
-            self._remember_client_id(user, client_id, "scheduled", scheduled_id, ts)
+            self._remember_client_id(user, client_id, "scheduled", new_scheduled, ts)
 
     def _client_id_lifetime(self) -> float:
         return max(IDEMPOTENCY_WINDOW, self.rules.message_ttl)
@@ -1688,65 +1709,110 @@ class Messenger:
     # Snapshots: plain builtins out and in ------------------------------------
 
     def export(self) -> tuple[dict[str, Any], list[Message]]:
-        """The state as plain builtins, and the messages (immutable) to pickle in steps."""
+        """The state as plain builtins by field name (derived fields left out: ``restore``
+        rebuilds them), and the messages, immutable, to pickle in steps."""
         self.expire(self.clock())
         state = {
             "last_id": self.last_id,
-            "users": [
-                (u.name, u.password, u.salt, u.cost, u.created, u.active_chat, u.read_pos,
-                 list(u.chats.items()), sorted(u.reporters), u.banned_until,
-                 (u.general.start, u.general.count),
-                 (u.reports_made.start, u.reports_made.count),
-                 [(key, *value) for key, value in u.client_ids.items()])
-                for u in self.users.values()
-            ],
-            "sessions": [(h, s.user, s.created) for h, s in self.sessions.items()],
-            "chats": [
-                (c.name, c.private, c.owner, c.created, sorted(c.members), sorted(c.invited),
-                 list(c.requests.items()), c.link)
-                for c in self.chats.values()
-            ],
+            "chats": [to_plain(chat) for chat in self.chats.values()],
+            "users": [to_plain(user) for user in self.users.values()],
+            "sessions": [to_plain(session) for session in self.sessions.values()],
+            "files": [to_plain(stored) for stored in self.files.values()],
+            "scheduled": [to_plain(scheduled) for scheduled in self.scheduled.values()],
             "delivered": list(self._delivered.items()),
-            "files": [
-                (f.id, f.owner, f.name, f.size, f.type, f.sha256, f.ts)
-                for f in self.files.values()
-            ],
-            "scheduled": [
-                (s.id, s.sender, s.send_at, s.text, s.chat, s.to, s.reply_to, s.file,
-                 s.client_id, s.created)
-                for s in self.scheduled.values()
-            ],
         }
         return state, list(self.messages.values())
 
-    def restore(self, state: dict[str, Any], messages: Iterable[tuple[Any, ...]]) -> None:
-        """Rebuild the state from ``export``'s builtins (into a new, empty Messenger)."""
+    def restore(self, state: dict[str, Any], rows: Iterable[Any]) -> None:
+        """Rebuild the state from ``export``'s builtins, into an empty Messenger. Each record
+        is checked like input: one of the wrong shape, or naming what does not exist, is
+        logged and skipped; a state that is not ``export``'s at all raises BadRecord."""
+        if type(state.get("last_id")) is not int:
+            raise BadRecord("the state has no last_id")
         self.last_id = state["last_id"]
-        for (name, password, salt, cost, created, active, read_pos, chats, reporters,
-             banned_until, general, reports_made, client_ids) in state["users"]:
-            self.users[name] = User(
-                name, password, salt, cost, created, active, read_pos, dict(chats),
-                set(), set(reporters), banned_until, Window(*general), Window(*reports_made),
-                {key: (kind, ref, ts) for key, kind, ref, ts in client_ids},
-            )
-        for token_hash, name, created in state["sessions"]:
-            self._apply_session(token_hash, name, created)
-        for name, private, owner, created, members, invited, requests, link in state["chats"]:
-            self.chats[name] = Chat(
-                name, private, owner, created, set(members), set(invited), dict(requests)
-            )
-            if owner is not None:
-                self.users[owner].owned += 1
-            if link is not None:
-                self._apply_link(name, link)
-        for row in state["files"]:
-            self._apply_file(*row)
-        for row in messages:
-            self._add_message(Message(*row))
-        for message_id, ts in sorted(state["delivered"], key=lambda item: item[1]):
-            self._apply_deliver([message_id], ts)
-        for row in state["scheduled"]:
-            self._add_scheduled(Scheduled(*row))
+        for chat in load_records(state, "chats", Chat, self._restorable_chat):
+            self.chats[chat.name] = chat
+        for user in load_records(state, "users", User, self._restorable_user):
+            self.users[user.name] = user
+            for chat_name in user.chats:
+                self.chats[chat_name].members.add(user.name)
+        for chat in self.chats.values():
+            chat.invited &= self.users.keys()
+            chat.requests = {name: ts for name, ts in chat.requests.items() if name in self.users}
+            if chat.owner in self.users:
+                self.users[chat.owner].owned += 1
+            if chat.link is not None:
+                self._apply_link(chat.name, chat.link)
+        for session in load_records(state, "sessions", Session, self._restorable_session):
+            self._apply_session(session.token_hash, session.user, session.created)
+        for stored in load_records(state, "files", StoredFile, self._restorable_file):
+            self.files[stored.id] = stored
+            self._file_expiry.append(stored.id)
+        for message in load_rows(rows, Message, self._restorable_message):
+            self._add_message(message)
+        for message_id, ts in sorted(load_delivered(state), key=lambda item: item[1]):
+            if message_id in self.messages and self.messages[message_id].chat is None:
+                self._apply_deliver([message_id], ts)
+        for scheduled in load_records(state, "scheduled", Scheduled, self._restorable_scheduled):
+            self._add_scheduled(scheduled)
+
+    def _restorable_chat(self, chat: Chat) -> str | None:
+        if not CHAT_NAME_RE.fullmatch(chat.name):
+            return f"the chat name {chat.name!r}"
+        if chat.owner is not None and not USER_NAME_RE.fullmatch(chat.owner):
+            return f"the owner {chat.owner!r}"
+        if chat.link is not None and not TOKEN_HASH_RE.fullmatch(chat.link):
+            return "a link that is no token hash"
+        return None
+
+    def _restorable_user(self, user: User) -> str | None:
+        if not USER_NAME_RE.fullmatch(user.name) or user.name in self.users:
+            return f"the user name {user.name!r}"
+        unknown = user.chats.keys() - self.chats.keys()
+        if unknown:
+            return f"{user.name!r} is in unknown chats {sorted(unknown)!r}"
+        if GENERAL not in user.chats or user.active_chat not in user.chats:
+            return f"{user.name!r} is not in {GENERAL} or not in its active chat"
+        return None
+
+    def _restorable_session(self, session: Session) -> str | None:
+        if not TOKEN_HASH_RE.fullmatch(session.token_hash) or session.user not in self.users:
+            return "a session of an unknown user or with no token hash"
+        return None
+
+    def _restorable_file(self, stored: StoredFile) -> str | None:
+        if not FILE_ID_RE.fullmatch(stored.id) or stored.owner not in self.users:
+            return f"the file id {stored.id!r} or its owner"
+        return None
+
+    def _restorable_message(self, message: Message) -> str | None:
+        if not self.last_id >= message.id > next(reversed(self.messages), 0):
+            return f"message id {message.id} out of order"
+        if message.sender not in self.users:
+            return f"message {message.id} is from an unknown user"
+        return self._restorable_destination(message.chat, message.to, message.file)
+
+    def _restorable_scheduled(self, scheduled: Scheduled) -> str | None:
+        if not SCHEDULED_ID_RE.fullmatch(scheduled.id) or scheduled.sender not in self.users:
+            return f"the scheduled id {scheduled.id!r} or its sender"
+        return self._restorable_destination(scheduled.chat, scheduled.to, scheduled.file)
+
+    def _restorable_destination(
+        self, chat: str | None, to: str | None, file_id: str | None
+    ) -> str | None:
+        if (chat is None) == (to is None):
+            return "not in one chat or to one user"
+        if chat is not None and chat not in self.chats:
+            return f"in the unknown chat {chat!r}"
+        if to is not None and to not in self.users:
+            return f"to the unknown user {to!r}"
+        if file_id is not None and file_id not in self.files:
+            return f"carrying the unknown file {file_id!r}"
+        return None
+
+    def forget_file(self, file_id: str) -> None:
+        """Drop a file whose bytes are gone from the state folder (found at start)."""
+        self.files.pop(file_id, None)
 
 
 def _ban_ended(user: User, now: float) -> bool:
@@ -1772,10 +1838,29 @@ RECORD_HEADER: Final = struct.Struct(">II")  # journal record: payload bytes, cr
 FRAME_HEADER: Final = struct.Struct(">Q")  # snapshot frame: pickle bytes
 SNAPSHOT_CHUNK: Final = 5_000  # messages pickled per step; bounds the event-loop stall
 KEEP_SNAPSHOTS: Final = 2  # the newest and one to fall back on
+LOCK_FILE: Final = "lock"  # in the state folder: held (flock) by the server using it
+NO_FOLLOW: Final = os.O_NOFOLLOW | os.O_CLOEXEC  # no file of the state is opened via a symlink
+# The ids the server makes. Anything else read from the state folder is refused.
+FILE_ID_RE: Final = re.compile(r"[0-9a-f]{32}")  # secrets.token_hex(16)
+SCHEDULED_ID_RE: Final = re.compile(r"[0-9a-f]{24}")  # secrets.token_hex(12)
+TOKEN_HASH_RE: Final = re.compile(r"[0-9a-f]{64}")  # sha256 hex of a token
 
 
 class DamagedState(Exception):
     """A snapshot that cannot be trusted: wrong magic, size or checksum."""
+
+
+class StateLocked(Exception):
+    """Another server holds the state folder."""
+
+    def __init__(self, folder: Path, pid: str) -> None:
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"the state folder {str(folder)!r} is in use by {holder}: "
+                         "one server per state folder (see --state-dir)")
+
+
+class BadRecord(Exception):
+    """A record read from the state folder that is not one the server could have written."""
 
 
 class _BuiltinsUnpickler(pickle.Unpickler):
@@ -1786,8 +1871,14 @@ class _BuiltinsUnpickler(pickle.Unpickler):
 
 
 def create_private(path: Path) -> BinaryIO:
-    """A new file only the server's user may read (mode 0600)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+    """A new file only the server's user may read (mode 0600); never through a symlink."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o600), "wb")
+
+
+def read_private(path: Path) -> bytes:
+    """The bytes of a state file; a symlink is refused (OSError), not followed."""
+    with os.fdopen(os.open(path, os.O_RDONLY | NO_FOLLOW), "rb") as file:
+        return file.read()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -1797,11 +1888,244 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Records: plain builtins by field name, checked when read --------------------
+
+_SCALARS: Final[dict[Any, frozenset[type]]] = {
+    int: frozenset({int}),
+    float: frozenset({float, int}),
+    str: frozenset({str}),
+    bytes: frozenset({bytes}),
+    bool: frozenset({bool}),
+    type(None): frozenset({type(None)}),
+}
+
+
+def type_check(hint: Any) -> Callable[[Any], bool]:
+    """A test for "``value`` has the type ``hint``", built once from a type hint, for the
+    types the state is made of: scalars, unions, lists, sets, dicts and tuples of them."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in _SCALARS or (origin is types.UnionType and all(a in _SCALARS for a in args)):
+        allowed = frozenset().union(*(_SCALARS[a] for a in (args or (hint,))))
+        return lambda value: type(value) in allowed
+    if origin is types.UnionType:
+        alternatives = [type_check(arg) for arg in args]
+        return lambda value: any(check(value) for check in alternatives)
+    if origin in (list, set):
+        item = type_check(args[0])
+        return lambda value: type(value) is origin and all(map(item, value))
+    if origin is dict:
+        key, item = type_check(args[0]), type_check(args[1])
+        return lambda value: type(value) is dict and all(
+            key(k) and item(v) for k, v in value.items()
+        )
+    if origin is tuple:
+        parts = [type_check(arg) for arg in args]
+        return lambda value: (
+            type(value) is tuple and len(value) == len(parts)
+            and all(check(part) for check, part in zip(parts, value, strict=True))
+        )
+    if dataclasses.is_dataclass(hint):
+        return lambda value: type(value) is dict  # from_plain checks its fields
+    raise TypeError(f"no check for the type {hint!r}")
+
+
+_RECORD_FIELDS: Final[dict[type, list[tuple[str, Any, Callable[[Any], bool]]]]] = {}
+
+
+def _record_fields(cls: type) -> list[tuple[str, Any, Callable[[Any], bool]]]:
+    """The saved fields of a state class, each with its type hint and type check, built
+    once: a dataclass's fields but the derived ones, or a NamedTuple's (a Message's)."""
+    fields = _RECORD_FIELDS.get(cls)
+    if fields is None:
+        hints = typing.get_type_hints(cls)
+        names = list(hints)
+        if dataclasses.is_dataclass(cls):
+            names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+        fields = [(name, hints[name], type_check(hints[name])) for name in names]
+        _RECORD_FIELDS[cls] = fields
+    return fields
+
+
+def to_plain(record: Any) -> dict[str, Any]:
+    """A state object as plain builtins by field name, derived fields left out. Containers
+    are copied: the result stays as it is while the object changes."""
+    plain: dict[str, Any] = {}
+    for name, _, _ in _record_fields(type(record)):
+        value = getattr(record, name)
+        if dataclasses.is_dataclass(value):
+            value = to_plain(value)
+        elif isinstance(value, list | set | dict):
+            value = value.copy()
+        plain[name] = value
+    return plain
+
+
+def from_plain(cls: type[T], plain: Any) -> T:
+    """The state object ``to_plain`` made; BadRecord for anything else."""
+    if type(plain) is not dict:
+        raise BadRecord(f"a {cls.__name__} record is not a dict")
+    fields = _record_fields(cls)
+    unknown = plain.keys() - {name for name, _, _ in fields}
+    if unknown:
+        raise BadRecord(f"a {cls.__name__} record has unknown fields {sorted(unknown)!r}")
+    values: dict[str, Any] = {}
+    for name, hint, check in fields:
+        if name not in plain:
+            continue  # a field added later: its default
+        value = plain[name]
+        if not check(value):
+            raise BadRecord(f"{cls.__name__}.{name} has the wrong type")
+        nested = isinstance(hint, type) and dataclasses.is_dataclass(hint)
+        values[name] = from_plain(hint, value) if nested else value
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise BadRecord(f"a {cls.__name__} record lacks a field: {exc}") from exc
+
+
+@functools.cache
+def _event_fields(apply: Callable[..., None]) -> list[tuple[str, Callable[[Any], bool]]]:
+    """The fields of an event: the parameters of its applier (``self`` aside), and their
+    type checks."""
+    hints = typing.get_type_hints(apply)
+    names = list(inspect.signature(apply).parameters)[1:]
+    return [(name, type_check(hints[name])) for name in names]
+
+
+def check_event(messenger: Messenger, event: Any) -> None:
+    """Refuse (BadRecord) a journal event the server could not have written: an unknown
+    kind, fields of the wrong number or type (those of its applier in Messenger), names
+    of things that do not exist, or ids the server does not make."""
+    if type(event) is not tuple or not event or event[0] not in Messenger.APPLIERS:
+        raise BadRecord("not an event")
+    fields = _event_fields(getattr(Messenger, Messenger.APPLIERS[event[0]]))
+    if len(event) - 1 != len(fields):
+        raise BadRecord(f"a {event[0]} event with {len(event) - 1} fields")
+    for (name, check), value in zip(fields, event[1:], strict=True):
+        if not check(value):
+            raise BadRecord(f"a {event[0]} event whose {name} has the wrong type")
+        what = EVENT_REFERENCES.get(name)
+        if what is not None and value is not None and not _names_known(messenger, what, value):
+            raise BadRecord(f"a {event[0]} event names an unknown or invalid {name}: {value!r}")
+
+
+# What an event's field names, by the field's name in the appliers' signatures.
+EVENT_REFERENCES: Final = {
+    "name": "user", "sender": "user", "owner": "user", "reporter": "user", "target": "user",
+    "to": "user", "new_user": "new user", "chat": "chat", "chat_name": "chat name",
+    "file_id": "file", "new_file": "new file", "token_hash": "token hash",
+    "scheduled_id": "scheduled id", "new_scheduled": "new scheduled", "message_id": "new message",
+}
+
+
+def _names_known(messenger: Messenger, what: str, value: Any) -> bool:
+    match what:
+        case "user":
+            return value in messenger.users
+        case "new user":
+            return USER_NAME_RE.fullmatch(value) is not None and value not in messenger.users
+        case "chat":
+            return value in messenger.chats
+        case "chat name":
+            return CHAT_NAME_RE.fullmatch(value) is not None
+        case "file":
+            return value in messenger.files
+        case "new file":
+            return FILE_ID_RE.fullmatch(value) is not None and value not in messenger.files
+        case "token hash":
+            return TOKEN_HASH_RE.fullmatch(value) is not None
+        case "scheduled id":
+            return SCHEDULED_ID_RE.fullmatch(value) is not None
+        case "new scheduled":
+            return SCHEDULED_ID_RE.fullmatch(value) is not None and value not in messenger.scheduled
+        case "new message":
+            return bool(value > messenger.last_id)
+    raise AssertionError(what)
+
+
+def load_records(
+    state: dict[str, Any], key: str, cls: type[T], problem: Callable[[T], str | None]
+) -> Iterator[T]:
+    """The records of ``state[key]`` as ``cls`` objects; those of the wrong shape, or of
+    which ``problem`` says something, are logged and skipped."""
+    rows = state.get(key)
+    if type(rows) is not list:
+        raise BadRecord(f"the state has no list of {key}")
+    return load_rows(rows, cls, problem)
+
+
+def load_rows(
+    rows: Iterable[Any], cls: type[T], problem: Callable[[T], str | None]
+) -> Iterator[T]:
+    """``load_records`` for rows already at hand: by field name for a dataclass, by
+    position for a NamedTuple (a Message: the bulk of a snapshot)."""
+    for row in rows:
+        try:
+            record = _tuple_record(cls, row) if _is_named_tuple(cls) else from_plain(cls, row)
+            found = problem(record)
+        except BadRecord as exc:
+            found = str(exc)
+        if found is not None:
+            logger.error("state: skipped a %s record: %s", cls.__name__, found)
+            continue
+        yield record
+
+
+def _is_named_tuple(cls: type) -> bool:
+    return issubclass(cls, tuple)
+
+
+def _tuple_record(cls: type[T], row: Any) -> T:
+    fields = _record_fields(cls)
+    if type(row) is not tuple or len(row) != len(fields):
+        raise BadRecord(f"a {cls.__name__} record is not a tuple of {len(fields)}")
+    for (name, _, check), value in zip(fields, row, strict=True):
+        if not check(value):
+            raise BadRecord(f"{cls.__name__}.{name} has the wrong type")
+    return cls(*row)
+
+
+_DELIVERED_CHECK: Final = type_check(list[tuple[int, float]])
+
+
+def load_delivered(state: dict[str, Any]) -> list[tuple[int, float]]:
+    """When each private message was first received, as (id, time) pairs."""
+    delivered = [tuple(pair) if type(pair) is list else pair for pair in state.get("delivered", ())]
+    if not _DELIVERED_CHECK(delivered):
+        logger.error("state: skipped the delivery times, of the wrong shape")
+        return []
+    return delivered
+
+
+# Describing changes, for the log ---------------------------------------------
+
+# Event fields never logged: secrets, and what users wrote.
+UNLOGGED_FIELDS: Final = frozenset({"password", "salt", "token_hash", "text", "reason", "ts"})
+
+
+def describe_event(event: Event) -> str:
+    """One log line for a change: its kind and its fields by name, secrets and texts left
+    out, every value quoted (``%r``) so what came from a client cannot forge a line."""
+    fields = _event_fields(getattr(Messenger, Messenger.APPLIERS[event[0]]))
+    parts = [event[0]]
+    for (name, _), value in zip(fields, event[1:], strict=True):
+        if name in UNLOGGED_FIELDS or value is None:
+            continue
+        if isinstance(value, list) and len(value) > 5:
+            parts.append(f"{name}=[{len(value)} items]")
+        else:
+            parts.append(f"{name}={value!r}")
+    return " ".join(parts)
+
+
+# The journal ----------------------------------------------------------------
 
 
 class Journal:
@@ -1810,25 +2134,23 @@ class Journal:
     ``append`` hands each record to the OS before it returns, so a killed process loses
     nothing. ``sync`` puts everything appended so far on disk; with ``always`` every
     change waits for it in ``durable`` (requests waiting together share one fsync),
-    otherwise the server calls it once a second.
+    otherwise the server calls it once a second. ``switch`` starts each file, the first
+    one included.
     """
 
-    def __init__(self, path: Path, *, always: bool) -> None:
+    def __init__(self, *, always: bool) -> None:
         self.always = always
         self.broken = False  # a write could not be undone or an fsync failed: refuse changes
-        self._fd = self._open(path)
+        self.path: Path | None = None
+        self._fd = -1
         self._size = 0
         self._written = 0  # records appended
         self._synced = 0  # records known to be on disk
         self._switched: list[int] = []  # earlier files, to fsync and close
         self._lock = asyncio.Lock()
 
-    @staticmethod
-    def _open(path: Path) -> int:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
-
     def append(self, event: Event) -> None:
-        if self.broken:
+        if self.broken or self._fd < 0:
             raise Unavailable("the state cannot be written: nothing was stored")
         data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
         record = RECORD_HEADER.pack(len(data), zlib.crc32(data)) + data
@@ -1871,23 +2193,29 @@ class Journal:
             self._synced = max(self._synced, written)
 
     def switch(self, path: Path) -> None:
-        """Continue in a new file from now on; the next ``sync`` closes the old one."""
-        fd = self._open(path)
-        self._switched.append(self._fd)
-        self._fd, self._size, self.broken = fd, 0, False
+        """Continue in the new file ``path`` from now on; the next ``sync`` closes the old one.
+        A file that exists already is never truncated: that is an error."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o600)
+        if self._fd >= 0:
+            self._switched.append(self._fd)
+        self._fd, self._size, self.broken, self.path = fd, 0, False, path
 
     def close(self) -> None:
         for fd in [*self._switched, self._fd]:
+            if fd < 0:
+                continue
             try:
                 os.fsync(fd)
             except OSError as exc:
                 logger.error("journal fsync failed at close: %s", exc)
             os.close(fd)
+        self._switched, self._fd = [], -1
 
 
-def read_journal(path: Path) -> Iterator[Event]:
-    """The events of a journal file; a torn or damaged last record ends it quietly."""
-    data = path.read_bytes()
+def read_journal(path: Path) -> Iterator[Any]:
+    """The records of a journal file, unpickled (``check_event`` judges them); a torn or
+    damaged last record ends it quietly."""
+    data = read_private(path)
     position = 0
     while position < len(data):
         header_end = position + RECORD_HEADER.size
@@ -1909,9 +2237,14 @@ def read_journal(path: Path) -> Iterator[Event]:
         logger.warning("%s: ignored %d bytes of a torn last record", path, len(data) - position)
 
 
-class StateStore:
-    """The state folder: numbered snapshots and journals, and the uploaded files.
+# The state folder -----------------------------------------------------------
 
+
+class StateStore:
+    """The state folder: its lock, numbered snapshots and journals, and the uploaded files.
+
+    ``open`` takes the folder (an exclusive lock, before anything else is read or written)
+    and ``close`` lets it go; ``abandon`` instead undoes what a failed start created.
     Snapshot N holds the state at the moment journal N began. Start-up loads the newest
     snapshot that is intact and replays every journal from its number on; the previous
     snapshot and its journals are kept until a newer snapshot is safely on disk.
@@ -1920,15 +2253,78 @@ class StateStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.files = folder / "files"
-        self.files.mkdir(mode=0o700, parents=True, exist_ok=True)
-        folder.chmod(0o700)
+        self._lock_fd = -1
+        self._created: list[Path] = []  # what ``open`` made, for ``abandon``
+
+    def open(self) -> None:
+        """Create the folder if need be (mode 0700) and lock it; StateLocked if another
+        server holds it, having changed nothing."""
+        missing = [p for p in (self.folder, *self.folder.parents) if not os.path.lexists(p)]
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._created = missing[::-1]
+        lock = self.folder / LOCK_FILE
+        while True:  # a lock file removed by a failed start meanwhile is not the lock
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o600)
+                created = True
+            except FileExistsError:
+                fd, created = os.open(lock, os.O_RDWR | NO_FOLLOW), False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                self.abandon()
+                raise StateLocked(self.folder, pid if pid.isdigit() else "") from None
+            if os.path.lexists(lock) and os.stat(fd).st_ino == os.lstat(lock).st_ino:
+                break
+            os.close(fd)
+        if created:
+            self._created.append(lock)
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.folder.chmod(0o700)
+        self._open_files_folder()
+
+    def _open_files_folder(self) -> None:
+        if os.path.islink(self.files):
+            aside = self.folder / f"files.symlink-{secrets.token_hex(4)}"
+            logger.error("%s is a symlink, never followed: moved aside as %s",
+                         self.files, aside.name)
+            self.files.rename(aside)
+        if not self.files.exists():
+            self.files.mkdir(mode=0o700)
+            self._created.append(self.files)
         self.files.chmod(0o700)
+
+    def close(self) -> None:
+        """Let the folder go (the lock file stays, for the next server)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        self._created = []
+
+    def abandon(self) -> None:
+        """A start that failed: remove what ``open`` created (the lock file while still
+        holding it), so the folder is as it was."""
+        for path in reversed(self._created):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()
+                else:
+                    path.unlink()
+        self.close()
+
+    def created(self, path: Path) -> None:
+        """``path`` was made by this start: a failed start removes it."""
+        self._created.append(path)
 
     def _numbered(self, prefix: str, suffix: str) -> dict[int, Path]:
         found = {}
         for path in self.folder.glob(f"{prefix}-*{suffix}"):
             number = path.name[len(prefix) + 1 : -len(suffix)]
-            if number.isdigit():
+            if number.isdigit() and len(number) == 8:
                 found[int(number)] = path
         return found
 
@@ -1938,6 +2334,12 @@ class StateStore:
     def journal_path(self, number: int) -> Path:
         return self.folder / f"journal-{number:08d}.log"
 
+    def file_path(self, file_id: str) -> Path:
+        """Where an uploaded file lives; only ids the server makes name one."""
+        if not FILE_ID_RE.fullmatch(file_id):
+            raise ValueError(f"not a file id: {file_id!r}")
+        return self.files / file_id
+
     def load(self, messenger: Messenger) -> int:
         """Fill an empty ``messenger`` from disk; return the number for the next journal."""
         snapshots = self._numbered("snapshot", ".bin")
@@ -1946,27 +2348,35 @@ class StateStore:
         for number in sorted(snapshots, reverse=True):
             try:
                 state, messages = read_snapshot(snapshots[number])
+                messenger.restore(state, messages)
             except (DamagedState, OSError, pickle.UnpicklingError, EOFError) as exc:
                 damaged = snapshots[number].with_suffix(".damaged")
                 logger.error("snapshot %s is damaged (%s): set aside as %s, falling back",
                              snapshots[number].name, exc, damaged.name)
                 snapshots[number].rename(damaged)
+                messenger.clear()
                 continue
-            messenger.restore(state, messages)
             base = number
             logger.info("loaded %s: %d messages", snapshots[number].name, len(messenger.messages))
             break
-        replayed = failed = 0
+        replayed = refused = 0
         for number in sorted(n for n in journals if n >= base):
-            for event in read_journal(journals[number]):
+            try:
+                events = list(read_journal(journals[number]))
+            except OSError as exc:
+                logger.error("journal %s cannot be read (%s): skipped", journals[number].name, exc)
+                continue
+            for event in events:
                 try:
-                    messenger.replay(event)
-                    replayed += 1
-                except Exception:
-                    failed += 1
-                    logger.exception("could not replay an event of %s", journals[number].name)
-        logger.info("replayed %d journal events (%d failed)", replayed, failed)
-        self._remove_orphan_files(messenger)
+                    check_event(messenger, event)
+                except BadRecord as exc:
+                    refused += 1
+                    logger.error("%s: refused a record: %s", journals[number].name, exc)
+                    continue
+                messenger.replay(event)
+                replayed += 1
+        logger.info("replayed %d journal events (%d refused)", replayed, refused)
+        self._remove_unknown_files(messenger)
         return max([*snapshots, *journals, 0]) + 1
 
     async def save_upload(self, chunks: AsyncIterator[bytes]) -> tuple[str, str]:
@@ -1983,21 +2393,37 @@ class StateStore:
                     out.write(chunk)
                 out.flush()
                 await asyncio.to_thread(os.fsync, out.fileno())
-            os.replace(temporary, self.files / file_id)
+            os.replace(temporary, self.file_path(file_id))
             await asyncio.to_thread(_fsync_folder, self.files)
         finally:
             temporary.unlink(missing_ok=True)
         return file_id, digest.hexdigest()
 
-    def remove_file(self, file_id: str) -> None:
-        (self.files / file_id).unlink(missing_ok=True)
+    def open_file(self, file_id: str) -> BinaryIO:
+        """A stored file, for reading; a symlink in its place is refused, never followed."""
+        return os.fdopen(os.open(self.file_path(file_id), os.O_RDONLY | NO_FOLLOW), "rb")
 
-    def _remove_orphan_files(self, messenger: Messenger) -> None:
+    def remove_file(self, file_id: str) -> None:
+        self.file_path(file_id).unlink(missing_ok=True)
+
+    def _remove_unknown_files(self, messenger: Messenger) -> None:
         """A crash may leave uploads cut short or never journaled, and half-written
-        snapshots: files nobody knows. Remove them."""
+        snapshots: files nobody knows. Remove them (a symlink goes, its target stays).
+        A known file that is not a regular file is dropped from the state."""
         for path in self.files.iterdir():
-            if path.name not in messenger.files:
-                path.unlink(missing_ok=True)
+            mode = path.lstat().st_mode
+            if path.name in messenger.files and stat.S_ISREG(mode):
+                continue
+            if path.name in messenger.files:
+                logger.error("stored file %r is not a regular file: dropped", path.name)
+                messenger.forget_file(path.name)
+            if stat.S_ISDIR(mode):
+                logger.error("%s: an unexpected folder, left alone", path)
+            else:
+                path.unlink()
+        for file_id in [i for i in messenger.files if not os.path.lexists(self.files / i)]:
+            logger.error("stored file %s is missing: dropped", file_id)
+            messenger.forget_file(file_id)
         for path in self.folder.glob("snapshot-*.tmp"):
             path.unlink()
 
@@ -2008,6 +2434,7 @@ class StateStore:
         frames = math.ceil(len(messages) / SNAPSHOT_CHUNK)
         path = self.snapshot_path(number)
         temporary = path.with_suffix(".tmp")
+        temporary.unlink(missing_ok=True)
         digest = hashlib.sha256()
         length = 0
         try:
@@ -2052,11 +2479,11 @@ class StateStore:
                 path.unlink(missing_ok=True)
 
 
-def read_snapshot(path: Path) -> tuple[dict[str, Any], Iterator[tuple[Any, ...]]]:
-    """A snapshot's state, and its messages: decoded one frame at a time, as they are used.
-
-    The whole file is checked (size, checksum) before anything is decoded."""
-    data = path.read_bytes()
+def read_snapshot(path: Path) -> tuple[dict[str, Any], Iterator[Any]]:
+    """A snapshot's state, and its message rows: decoded one frame at a time, as they are
+    used. The whole file is checked (size, checksum) before anything is decoded; what it
+    holds is checked by ``Messenger.restore``."""
+    data = read_private(path)
     if len(data) < SNAPSHOT_HEADER.size:
         raise DamagedState("shorter than its header")
     magic, version, length, digest = SNAPSHOT_HEADER.unpack_from(data)
@@ -2067,8 +2494,11 @@ def read_snapshot(path: Path) -> tuple[dict[str, Any], Iterator[tuple[Any, ...]]
         raise DamagedState("size or checksum mismatch")
     frames = _split_frames(payload)
     state = _unpickle(next(frames))
-    del state["message_frames"]
-    return state, itertools.chain.from_iterable(map(_unpickle, frames))
+    if type(state) is not dict:
+        raise DamagedState("its first frame is not the state")
+    state.pop("message_frames", None)
+    rows = itertools.chain.from_iterable(map(_unpickle, frames))
+    return state, rows
 
 
 def _split_frames(payload: memoryview) -> Iterator[memoryview]:
@@ -2730,8 +3160,9 @@ class MessengerApp:
             raise UnknownFile(file_id)
         stored = self.messenger.readable_file(call.user, file_id)
         try:
-            handle = (self.store.files / stored.id).open("rb")
-        except FileNotFoundError as exc:
+            handle = self.store.open_file(stored.id)
+        except OSError as exc:  # gone, or a symlink planted in its place
+            logger.error("stored file %s cannot be opened: %s", stored.id, exc)
             raise UnknownFile(file_id) from exc
         headers = [
             ("Content-Disposition", content_disposition(stored.name)),
@@ -3342,11 +3773,8 @@ class MessengerServer:
         self.clock = clock
         self.store = StateStore(config.state_dir)
         self.messenger = Messenger(config.rules, clock)
-        self._journal_number = self.store.load(self.messenger)
-        _freeze_loaded_state()
-        self.journal = Journal(
-            self.store.journal_path(self._journal_number), always=config.fsync == "always"
-        )
+        self.journal = Journal(always=config.fsync == "always")
+        self._journal_number = 0  # the journal file in use; 0 before ``open``
         self.messenger.record = self.journal.append
         self.messenger.on_file_gone = self.store.remove_file
         self.app = MessengerApp(config, self.messenger, self.journal, self.store)
@@ -3378,11 +3806,44 @@ class MessengerServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def open(self) -> None:
+        """Take the state folder (StateLocked if another server has it), load it, and begin
+        a new journal. A failure leaves the folder as it was."""
+        self.store.open()
+        try:
+            self._journal_number = self.store.load(self.messenger)
+            path = self.store.journal_path(self._journal_number)
+            self.journal.switch(path)
+            self.store.created(path)
+        except BaseException:
+            self.journal.close()
+            self.store.abandon()
+            raise
+
+    def close(self) -> None:
+        """Put the journal on disk and let the state folder go (``stop`` does it too)."""
+        self.journal.close()
+        self.store.close()
+
     async def start(self) -> None:
-        self.messenger.tick()  # what fell due while the server was down goes out now
+        """Listen (a port in use fails before the state folder is touched), open the
+        state, then serve: connections made meanwhile wait in the backlog."""
         self._server = await asyncio.start_server(
-            self._on_connect, self.config.host, self.config.port, limit=READ_SIZE, backlog=1024
+            self._on_connect, self.config.host, self.config.port, limit=READ_SIZE,
+            backlog=1024, start_serving=False,
         )
+        try:
+            if not self._journal_number:
+                self.open()
+            _freeze_loaded_state()
+            self.messenger.tick()  # what fell due while the server was down goes out now
+            await self._server.start_serving()
+        except BaseException:
+            self._server.close()
+            self._server = None
+            self.journal.close()
+            self.store.abandon()
+            raise
         loops = (self._watch_deadlines, self._run_timers, self._sync_journal, self._save_often)
         self._tasks = [asyncio.create_task(loop()) for loop in loops]
         logger.info("listening on http://%s:%d", self.config.host, self.port)
@@ -3408,7 +3869,7 @@ class MessengerServer:
         await self._server.wait_closed()
         self._server = None
         await self.save()
-        self.journal.close()
+        self.close()
         logger.info("stopped")
 
     def wake_timer(self) -> None:
@@ -3652,7 +4113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_level, log_format)
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, StateLocked) as exc:
         logger.error("cannot start: %s", exc)
         return 1
     return 0

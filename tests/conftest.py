@@ -169,6 +169,13 @@ def make_config(tmp_path: Path, **overrides: Any) -> ms.ServerConfig:
     return dataclasses.replace(config, **overrides)
 
 
+def opened(config: ms.ServerConfig, clock: Callable[[], float]) -> ms.MessengerServer:
+    """A server that holds its state folder and has loaded it, but does not listen."""
+    server = ms.MessengerServer(config, clock)
+    server.open()
+    return server
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

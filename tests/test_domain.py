@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 from collections.abc import Callable
@@ -631,7 +632,15 @@ def test_expire_keeps_ids_growing(messenger: ms.Messenger, clock: FakeClock) -> 
 # Files ######################################################################
 
 
-def add_file(messenger: ms.Messenger, owner: str, file_id: str = "F") -> ms.StoredFile:
+def fid(label: str) -> str:
+    """A file id of the server's kind (32 hex digits) named after ``label``."""
+    return hashlib.md5(label.encode()).hexdigest()
+
+
+F = fid("F")
+
+
+def add_file(messenger: ms.Messenger, owner: str, file_id: str = F) -> ms.StoredFile:
     return messenger.add_file(owner, file_id, "cat.png", 3, "image/png", "ab" * 32)
 
 
@@ -649,12 +658,12 @@ def test_expire_drops_an_unused_file_after_the_ttl(
     add_file(messenger, "alice")
     clock.advance(TTL - 1)
     messenger.tick()
-    assert "F" in messenger.files
+    assert F in messenger.files
     clock.advance(1)
     messenger.tick()
-    assert (messenger.files, gone) == ({}, ["F"])
+    assert (messenger.files, gone) == ({}, [F])
     with pytest.raises(ms.NotFound):
-        messenger.send("alice", ms.Draft("", file="F"))
+        messenger.send("alice", ms.Draft("", file=F))
 
 
 @pytest.mark.parametrize("posted_after", [0.0, 10.0])
@@ -664,15 +673,15 @@ def test_expire_keeps_a_file_while_a_message_carries_it(
     gone = files_gone(messenger)
     add_file(messenger, "alice")
     clock.advance(posted_after)
-    message = post(messenger, "alice", "look", chat="club", file="F")
+    message = post(messenger, "alice", "look", chat="club", file=F)
     clock.advance(TTL - posted_after)
     messenger.tick()
     kept = posted_after > 0  # a file posted at upload time goes with its message
-    assert ("F" in messenger.files, gone) == (kept, [] if kept else ["F"])
+    assert (F in messenger.files, gone) == (kept, [] if kept else [F])
     clock.advance(posted_after)
     messenger.tick()
     assert message.id not in messenger.messages
-    assert (messenger.files, gone, messenger.next_deadline()) == ({}, ["F"], None)
+    assert (messenger.files, gone, messenger.next_deadline()) == ({}, [F], None)
 
 
 def test_expire_keeps_a_file_while_a_scheduled_message_carries_it(
@@ -680,31 +689,31 @@ def test_expire_keeps_a_file_while_a_scheduled_message_carries_it(
 ) -> None:
     gone = files_gone(messenger)
     add_file(messenger, "alice")
-    later = schedule(messenger, "alice", "", chat="club", file="F", send_at=clock.now + 2 * TTL)
+    later = schedule(messenger, "alice", "", chat="club", file=F, send_at=clock.now + 2 * TTL)
     clock.advance(TTL + 1)
     messenger.tick()
-    assert "F" in messenger.files
+    assert F in messenger.files
     messenger.cancel("alice", later.id)
-    assert (messenger.files, gone) == ({}, ["F"])
+    assert (messenger.files, gone) == ({}, [F])
 
 
 def test_readable_file_only_to_its_uploader_and_those_who_see_it(
     messenger: ms.Messenger,
 ) -> None:
-    add_file(messenger, "alice", "club-file")
-    add_file(messenger, "alice", "private-file")
-    add_file(messenger, "alice", "unused")
-    post(messenger, "alice", "", chat="club", file="club-file")
-    post(messenger, "alice", "", to="carol", file="private-file")
+    add_file(messenger, "alice", fid("club-file"))
+    add_file(messenger, "alice", fid("private-file"))
+    add_file(messenger, "alice", fid("unused"))
+    post(messenger, "alice", "", chat="club", file=fid("club-file"))
+    post(messenger, "alice", "", to="carol", file=fid("private-file"))
     readable = {
         (name, file_id)
         for name in ("alice", "bob", "carol")
-        for file_id in ("club-file", "private-file", "unused")
+        for file_id in (fid("club-file"), fid("private-file"), fid("unused"))
         if _can_read(messenger, name, file_id)
     }
     assert readable == {
-        ("alice", "club-file"), ("alice", "private-file"), ("alice", "unused"),
-        ("bob", "club-file"), ("carol", "private-file"),
+        ("alice", fid("club-file")), ("alice", fid("private-file")), ("alice", fid("unused")),
+        ("bob", fid("club-file")), ("carol", fid("private-file")),
     }
 
 
@@ -875,7 +884,7 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
     ("comment elsewhere", lambda w: w.messenger.send(
         "carol", ms.Draft("x", reply_to=w.general, to="bob")), ms.InvalidField),
     ("send another's file", lambda w: w.messenger.send(
-        "bob", ms.Draft("x", file="F")), ms.NotFound),
+        "bob", ms.Draft("x", file=F)), ms.NotFound),
     ("send_at in the past", lambda w: w.messenger.send(
         "carol", ms.Draft("x", send_at=w.clock.now - 1)), ms.InvalidField),
     ("send_at too far", lambda w: w.messenger.send(
@@ -922,7 +931,7 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
         "bob", w.scheduled), ms.NotFound),
     ("cancel an unknown message", lambda w: w.messenger.cancel(
         "alice", "nothing"), ms.NotFound),
-    ("read a hidden file", lambda w: w.messenger.readable_file("bob", "F"), ms.NotFound),
+    ("read a hidden file", lambda w: w.messenger.readable_file("bob", F), ms.NotFound),
     ("register a taken name", lambda w: w.messenger.register(
         "bob", b"h", b"s", 4, "t"), ms.Conflict),
 ]
@@ -992,11 +1001,11 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     messenger.request_join("dave", link)
     messenger.decide("alice", "secret", "carol", True)
     messenger.decide("alice", "secret", "dave", False)
-    add_file(messenger, "alice", "early")
-    add_file(messenger, "bob", "kept")
+    add_file(messenger, "alice", fid("early"))
+    add_file(messenger, "bob", fid("kept"))
     first = post(messenger, "alice", "in secret", chat="secret", client_id="c1")
     post(messenger, "bob", "comment", reply_to=first.id)
-    private = post(messenger, "bob", "psst", to="carol", file="kept")
+    private = post(messenger, "bob", "psst", to="carol", file=fid("kept"))
     post(messenger, "carol", "hello", chat="general", client_id="c2")
     schedule(messenger, "alice", "soon", chat="club", send_at=clock.now + 60, client_id="c3")
     cancelled = schedule(messenger, "bob", "never", to="alice", send_at=clock.now + 90)
@@ -1116,7 +1125,7 @@ def test_replay_of_random_operations_rebuilds_the_same_state(
         lambda u: messenger.decide(u, rng.choice(chats), rng.choice(names), rng.random() < 0.5),
         lambda u: messenger.report(u, rng.choice(names), ""),
         lambda u: messenger.cancel(u, some_scheduled()),
-        lambda u: files.append(add_file(messenger, u, f"f{len(files)}").id),
+        lambda u: files.append(add_file(messenger, u, fid(f"f{len(files)}")).id),
         lambda u: messenger.readable_file(u, rng.choice([*files, "none"])),
     ]
     for _ in range(400):

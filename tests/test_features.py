@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config
+from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config, opened
 
 T0 = 1_800_000_000.0  # where the FakeClock starts
 WEEK = 7 * 24 * 3600.0  # seconds; the furthest a message may be scheduled
@@ -1290,11 +1290,11 @@ class Restarter:
     def __init__(self, config: ms.ServerConfig, clock: FakeClock) -> None:
         self.config = config
         self.clock = clock
-        self.server = ms.MessengerServer(config, clock)
+        self.server = opened(config, clock)
 
     async def restart(self) -> ms.MessengerServer:
         await self.server.stop()
-        self.server = ms.MessengerServer(self.config, self.clock)
+        self.server = opened(self.config, self.clock)
         await self.server.start()
         return self.server
 

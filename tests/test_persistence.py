@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config
+from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config, opened
 from tests.servers import ServerProcess, Spawn
 from tests.test_domain import post, register, scenario
 
@@ -36,7 +36,8 @@ EVENTS: list[ms.Event] = [
 
 
 def write_journal(path: Path, events: list[ms.Event]) -> None:
-    journal = ms.Journal(path, always=False)
+    journal = ms.Journal(always=False)
+    journal.switch(path)
     for event in events:
         journal.append(event)
     journal.close()
@@ -49,7 +50,7 @@ def record(payload: bytes) -> bytes:
 
 async def saved_with_one_post(config: ms.ServerConfig, clock: FakeClock) -> ms.MessengerServer:
     """A server on ``config`` (not listening) where alice has posted "one", saved once."""
-    server = ms.MessengerServer(config, clock)
+    server = opened(config, clock)
     register(server.messenger, "alice")
     post(server.messenger, "alice", "one")
     await server.save()
@@ -137,7 +138,8 @@ def test_journal_append_on_a_full_disk_leaves_no_half_record(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     path = tmp_path / "journal.log"
-    journal = ms.Journal(path, always=False)
+    journal = ms.Journal(always=False)
+    journal.switch(path)
     journal.append(EVENTS[0])
     size = path.stat().st_size
     full_disk(journal._fd)
@@ -154,7 +156,8 @@ def test_journal_append_on_a_full_disk_leaves_no_half_record(
 
 def test_journal_append_to_an_unwritable_file_fails_and_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "journal.log"
-    journal = ms.Journal(path, always=False)
+    journal = ms.Journal(always=False)
+    journal.switch(path)
     journal.append(EVENTS[0])
     writable, journal._fd = journal._fd, os.open(path, os.O_RDONLY)
     try:
@@ -205,6 +208,7 @@ async def test_snapshot_round_trip(
         post(messenger, "bob", text, chat="secret")
     state, messages = messenger.export()
     store = ms.StateStore(tmp_path / "state")
+    store.open()
     size = await store.write_snapshot(7, state, messages)
     path = store.snapshot_path(7)
     assert path.stat().st_size == size
@@ -227,6 +231,7 @@ def test_read_snapshot_refuses_a_damaged_file(
     messenger = ms.Messenger(ms.Rules(), clock)
     scenario(messenger, clock)
     store = ms.StateStore(tmp_path / "state")
+    store.open()
     asyncio.run(store.write_snapshot(1, *messenger.export()))
     path = store.snapshot_path(1)
     positions = {"magic": 0, "format": 11, "length": 19, "digest": 20,
@@ -245,14 +250,14 @@ async def test_load_falls_back_to_the_previous_snapshot_and_replays_its_journals
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
     config = make_config(tmp_path)
-    first = ms.MessengerServer(config, clock)
+    first = opened(config, clock)
     register(first.messenger, "alice", "bob")
     post(first.messenger, "alice", "before the first snapshot")
     await first.save()
     post(first.messenger, "bob", "between the snapshots")
     await first.save()
     post(first.messenger, "alice", "after the last snapshot")
-    first.journal.close()
+    first.close()
     expected = first.messenger.export()
     store = first.store
     assert sorted(p.name for p in store.folder.glob("*-*")) == [
@@ -267,8 +272,8 @@ async def test_load_falls_back_to_the_previous_snapshot_and_replays_its_journals
     else:
         await store.write_snapshot(3, {"x": collections.OrderedDict(a=1)}, [])
     with caplog.at_level(logging.INFO, logger="messenger"):
-        second = ms.MessengerServer(config, clock)
-    second.journal.close()
+        second = opened(config, clock)
+    second.close()
     assert second.messenger.export() == expected
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "snapshot-00000003.bin is damaged" in errors[0]
@@ -295,9 +300,9 @@ async def test_save_that_fails_leaves_everything_in_the_journals(
     assert "snapshot 3 failed" in caplog.text
     monkeypatch.undo()
     post(first.messenger, "alice", "three")
-    first.journal.close()
-    second = ms.MessengerServer(config, clock)
-    second.journal.close()
+    first.close()
+    second = opened(config, clock)
+    second.close()
     assert second.messenger.export() == first.messenger.export()
 
 
@@ -307,13 +312,13 @@ def test_restarts_without_a_snapshot_replay_every_journal(
     config = make_config(tmp_path)
     texts = []
     for round_ in range(3):  # each run is killed: no snapshot, only its journal
-        server = ms.MessengerServer(config, clock)
+        server = opened(config, clock)
         if round_ == 0:
             register(server.messenger, "alice")
         texts.append(post(server.messenger, "alice", f"run {round_}").text)
-        server.journal.close()
-    last = ms.MessengerServer(config, clock)
-    last.journal.close()
+        server.close()
+    last = opened(config, clock)
+    last.close()
     assert [m.text for m in last.messenger.messages.values()] == texts
     assert sorted(p.name for p in tmp_path.glob("state/journal-*")) == [
         f"journal-0000000{n}.log" for n in (1, 2, 3, 4)
@@ -329,15 +334,15 @@ async def test_load_falls_back_again_after_saving_on_a_fallback(
     first = await saved_with_one_post(config, clock)
     post(first.messenger, "alice", "two")
     await first.save()
-    first.journal.close()
+    first.close()
     flip(first.store.snapshot_path(3), -1)
-    second = ms.MessengerServer(config, clock)  # falls back to snapshot 2
+    second = opened(config, clock)  # falls back to snapshot 2
     post(second.messenger, "alice", "three")
     await second.save()  # the newest snapshot is good again; the previous must be too
-    second.journal.close()
+    second.close()
     flip(max(second.store.folder.glob("snapshot-*.bin")), -1)
-    third = ms.MessengerServer(config, clock)
-    third.journal.close()
+    third = opened(config, clock)
+    third.close()
     assert third.messenger.export() == second.messenger.export()
 
 
@@ -384,6 +389,7 @@ def test_read_journal_stops_at_a_class_instance(
 @pytest.mark.parametrize("instance", CLASS_INSTANCES, ids=lambda i: type(i).__name__)
 async def test_read_snapshot_refuses_a_class_instance(tmp_path: Path, instance: object) -> None:
     store = ms.StateStore(tmp_path / "state")
+    store.open()
     await store.write_snapshot(1, {"x": instance}, [])  # checksum and framing are right
     with pytest.raises(pickle.UnpicklingError, match="plain builtins"):
         ms.read_snapshot(store.snapshot_path(1))
@@ -406,12 +412,12 @@ def assert_plain(value: object, where: str) -> None:
 
 @pytest.mark.asyncio
 async def test_state_files_hold_plain_builtins(tmp_path: Path, clock: FakeClock) -> None:
-    server = ms.MessengerServer(make_config(tmp_path), clock)
+    server = opened(make_config(tmp_path), clock)
     scenario(server.messenger, clock)
     await server.save()
     post(server.messenger, "bob", "after the snapshot", to="alice")
     server.messenger.poll("alice", 5, None, 100)
-    server.journal.close()
+    server.close()
     snapshot = server.store.snapshot_path(2)
     state, rows = ms.read_snapshot(snapshot)  # its unpickler refuses classes
     assert_plain((state, list(rows)), snapshot.name)
@@ -428,7 +434,7 @@ def test_state_folder_is_mode_0700(tmp_path: Path, existing_mode: int | None) ->
     if existing_mode is not None:
         folder.mkdir(parents=True)
         folder.chmod(existing_mode)
-    ms.StateStore(folder)
+    ms.StateStore(folder).open()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
@@ -446,10 +452,10 @@ async def test_scheduled_message_due_while_down_goes_out_at_start(
             register(server.messenger, "alice")
             server.messenger.send("alice", ms.Draft("later", send_at=clock.now + 60))
     else:
-        server = ms.MessengerServer(config, clock)  # never started: nothing but the journal
+        server = opened(config, clock)  # never started: nothing but the journal
         register(server.messenger, "alice")
         server.messenger.send("alice", ms.Draft("later", send_at=clock.now + 60))
-        server.journal.close()
+        server.close()
     clock.advance(600)
     async with ms.MessengerServer(config, clock) as again:
         delivered = list(again.messenger.messages.values())
@@ -561,7 +567,7 @@ async def test_an_expired_message_leaves_every_state_file(tmp_path: Path, clock:
     """Snapshots go on until both kept hold the current state: then the expired text is
     in no snapshot and no journal, though the server has been quiet since."""
     config = make_config(tmp_path, rules=ms.Rules(message_ttl=60.0))
-    server = ms.MessengerServer(config, clock)
+    server = opened(config, clock)
     server.messenger.register("alice", b"hash", b"salt", 4, "token")
     server.messenger.send("alice", ms.Draft("SECRET-EXPIRING-TEXT"))
     await server.save()
@@ -571,7 +577,7 @@ async def test_an_expired_message_leaves_every_state_file(tmp_path: Path, clock:
     while server.snapshot_due():
         await server.save()
         saves += 1
-    server.journal.close()
+    server.close()
     assert saves == 2
     for path in server.store.folder.iterdir():
         if path.is_file():

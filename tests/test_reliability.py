@@ -41,6 +41,7 @@ from tests.conftest import (
     call,
     connect,
     make_config,
+    opened,
     read_response,
     settle,
 )
@@ -428,7 +429,7 @@ async def test_crash_journal_cut_anywhere_in_its_last_record_loads_and_later_wri
     """A record torn by a crash is dropped, and what the next run writes is never lost behind
     it: the next run writes a new journal, not after the torn bytes."""
     original = tmp_path / "original"
-    first = ms.MessengerServer(make_config(original), clock)
+    first = opened(make_config(original), clock)
     messenger = first.messenger
     for name in ("alice", "bob"):
         messenger.register(name, b"hash", b"salt", 4, f"token-{name}")
@@ -436,7 +437,7 @@ async def test_crash_journal_cut_anywhere_in_its_last_record_loads_and_later_wri
     await first.save()
     messenger.send("bob", ms.Draft("after the snapshot"))
     messenger.send("alice", ms.Draft("the last one, h\xe9 \U0001f600" * 3, to="bob"))
-    first.journal.close()
+    first.close()
     journal = max((original / "state").glob("journal-*.log"))
     data = journal.read_bytes()
     last = record_starts(data)[-1]
@@ -445,14 +446,14 @@ async def test_crash_journal_cut_anywhere_in_its_last_record_loads_and_later_wri
         state = tmp_path / f"cut-{cut}"
         shutil.copytree(original, state)
         (state / "state" / journal.name).write_bytes(data[:cut])
-        loaded = ms.MessengerServer(make_config(state), clock)
+        loaded = opened(make_config(state), clock)
         texts = [m.text for m in loaded.messenger.messages.values()]
         whole = cut == len(data)
         assert texts[:2] == kept and len(texts) == 2 + whole, f"cut at {cut}"
         loaded.messenger.send("bob", ms.Draft("written after the crash"))
-        loaded.journal.close()
-        again = ms.MessengerServer(make_config(state), clock)
-        again.journal.close()
+        loaded.close()
+        again = opened(make_config(state), clock)
+        again.close()
         texts_again = [m.text for m in again.messenger.messages.values()]
         assert texts_again == [*texts, "written after the crash"], f"cut at {cut}"
         assert len(again.messenger.sessions) == 2
@@ -487,19 +488,19 @@ async def test_crash_damaged_newest_snapshot_falls_back_and_logs(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
     config = make_config(tmp_path)
-    first = ms.MessengerServer(config, clock)
+    first = opened(config, clock)
     first.messenger.register("alice", b"hash", b"salt", 4, "token-alice")
     first.messenger.send("alice", ms.Draft("one"))
     await first.save()
     first.messenger.send("alice", ms.Draft("two"))
     await first.save()
     first.messenger.send("alice", ms.Draft("three"))
-    first.journal.close()
+    first.close()
     expected = first.messenger.export()
     damage_snapshot(first.store.snapshot_path(3), damage)
     with caplog.at_level(logging.INFO, logger="messenger"):
-        second = ms.MessengerServer(config, clock)
-    second.journal.close()
+        second = opened(config, clock)
+    second.close()
     assert second.messenger.export() == expected
     errors = errors_logged(caplog)
     assert len(errors) == 1 and "snapshot-00000003.bin is damaged" in errors[0], errors
@@ -512,15 +513,15 @@ async def test_crash_during_a_snapshot_leaves_a_temp_file_that_is_ignored_and_re
 ) -> None:
     """kill -9 while a snapshot is written leaves ``snapshot-N.tmp``: never loaded, removed."""
     config = make_config(tmp_path)
-    first = ms.MessengerServer(config, clock)
+    first = opened(config, clock)
     first.messenger.register("alice", b"hash", b"salt", 4, "token-alice")
     first.messenger.send("alice", ms.Draft("kept"))
-    first.journal.close()
+    first.close()
     good = first.messenger.export()
     leftover = tmp_path / "state" / "snapshot-00000009.tmp"
     leftover.write_bytes(ms.SNAPSHOT_MAGIC + b"\x00" * 50)
-    second = ms.MessengerServer(config, clock)
-    second.journal.close()
+    second = opened(config, clock)
+    second.close()
     assert second.messenger.export() == good
     assert not leftover.exists(), "each crash mid-snapshot would leave one more on the disk"
 
