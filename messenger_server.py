@@ -1068,7 +1068,7 @@ class Messenger:
         return self.users[session.user], token_hash
 
     def disconnect(self, token_hash: str) -> None:
-        self._emit("revoke", token_hash)
+        self._emit("revoke", token_hash, self.sessions[token_hash].user)
 
     # Sending ----------------------------------------------------------------
 
@@ -1270,7 +1270,7 @@ class Messenger:
             if m.to == user.name and m.chat is None and m.id not in self._delivered
         ]
         if first_time:
-            self._note("deliver", first_time, self.clock())
+            self._note("deliver", user.name, first_time, self.clock())
 
     def unread(self, name: str) -> Unread:
         """Unread messages by others after the read position: by chat, and by private peer."""
@@ -1351,7 +1351,7 @@ class Messenger:
     def make_link(self, owner: str, chat_name: str) -> str:
         """A new join link token for the chat; the previous one stops working."""
         self._owned_chat(owner, chat_name)
-        token = secrets.token_urlsafe(24)
+        token = secrets.token_hex(24)  # 192 bits; hex: never taken for an option
         self._emit("link", chat_name, hash_token(token))
         return token
 
@@ -1393,7 +1393,11 @@ class Messenger:
             if made.used(now, self.rules.rate_window) >= self.rules.report_limit:
                 reset = made.reset_at(now, self.rules.rate_window) or now
                 raise RateLimited("too many reports: try again later", reset - now)
+            banned_until = user.banned_until
             self._emit("report", reporter, target, reason, now)
+            if user.banned_until != banned_until:
+                logger.warning("%r is banned until %s after %d reports",
+                               target, user.banned_until, len(user.reporters))
         return self.standing(target)
 
     def standing(self, name: str) -> Standing:
@@ -1433,7 +1437,7 @@ class Messenger:
         scheduled = self.scheduled.get(scheduled_id)
         if scheduled is None or scheduled.sender != name:
             raise UnknownScheduled(scheduled_id)
-        self._emit("cancel", scheduled_id, self.clock())
+        self._emit("cancel", scheduled_id, name, self.clock())
 
     # Time -------------------------------------------------------------------
 
@@ -1478,8 +1482,9 @@ class Messenger:
             if scheduled.reply_to is not None:
                 self.visible_message(user.name, scheduled.reply_to)
         except MessengerError as exc:
-            logger.info("dropped scheduled message %s of %s: %s", scheduled.id, user.name, exc)
-            self._emit("cancel", scheduled.id, now)
+            logger.info("dropped scheduled message %s of %r: %r",
+                        scheduled.id, user.name, exc.message)
+            self._emit("cancel", scheduled.id, user.name, now)
             return
         message = Message(
             self.last_id + 1, scheduled.chat, scheduled.to, scheduled.sender, scheduled.text,
@@ -1546,7 +1551,7 @@ class Messenger:
         self.sessions[token_hash] = Session(token_hash, name, ts)
         self.users[name].sessions.add(token_hash)
 
-    def _apply_revoke(self, token_hash: str) -> None:
+    def _apply_revoke(self, token_hash: str, name: str) -> None:
         session = self.sessions.pop(token_hash, None)
         if session is not None:
             self.users[session.user].sessions.discard(token_hash)
@@ -1582,7 +1587,11 @@ class Messenger:
         if message.file is not None:
             self.files[message.file].messages.add(message.id)
 
-    def _apply_deliver(self, ids: list[int], ts: float) -> None:
+    def _apply_deliver(self, name: str, ids: list[int], ts: float) -> None:
+        """Private messages ``name`` received: their time to live starts."""
+        self._deliver(ids, ts)
+
+    def _deliver(self, ids: list[int], ts: float) -> None:
         for message_id in ids:
             if message_id in self.messages and message_id not in self._delivered:
                 self._delivered[message_id] = ts
@@ -1644,8 +1653,6 @@ class Messenger:
         self.users[reporter].reports_made.add(ts, self.rules.rate_window)
         if len(user.reporters) >= self.rules.ban_threshold and user.banned_until is None:
             user.banned_until = ts + self.rules.ban_duration
-            logger.info("%s is banned until %s after %d reports", target, user.banned_until,
-                        len(user.reporters))
 
     def _apply_file(
         self, new_file: str, owner: str, file_name: str, size: int, media_type: str,
@@ -1693,7 +1700,7 @@ class Messenger:
         if scheduled.file is not None:
             self.files[scheduled.file].scheduled += 1
 
-    def _apply_cancel(self, scheduled_id: str, ts: float) -> None:
+    def _apply_cancel(self, scheduled_id: str, name: str, ts: float) -> None:
         scheduled = self.scheduled.get(scheduled_id)
         if scheduled is not None and scheduled.client_id is not None:
             self.users[scheduled.sender].client_ids.pop(scheduled.client_id, None)
@@ -1752,7 +1759,7 @@ class Messenger:
             self._add_message(message)
         for message_id, ts in sorted(load_delivered(state), key=lambda item: item[1]):
             if message_id in self.messages and self.messages[message_id].chat is None:
-                self._apply_deliver([message_id], ts)
+                self._deliver([message_id], ts)
         for scheduled in load_records(state, "scheduled", Scheduled, self._restorable_scheduled):
             self._add_scheduled(scheduled)
 
@@ -2760,7 +2767,7 @@ class MessengerApp:
                 await channel.discard(request)  # a malformed body fails before any change
             return await route.handler(call)
         except MessengerError as exc:
-            logger.info("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
+            logger.info("%s %r -> %d %r", request.method, request.path, exc.status, exc.message)
             return Response.error(exc)
         except Exception:
             logger.exception("unhandled error in %s %s", request.method, request.path)
@@ -2909,7 +2916,6 @@ class MessengerApp:
         digest = await self._scrypt(password, salt, self.config.password_cost)
         if name in self.messenger.users:  # somebody took it during the hash
             return None
-        logger.info("new user %s", name)
         return self.messenger.register(name, digest, salt, self.config.password_cost, token)
 
     async def _log_in(self, name: str, password: str, token: str) -> User:
@@ -2919,9 +2925,8 @@ class MessengerApp:
         self.messenger.check_login_allowed(name)  # guesses made in parallel count too
         if not hmac.compare_digest(digest, known.password):
             self.messenger.login_failed(name)
-            logger.warning("wrong password for %s", name)
+            logger.warning("wrong password for %r", name)
             raise Unauthorized("wrong password")
-        logger.info("%s connects", name)
         return self.messenger.open_session(name, token)
 
     async def _scrypt(self, password: str, salt: bytes, cost: int) -> bytes:
@@ -3030,9 +3035,6 @@ class MessengerApp:
         name = body.string("chat_name", pattern=CHAT_NAME_RE, max_length=64)
         private = body.optional_bool("private")
         chat, created = self.messenger.join(call.user, name, private)
-        if created:
-            kind = "private" if chat.private else "public"
-            logger.info("%s created the %s chat %s", call.user, kind, name)
         history = self.messenger.history(call.user, name, None, self.config.rules.history)
         answer = {"chat": self._chat(chat, call.user), "history": self._messages(history)}
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
@@ -3528,7 +3530,7 @@ class Connection:
                 self.deadline = self._loop.time() + self._config.idle_timeout
         except MessengerError as exc:
             if not self.cut_off:
-                logger.info("bad request from %s: %d %s", self.peer, exc.status, exc.message)
+                logger.info("bad request from %s: %d %r", self.peer, exc.status, exc.message)
                 with contextlib.suppress(ConnectionError):
                     await self._send(None, Response.error(exc), close=True)
                     await self._close(linger=True)
@@ -4099,12 +4101,29 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextLogFormatter(logging.Formatter):
+    """``--log-format text``: one line per record. Client input is quoted where it is
+    logged; as a second guard, control characters left in a message are escaped, so no
+    record can make a line that looks like another."""
+
+    _ESCAPES: Final = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, 0x85]} | {
+        0x2028: "\\u2028", 0x2029: "\\u2029"  # line and paragraph separators
+    }
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = record.message.translate(self._ESCAPES)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextLogFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 

@@ -485,7 +485,7 @@ def test_tick_drops_a_scheduled_message_whose_sender_may_no_longer_send(
     clock.advance(60)
     messenger.tick()
     assert messenger.messages == {} and messenger.scheduled_of("x") == []
-    assert events[-1] == ("cancel", later.id, clock.now)
+    assert events[-1] == ("cancel", later.id, "x", clock.now)
     assert f"dropped scheduled message {later.id}" in caplog.text
 
 

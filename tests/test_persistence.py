@@ -29,7 +29,7 @@ EVENTS: list[ms.Event] = [
     ("user", "alice", b"\x00hash", b"salt", 4, 1_800_000_000.0),
     ("message", 1, "general", None, "alice", "h\xe9llo \U0001f600", 1.5, None, None, "c1", True,
      None),
-    ("deliver", [1, 2, 3], 1_800_000_001.25),
+    ("deliver", "alice", [1, 2, 3], 1_800_000_001.25),
     ("join", "club", "alice", False, 2.0),
     ("report", "bob", "alice", "", 3.0),
 ]
