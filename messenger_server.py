@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import email.utils
 import enum
+import errno
 import fcntl
 import functools
 import gc
@@ -49,6 +50,7 @@ import heapq
 import hmac
 import inspect
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -93,62 +95,128 @@ BODY_TIMEOUT: Final = 30.0  # seconds for a whole body; 408 after
 IDLE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection is kept
 SHUTDOWN_TIMEOUT: Final = 10.0  # seconds in-flight requests get to finish at shutdown
 LINGER_TIMEOUT: Final = 2.0  # seconds a refused request's remaining bytes are taken in
+MAX_CONNECTIONS: Final = 10_000  # open connections in all; 503 above
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
 PASSWORD_COST: Final = 17  # log2 of scrypt's n
+HASH_QUEUE: Final = 4  # password hashes waiting per core; 503 above
 MAX_WAIT: Final = 60.0  # seconds a long-poll may wait
 SNAPSHOT_INTERVAL: Final = 30.0  # seconds between snapshots (when something changed)
+JOURNAL_ROOM: Final = 64 * 1024  # bytes free before a disk found full takes changes again
+MIN_FREE_DISK: Final = 64 * 1024 * 1024  # bytes free on the state's disk; no upload below
 
 JSON_TYPE: Final = "application/json; charset=utf-8"
 
 
+MIB: Final = 1024 * 1024
+MINUTE: Final = 60.0
+HOUR: Final = 3600.0
+DAY: Final = 24 * HOUR
+
+
+def flag(value: Any, help_text: str, **argparse_options: Any) -> Any:
+    """A configuration field that is also a command-line flag (``--field-name``): its
+    default, its help, and anything else ``argparse.add_argument`` should know (a ``type``
+    that parses it, and then the ``default`` as it is typed)."""
+    return field(default=value, metadata={"help": help_text, **argparse_options})
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[IpNetwork, ...]:
+    """``--forwarded-allow-ips``: comma-separated addresses or networks (CIDR), ``*`` for
+    any, or ``none``."""
+    if text.strip() == "none":
+        return ()
+    if text.strip() == "*":
+        return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    try:
+        return tuple(ipaddress.ip_network(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """The limits the HTTP parser enforces; each one is a server flag."""
+    """The limits the HTTP parser enforces."""
 
-    max_request_line: int = MAX_REQUEST_LINE
-    max_header_line: int = MAX_HEADER_LINE
-    max_headers: int = MAX_HEADERS
-    max_head: int = MAX_HEAD
+    max_request_line: int = flag(MAX_REQUEST_LINE, "bytes of a request line; 414 above")
+    max_header_line: int = flag(MAX_HEADER_LINE, "bytes of a header line; 431 above")
+    max_headers: int = flag(MAX_HEADERS, "header lines; 431 above")
+    max_head: int = flag(MAX_HEAD, "bytes of a whole head; 431 above")
 
 
 @dataclass(frozen=True, slots=True)
 class Rules:
-    """The messenger's rules; each one is a server flag."""
+    """The messenger's rules and quotas."""
 
-    history: int = 20  # messages shown on connect and on join
-    message_ttl: float = 3600.0  # seconds a message lives after delivery
-    rate_limit: int = 20  # messages per user to general per window
-    rate_window: float = 3600.0  # seconds
-    report_limit: int = 10  # new reports per user per rate window
-    ban_threshold: int = 3  # distinct reporters that ban a user
-    ban_duration: float = 4 * 3600.0  # seconds
-    login_failures: int = 10  # wrong passwords per name per login window; 429 above
-    login_window: float = 60.0  # seconds
-    max_owned_chats: int = 100  # chats a user may create; 403 above
+    history: int = flag(20, "messages shown on connect and on join")
+    message_ttl: float = flag(HOUR, "seconds a message lives after delivery")
+    rate_limit: int = flag(20, "messages per user to general per rate window; 429 above")
+    rate_window: float = flag(HOUR, "seconds")
+    flood_limit: int = flag(60, "messages per user, anywhere, per flood window; 429 above")
+    flood_window: float = flag(MINUTE, "seconds")
+    max_undelivered: int = flag(
+        1000, "private messages of a sender that nobody received yet; 403 above"
+    )
+    undelivered_ttl: float = flag(7 * DAY, "seconds a private message nobody received lives")
+    max_scheduled: int = flag(100, "pending scheduled messages per user; 403 above")
+    max_memberships: int = flag(500, "chats a user may be a member of; 403 above")
+    max_owned_chats: int = flag(100, "chats a user may create; 403 above")
+    upload_quota: int = flag(50 * MIB, "bytes of stored files per user; 403 above")
+    report_limit: int = flag(10, "new reports per user per rate window; 429 above")
+    ban_threshold: int = flag(3, "distinct reporters that ban a user from sending")
+    ban_duration: float = flag(4 * HOUR, "seconds a ban lasts")
+    login_failures: int = flag(
+        10, "wrong passwords for a name from an address per login window; 429 above"
+    )
+    login_window: float = flag(MINUTE, "seconds")
+    registrations_per_ip: int = flag(
+        10, "new users per client address per registration window; 429 above"
+    )
+    registration_window: float = flag(HOUR, "seconds")
+    max_sessions: int = flag(100, "sessions per user; a new one revokes the least recently used")
+    session_ttl: float = flag(30 * DAY, "seconds a session may go unused before it is revoked")
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """Everything the command line can set."""
+    """Everything the command line can set: every field is a flag (``--max-wait``...)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    state_dir: Path = Path("state")
-    log_level: str = "INFO"
+    host: str = flag("127.0.0.1", "address to listen on")
+    port: int = flag(8000, "TCP port (0 picks a free one)")
+    state_dir: Path = flag(Path("state"), "folder of the snapshots, journals and files")
+    log_level: str = flag("INFO", "DEBUG adds a line per request",
+                          choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    log_format: str = flag("text", "for humans or for machines", choices=["text", "json"])
     http: HttpLimits = field(default_factory=HttpLimits)
-    max_json_body: int = MAX_JSON_BODY
-    max_file_size: int = MAX_FILE_SIZE
-    head_timeout: float = HEAD_TIMEOUT
-    body_timeout: float = BODY_TIMEOUT
-    idle_timeout: float = IDLE_TIMEOUT
-    shutdown_timeout: float = SHUTDOWN_TIMEOUT
-    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    max_json_body: int = flag(MAX_JSON_BODY, "bytes of a JSON body; 413 above")
+    max_file_size: int = flag(MAX_FILE_SIZE, "bytes of an uploaded file; 413 above")
+    head_timeout: float = flag(HEAD_TIMEOUT, "seconds for a whole request head; 408 after")
+    body_timeout: float = flag(BODY_TIMEOUT, "seconds for a whole request body; 408 after")
+    idle_timeout: float = flag(IDLE_TIMEOUT, "seconds an idle keep-alive connection is kept")
+    shutdown_timeout: float = flag(SHUTDOWN_TIMEOUT, "seconds requests get to finish at exit")
+    max_connections: int = flag(MAX_CONNECTIONS, "open connections in all; 503 above")
+    max_connections_per_ip: int = flag(
+        MAX_CONNECTIONS_PER_IP, "open connections per client address; 503 above"
+    )
+    forwarded_allow_ips: tuple[IpNetwork, ...] = flag(
+        (), "proxies (addresses or networks, comma-separated, or *) whose X-Forwarded-For "
+        "names the client", type=parse_networks, default="none",
+    )
     rules: Rules = field(default_factory=Rules)
-    password_cost: int = PASSWORD_COST
-    max_wait: float = MAX_WAIT
-    snapshot_interval: float = SNAPSHOT_INTERVAL
-    fsync: str = "everysec"  # or "always"
+    password_cost: int = flag(PASSWORD_COST, "log2 of scrypt's n for new passwords")
+    hash_queue: int = flag(
+        HASH_QUEUE, "password hashes that may wait per core; 503 above"
+    )
+    max_wait: float = flag(MAX_WAIT, "seconds a long-poll may wait")
+    snapshot_interval: float = flag(SNAPSHOT_INTERVAL, "seconds between snapshots")
+    min_free_disk: int = flag(
+        MIN_FREE_DISK, "bytes the state folder's disk keeps free: no upload below (503)"
+    )
+    fsync: str = flag("everysec", "fsync the journal before each answer, or once a second",
+                      choices=["always", "everysec"])
 
     @property
     def largest_body(self) -> int:
@@ -289,6 +357,13 @@ class VersionNotSupported(MessengerError):
 class Unavailable(MessengerError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "unavailable"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [] if self.retry_after is None else [("Retry-After", str(self.retry_after))]
 
 
 class InternalError(MessengerError):
@@ -606,6 +681,31 @@ class ChunkedDecoder:
                 raise HeadersTooLarge("the trailer section is too large")
 
 
+def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[IpNetwork]) -> str:
+    """Who sent a request. From a trusted proxy, the rightmost ``X-Forwarded-For`` entry
+    that is not itself a trusted proxy (entries further left are whatever the client
+    claimed); from anyone else, the peer. A malformed entry stops the walk at the proxy."""
+    if forwarded_for is None or not _is_trusted(peer, trusted):
+        return peer
+    entries = _split_list(forwarded_for)
+    for entry in reversed(entries):
+        try:
+            address = ipaddress.ip_address(entry.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            return peer
+        if not any(address in network for network in trusted):
+            return str(address)
+    return str(ipaddress.ip_address(entries[0])) if entries else peer
+
+
+def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
 class _DateCache:
     """The Date header value, formatted once a second."""
 
@@ -749,6 +849,7 @@ CHAT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TEXT: Final = 4096  # characters in a message
 MAX_SCHEDULE_AHEAD: Final = 7 * 24 * 3600.0  # seconds; send_at beyond is refused
 IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at least
+SESSION_TOUCH: Final = 3600.0  # seconds between recorded uses of a session, at most
 MAX_LIMIT: Final = 1000  # messages (or comments) per answer
 # Characters of message text in one answer: long messages come fewer at a time, so a
 # client that asks a lot and reads nothing cannot make the server hold much for it.
@@ -833,6 +934,37 @@ class Window:
         return self.start + length if self.used(now, length) and self.start is not None else None
 
 
+class WindowsByKey:
+    """Counting windows of one length by key (an address; a name and an address), kept in
+    the order they opened, so that ended ones are dropped as new counts come: the memory
+    is what the last window's length saw, whoever counts."""
+
+    def __init__(self, length: float) -> None:
+        self.length = length
+        self.windows: dict[Any, Window] = {}
+
+    def used(self, key: Any, now: float) -> int:
+        window = self.windows.get(key)
+        return 0 if window is None else window.used(now, self.length)
+
+    def reset_at(self, key: Any, now: float) -> float:
+        window = self.windows.get(key)
+        reset = None if window is None else window.reset_at(now, self.length)
+        return now if reset is None else reset
+
+    def add(self, key: Any, now: float) -> None:
+        while self.windows:
+            oldest = next(iter(self.windows.values()))
+            if oldest.used(now, self.length):
+                break
+            del self.windows[next(iter(self.windows))]
+        window = self.windows.get(key)
+        if window is None or not window.used(now, self.length):
+            self.windows.pop(key, None)
+            window = self.windows[key] = Window()
+        window.add(now, self.length)
+
+
 @dataclass(slots=True)
 class User:
     name: str
@@ -871,6 +1003,7 @@ class Session:
     token_hash: str  # SHA-256 of the bearer token: the token itself is never kept
     user: str
     created: float
+    used: float  # when it was last used, to within SESSION_TOUCH
 
 
 @dataclass(slots=True)
@@ -970,6 +1103,7 @@ class Messenger:
         "user": "_apply_user",
         "session": "_apply_session",
         "revoke": "_apply_revoke",
+        "touch": "_apply_touch",
         "message": "_apply_message",
         "deliver": "_apply_deliver",
         "read": "_apply_read",
@@ -1012,7 +1146,8 @@ class Messenger:
         self._file_expiry: deque[str] = deque()  # files, oldest first
         self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
         self._scheduled_count = 0  # orders scheduled messages due at the same time
-        self._login_failures: dict[str, Window] = {}
+        self._login_failures = WindowsByKey(self.rules.login_window)  # by (name, address)
+        self._registrations = WindowsByKey(self.rules.registration_window)  # by address
 
     # Events -----------------------------------------------------------------
 
@@ -1037,34 +1172,58 @@ class Messenger:
 
     # Identity ---------------------------------------------------------------
 
-    def check_login_allowed(self, name: str) -> None:
-        """429 while a name has had too many wrong passwords in the login window."""
-        failures = self._login_failures.get(name)
+    def check_login_allowed(self, name: str, address: str) -> None:
+        """429 while a name has had too many wrong passwords from an address in the login
+        window (other addresses may still log in: the owner is not locked out)."""
         now = self.clock()
-        window = self.rules.login_window
-        if failures is not None and failures.used(now, window) >= self.rules.login_failures:
-            reset = failures.reset_at(now, window) or now
+        if self._login_failures.used((name, address), now) >= self.rules.login_failures:
+            reset = self._login_failures.reset_at((name, address), now)
             raise RateLimited("too many wrong passwords: try again later", reset - now)
 
-    def login_failed(self, name: str) -> None:
-        self._login_failures.setdefault(name, Window()).add(self.clock(), self.rules.login_window)
+    def login_failed(self, name: str, address: str) -> None:
+        self._login_failures.add((name, address), self.clock())
 
-    def register(self, name: str, password: bytes, salt: bytes, cost: int, token: str) -> User:
+    def check_registration_allowed(self, address: str) -> None:
+        """429 when an address has registered its share of users in the window."""
+        now = self.clock()
+        if self._registrations.used(address, now) >= self.rules.registrations_per_ip:
+            raise RateLimited(
+                f"at most {self.rules.registrations_per_ip} new users per address "
+                "and registration window: try again later",
+                self._registrations.reset_at(address, now) - now,
+            )
+
+    def register(
+        self, name: str, password: bytes, salt: bytes, cost: int, token: str, address: str
+    ) -> User:
         if name in self.users:
             raise Conflict(f"the name {name} was taken a moment ago")
-        self._emit("user", name, password, salt, cost, hash_token(token), self.clock())
+        self.check_registration_allowed(address)
+        self._emit("user", name, password, salt, cost, hash_token(token), address, self.clock())
         return self.users[name]
 
     def open_session(self, name: str, token: str) -> User:
+        """A new session; at the most a user may hold, its least recently used goes."""
+        user = self.users[name]
+        if len(user.sessions) >= self.rules.max_sessions:
+            oldest = min(user.sessions, key=lambda token_hash: self.sessions[token_hash].used)
+            self._emit("revoke", oldest, name)
         self._emit("session", hash_token(token), name, self.clock())
-        return self.users[name]
+        return user
 
     def authenticate(self, token: str) -> tuple[User, str]:
-        """The user a bearer token belongs to, and the token's hash; 401 if none."""
+        """The user a bearer token belongs to, and the token's hash; 401 if none or if it
+        went unused for the session TTL. A use is recorded about once an hour."""
         token_hash = hash_token(token)
         session = self.sessions.get(token_hash)
         if session is None:
             raise Unauthorized("unknown or revoked token: connect again")
+        now = self.clock()
+        if session.used + self.rules.session_ttl <= now:
+            self._note("revoke", token_hash, session.user)
+            raise Unauthorized("the session expired unused: connect again")
+        if now - session.used >= min(SESSION_TOUCH, self.rules.session_ttl / 10):
+            self._note("touch", token_hash, session.user, now)
         return self.users[session.user], token_hash
 
     def disconnect(self, token_hash: str) -> None:
@@ -1456,6 +1615,14 @@ class Messenger:
             candidates.append(oldest_file.ts + ttl)
         return min(candidates, default=None)
 
+    def _expire_sessions(self, now: float) -> None:
+        """Revoke the sessions unused for the session TTL (the least recently used first)."""
+        while self.sessions:
+            session = next(iter(self.sessions.values()))
+            if session.used + self.rules.session_ttl > now:
+                break
+            self._emit("revoke", session.token_hash, session.user)
+
     def _oldest_file(self) -> StoredFile | None:
         """The oldest file still kept (files gone with their last message are skipped)."""
         while self._file_expiry and self._file_expiry[0] not in self.files:
@@ -1466,6 +1633,7 @@ class Messenger:
         """Send the scheduled messages now due, in due order, and drop expired data."""
         now = self.clock()
         self.expire(now)
+        self._expire_sessions(now)
         while self._due and self._due[0][0] <= now:
             scheduled = self.scheduled.get(self._due[0][2])
             if scheduled is not None:
@@ -1540,16 +1708,28 @@ class Messenger:
     # Applying events --------------------------------------------------------
 
     def _apply_user(
-        self, new_user: str, password: bytes, salt: bytes, cost: int, token_hash: str, ts: float
+        self, new_user: str, password: bytes, salt: bytes, cost: int, token_hash: str,
+        address: str, ts: float,
     ) -> None:
         """A new user, member of general, with its first session: one event, all or nothing."""
         self.users[new_user] = User(new_user, password, salt, cost, ts)
+        self._registrations.add(address, ts)
         self._add_member(self.chats[GENERAL], new_user)
         self._apply_session(token_hash, new_user, ts)
 
     def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
-        self.sessions[token_hash] = Session(token_hash, name, ts)
-        self.users[name].sessions.add(token_hash)
+        self._add_session(Session(token_hash, name, ts, ts))
+
+    def _add_session(self, session: Session) -> None:
+        """Sessions are kept least recently used first: the TTL sweep starts there."""
+        self.sessions[session.token_hash] = session
+        self.users[session.user].sessions.add(session.token_hash)
+
+    def _apply_touch(self, token_hash: str, name: str, ts: float) -> None:
+        session = self.sessions.pop(token_hash, None)
+        if session is not None:
+            session.used = ts
+            self._add_session(session)
 
     def _apply_revoke(self, token_hash: str, name: str) -> None:
         session = self.sessions.pop(token_hash, None)
@@ -1727,6 +1907,10 @@ class Messenger:
             "files": [to_plain(stored) for stored in self.files.values()],
             "scheduled": [to_plain(scheduled) for scheduled in self.scheduled.values()],
             "delivered": list(self._delivered.items()),
+            "registrations": {
+                address: to_plain(window)
+                for address, window in self._registrations.windows.items()
+            },
         }
         return state, list(self.messages.values())
 
@@ -1751,7 +1935,7 @@ class Messenger:
             if chat.link is not None:
                 self._apply_link(chat.name, chat.link)
         for session in load_records(state, "sessions", Session, self._restorable_session):
-            self._apply_session(session.token_hash, session.user, session.created)
+            self._add_session(session)
         for stored in load_records(state, "files", StoredFile, self._restorable_file):
             self.files[stored.id] = stored
             self._file_expiry.append(stored.id)
@@ -1762,6 +1946,7 @@ class Messenger:
                 self._deliver([message_id], ts)
         for scheduled in load_records(state, "scheduled", Scheduled, self._restorable_scheduled):
             self._add_scheduled(scheduled)
+        self._registrations.windows = load_windows(state, "registrations")
 
     def _restorable_chat(self, chat: Chat) -> str | None:
         if not CHAT_NAME_RE.fullmatch(chat.name):
@@ -2085,6 +2270,17 @@ def load_rows(
         yield record
 
 
+def load_windows(state: dict[str, Any], key: str) -> dict[Any, Window]:
+    """Counting windows by key (``WindowsByKey.windows``); bad ones are skipped."""
+    windows: dict[Any, Window] = {}
+    for name, plain in state.get(key, {}).items():
+        try:
+            windows[name] = from_plain(Window, plain)
+        except BadRecord as exc:
+            logger.error("state: skipped a window of %s: %s", key, exc)
+    return windows
+
+
 def _is_named_tuple(cls: type) -> bool:
     return issubclass(cls, tuple)
 
@@ -2148,6 +2344,7 @@ class Journal:
     def __init__(self, *, always: bool) -> None:
         self.always = always
         self.broken = False  # a write could not be undone or an fsync failed: refuse changes
+        self.full = False  # a write found the disk full: refuse changes until it has room
         self.path: Path | None = None
         self._fd = -1
         self._size = 0
@@ -2157,7 +2354,7 @@ class Journal:
         self._lock = asyncio.Lock()
 
     def append(self, event: Event) -> None:
-        if self.broken or self._fd < 0:
+        if self.broken or self._fd < 0 or (self.full and not self._has_room()):
             raise Unavailable("the state cannot be written: nothing was stored")
         data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
         record = RECORD_HEADER.pack(len(data), zlib.crc32(data)) + data
@@ -2165,6 +2362,7 @@ class Journal:
             _write_all(self._fd, record)
         except OSError as exc:
             logger.error("journal write failed: %s", exc)
+            self.full = exc.errno == errno.ENOSPC  # smaller records would still fit: no
             try:
                 os.ftruncate(self._fd, self._size)  # never leave half a record behind
             except OSError:
@@ -2172,6 +2370,12 @@ class Journal:
             raise Unavailable("the state cannot be written: nothing was stored") from exc
         self._size += len(record)
         self._written += 1
+
+    def _has_room(self) -> bool:
+        """Whether a disk found full has room again (``JOURNAL_ROOM`` bytes free)."""
+        stats = os.fstatvfs(self._fd)
+        self.full = stats.f_bavail * stats.f_frsize < JOURNAL_ROOM
+        return not self.full
 
     async def durable(self) -> None:
         """With ``--fsync always``: return once every record appended so far is on disk."""
@@ -2549,11 +2753,17 @@ class Call:
     user: str = ""  # set for routes that need a token
     token_hash: str = ""
 
+    @property
+    def address(self) -> str:
+        """The client's address (behind a trusted proxy, the one it forwarded)."""
+        return self.channel.address or "?"
+
 
 class Channel(Protocol):
     """The connection as a handler sees it: where the body comes from, and who is on it."""
 
     user: str | None
+    address: str | None  # the client's, behind a trusted proxy too
 
     async def read(self, request: Request, limit: int) -> bytes: ...
 
@@ -2716,7 +2926,10 @@ class MessengerApp:
         self.closing = False
         self.wake_timer: Callable[[], None] = _ignore
         self.started = messenger.clock()
-        self._hashing = asyncio.Semaphore(_usable_cores())  # a hash per core at a time
+        self._hash_slots = _usable_cores()
+        self._hashing = asyncio.Semaphore(self._hash_slots)  # a hash per core at a time
+        self._hashes_waiting = 0  # connects waiting for a place to hash
+        self._hashes_by: dict[str, int] = {}  # hashes waiting or running, by client address
         messenger.on_message = self._on_message
         self.router = Router()
         routes: list[tuple[str, str, Handler, bool, bool]] = [
@@ -2891,13 +3104,14 @@ class MessengerApp:
         body = await self._json(call)
         name = body.string("user", pattern=USER_NAME_RE, max_length=32)
         password = body.string("password", max_length=MAX_PASSWORD)
-        self.messenger.check_login_allowed(name)
+        address = call.address
+        self.messenger.check_login_allowed(name, address)
         token = secrets.token_urlsafe(32)
         status = HTTPStatus.CREATED
-        user = await self._register(name, password, token)
+        user = await self._register(name, password, token, address)
         if user is None:  # the name is taken: this is a login
             status = HTTPStatus.OK
-            user = await self._log_in(name, password, token)
+            user = await self._log_in(name, password, token, address)
         history = self.messenger.history(name, user.active_chat, None, self.config.rules.history)
         answer = {
             "token": token,
@@ -2908,41 +3122,59 @@ class MessengerApp:
         }
         return await self._durable(Response.json(answer, status))
 
-    async def _register(self, name: str, password: str, token: str) -> User | None:
+    async def _register(self, name: str, password: str, token: str, address: str) -> User | None:
         """A new user with its first session; None when the name is taken."""
         if name in self.messenger.users:
             return None
+        self.messenger.check_registration_allowed(address)  # before the cost of a hash
         salt = os.urandom(16)
-        digest = await self._scrypt(password, salt, self.config.password_cost)
+        digest = await self._scrypt(password, salt, self.config.password_cost, address)
         if name in self.messenger.users:  # somebody took it during the hash
             return None
-        return self.messenger.register(name, digest, salt, self.config.password_cost, token)
+        return self.messenger.register(
+            name, digest, salt, self.config.password_cost, token, address
+        )
 
-    async def _log_in(self, name: str, password: str, token: str) -> User:
+    async def _log_in(self, name: str, password: str, token: str, address: str) -> User:
         """A new session for a known user, if the password is right."""
         known = self.messenger.users[name]
-        digest = await self._scrypt(password, known.salt, known.cost)
-        self.messenger.check_login_allowed(name)  # guesses made in parallel count too
+        digest = await self._scrypt(password, known.salt, known.cost, address)
+        self.messenger.check_login_allowed(name, address)  # parallel guesses count too
         if not hmac.compare_digest(digest, known.password):
-            self.messenger.login_failed(name)
-            logger.warning("wrong password for %r", name)
+            self.messenger.login_failed(name, address)
+            logger.warning("wrong password for %r from %s", name, address)
             raise Unauthorized("wrong password")
         return self.messenger.open_session(name, token)
 
-    async def _scrypt(self, password: str, salt: bytes, cost: int) -> bytes:
-        """scrypt (n = 2**cost, r=8, p=1) off the event loop, a core's worth at a time."""
-        n = 2**cost
-        async with self._hashing:
-            return await asyncio.to_thread(
-                hashlib.scrypt,
-                password.encode("utf-8"),
-                salt=salt,
-                n=n,
-                r=8,
-                p=1,
-                maxmem=256 * n * 8 + 2**20,
-                dklen=32,
-            )
+    async def _scrypt(self, password: str, salt: bytes, cost: int, address: str) -> bytes:
+        """scrypt (n = 2**cost, r=8, p=1) off the event loop, one per core at a time. At
+        most ``--hash-queue`` per core wait, and one address holds at most half of all
+        places (running or waiting), so others always find room: beyond either, 503 at
+        once. A flood of connects costs the server nothing but reading their bodies."""
+        cores = self._hash_slots
+        queue = self.config.hash_queue * cores
+        busy = self._hashes_waiting >= queue
+        if busy or self._hashes_by.get(address, 0) >= max(1, (cores + queue) // 2):
+            raise Unavailable("the server is busy checking passwords: try again", retry_after=1)
+        self._hashes_by[address] = self._hashes_by.get(address, 0) + 1
+        try:
+            self._hashes_waiting += 1
+            try:
+                await self._hashing.acquire()
+            finally:
+                self._hashes_waiting -= 1
+            try:
+                n = 2**cost
+                return await asyncio.to_thread(
+                    hashlib.scrypt, password.encode("utf-8"), salt=salt, n=n, r=8, p=1,
+                    maxmem=256 * n * 8 + 2**20, dklen=32,
+                )
+            finally:
+                self._hashing.release()
+        finally:
+            self._hashes_by[address] -= 1
+            if not self._hashes_by[address]:
+                del self._hashes_by[address]
 
     async def disconnect(self, call: Call) -> Response:
         self.messenger.disconnect(call.token_hash)
@@ -3487,12 +3719,21 @@ class Connection:
     """
 
     def __init__(
-        self, server: MessengerServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        server: MessengerServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
     ) -> None:
         self._server = server
         self._config = server.config
         self._reader = reader
         self._writer = writer
+        self._peer = peer  # the address the connection comes from
+        self._proxied = _is_trusted(peer, self._config.forwarded_allow_ips)
+        # The client's address, counted against its connection cap: the peer's, or for a
+        # trusted proxy the one its current request names (None before the first).
+        self.address: str | None = None if self._proxied else peer
         self._buffer = bytearray()
         self._loop = asyncio.get_running_loop()
         self.phase = Phase.IDLE
@@ -3510,6 +3751,8 @@ class Connection:
                 request = await self._read_request()
                 if request is None:
                     return
+                if self._proxied:
+                    self._attribute(request)
                 self.phase, self.deadline = Phase.HANDLER, float("inf")
                 response = await self._server.app.dispatch(request, self)
                 if self.cut_off:
@@ -3528,6 +3771,8 @@ class Connection:
                     return
                 self.phase = Phase.IDLE
                 self.deadline = self._loop.time() + self._config.idle_timeout
+                if self._buffer:  # pipelined requests wait their turn behind other clients
+                    await asyncio.sleep(0)
         except MessengerError as exc:
             if not self.cut_off:
                 logger.info("bad request from %s: %d %r", self.peer, exc.status, exc.message)
@@ -3541,6 +3786,18 @@ class Connection:
             if self._next_read is not None:
                 self._next_read.cancel()
             self._writer.close()
+
+    def _attribute(self, request: Request) -> None:
+        """Count a proxied connection against the address its request comes from."""
+        forwarded = request.headers.get("x-forwarded-for")
+        address = client_address(self._peer, forwarded, self._config.forwarded_allow_ips)
+        if address == self.address:
+            return
+        self._server.release(self.address)
+        self.address = None
+        if not self._server.admit(address):
+            raise Unavailable("too many open connections from your address")
+        self.address = address
 
     async def _skip_body(
         self, request: Request, response: Response, close: bool
@@ -3576,8 +3833,10 @@ class Connection:
 
     @property
     def peer(self) -> str:
-        peer = self._writer.get_extra_info("peername")
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        """Who is on the line, for the logs: the client's address (and the proxy's)."""
+        if self._proxied:
+            return f"{self.address} via {self._peer}"
+        return self._peer
 
     async def _fill(self) -> bool:
         """Read what the client sent next into the buffer; False once the client is gone."""
@@ -3787,7 +4046,7 @@ class MessengerServer:
         self._timer_wakeup = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._connections: dict[Connection, asyncio.Task[None]] = {}
-        self._per_ip: dict[str, int] = {}
+        self._per_address: dict[str, int] = {}  # open connections by client address
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -3914,20 +4173,20 @@ class MessengerServer:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "?"
+        connection = Connection(self, reader, writer, peer[0] if isinstance(peer, tuple) else "?")
         refusal = None
         if self.closing:
             refusal = "the server is shutting down"
-        elif self._per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
+        elif len(self._connections) >= self.config.max_connections:
+            refusal = "too many open connections: try again later"
+        elif connection.address is not None and not self.admit(connection.address):
             refusal = "too many open connections from your address"
         if refusal is not None:
-            logger.warning("refused a connection from %s: %s", ip, refusal)
+            logger.warning("refused a connection from %s: %s", connection.peer, refusal)
             response = Response.error(Unavailable(refusal))
             writer.write(response.serialize_head(close=True) + response.body)
             writer.close()
             return
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        connection = Connection(self, reader, writer)
         task = asyncio.current_task()
         assert task is not None
         self._connections[connection] = task
@@ -3935,9 +4194,21 @@ class MessengerServer:
             await connection.serve()
         finally:
             del self._connections[connection]
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
+            self.release(connection.address)
+
+    def admit(self, address: str) -> bool:
+        """Count one more open connection from ``address``, unless it is at its cap."""
+        count = self._per_address.get(address, 0)
+        if count >= self.config.max_connections_per_ip:
+            return False
+        self._per_address[address] = count + 1
+        return True
+
+    def release(self, address: str | None) -> None:
+        if address is not None:
+            self._per_address[address] -= 1
+            if not self._per_address[address]:
+                del self._per_address[address]
 
     async def _watch_deadlines(self) -> None:
         """Expire the connections past their deadline, a few times a second."""
@@ -3993,86 +4264,37 @@ class MessengerServer:
 # Entry point ###############################################################
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[ServerConfig, str]:
-    """The configuration from the command line, and the log format."""
+def parse_args(argv: Sequence[str] | None) -> ServerConfig:
+    """The configuration from the command line: a flag for every field of ServerConfig
+    and of the groups it holds (HttpLimits, Rules), with their defaults and help."""
     parser = argparse.ArgumentParser(
         description="The messenger server: HTTP/1.1 on asyncio.streams.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to listen on")
-    add("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
-    add("--state-dir", type=Path, default=Path("state"), help="folder for snapshots and files")
-    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="DEBUG logs a line per request")
-    add("--log-format", default="text", choices=["text", "json"], help="for humans or machines")
-    add("--max-request-line", type=int, default=MAX_REQUEST_LINE, help="bytes; 414 above")
-    add("--max-header-line", type=int, default=MAX_HEADER_LINE, help="bytes; 431 above")
-    add("--max-headers", type=int, default=MAX_HEADERS, help="header lines; 431 above")
-    add("--max-head", type=int, default=MAX_HEAD, help="bytes of the whole head; 431 above")
-    add("--max-json-body", type=int, default=MAX_JSON_BODY, help="bytes; 413 above")
-    add("--max-file-size", type=int, default=MAX_FILE_SIZE, help="bytes; 413 above")
-    add("--head-timeout", type=float, default=HEAD_TIMEOUT, help="seconds; 408 after")
-    add("--body-timeout", type=float, default=BODY_TIMEOUT, help="seconds; 408 after")
-    add("--idle-timeout", type=float, default=IDLE_TIMEOUT, help="seconds of keep-alive")
-    add("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, help="seconds")
-    add("--max-connections-per-ip", type=int, default=MAX_CONNECTIONS_PER_IP,
-        help="open connections per client address; 503 above")
-    add("--max-wait", type=float, default=MAX_WAIT, help="seconds a long-poll may wait")
-    add("--password-cost", type=int, default=PASSWORD_COST, help="log2 of scrypt's n")
-    add("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help="seconds")
-    add("--fsync", choices=["always", "everysec"], default="everysec",
-        help="fsync the journal before each answer, or once a second")
-    rules = Rules()
-    add("--history", type=int, default=rules.history, help="messages shown on connect and join")
-    add("--message-ttl", type=float, default=rules.message_ttl, help="seconds after delivery")
-    add("--rate-limit", type=int, default=rules.rate_limit, help="messages to general per window")
-    add("--rate-window", type=float, default=rules.rate_window, help="seconds")
-    add("--report-limit", type=int, default=rules.report_limit, help="new reports per window")
-    add("--ban-threshold", type=int, default=rules.ban_threshold, help="reporters that ban")
-    add("--ban-duration", type=float, default=rules.ban_duration, help="seconds")
-    add("--login-failures", type=int, default=rules.login_failures,
-        help="wrong passwords per name per login window before 429")
-    add("--login-window", type=float, default=rules.login_window, help="seconds")
-    add("--max-owned-chats", type=int, default=rules.max_owned_chats,
-        help="chats a user may create; 403 above")
-    args = parser.parse_args(argv)
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        state_dir=args.state_dir,
-        log_level=args.log_level,
-        http=HttpLimits(
-            max_request_line=args.max_request_line,
-            max_header_line=args.max_header_line,
-            max_headers=args.max_headers,
-            max_head=args.max_head,
-        ),
-        max_json_body=args.max_json_body,
-        max_file_size=args.max_file_size,
-        head_timeout=args.head_timeout,
-        body_timeout=args.body_timeout,
-        idle_timeout=args.idle_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-        max_connections_per_ip=args.max_connections_per_ip,
-        rules=Rules(
-            history=args.history,
-            message_ttl=args.message_ttl,
-            rate_limit=args.rate_limit,
-            rate_window=args.rate_window,
-            report_limit=args.report_limit,
-            ban_threshold=args.ban_threshold,
-            ban_duration=args.ban_duration,
-            login_failures=args.login_failures,
-            login_window=args.login_window,
-            max_owned_chats=args.max_owned_chats,
-        ),
-        password_cost=args.password_cost,
-        max_wait=args.max_wait,
-        snapshot_interval=args.snapshot_interval,
-        fsync=args.fsync,
-    )
-    return config, args.log_format
+    _add_flags(parser, ServerConfig)
+    args = vars(parser.parse_args(argv))
+    return _build(ServerConfig, args)
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for option in dataclasses.fields(cls):
+        hint = hints[option.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            _add_flags(parser, hint)  # a group of settings (HttpLimits, Rules)
+            continue
+        options = {"type": hint, "default": option.default, **option.metadata}
+        parser.add_argument("--" + option.name.replace("_", "-"), **options)
+
+
+def _build(cls: type[T], args: dict[str, Any]) -> T:
+    hints = typing.get_type_hints(cls)
+    values = {
+        option.name: _build(hints[option.name], args)
+        if dataclasses.is_dataclass(hints[option.name]) else args[option.name]
+        for option in dataclasses.fields(cls)  # type: ignore[arg-type]
+    }
+    return cls(**values)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -4128,8 +4350,8 @@ def setup_logging(level: str, log_format: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, log_format = parse_args(argv)
-    setup_logging(config.log_level, log_format)
+    config = parse_args(argv)
+    setup_logging(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
     except (OSError, StateLocked) as exc:

@@ -18,6 +18,13 @@ from typing import Any
 import messenger_server as ms
 
 SERVER_SCRIPT = Path(ms.__file__).resolve()
+# Flags that lift the per-user and per-address quotas, for load tests where a few users on
+# one address stand for many.
+UNLIMITED = (
+    "--max-owned-chats", "1000000", "--registrations-per-ip", "1000000",
+    "--flood-limit", "1000000", "--max-undelivered", "1000000", "--max-memberships", "1000000",
+    "--max-scheduled", "1000000", "--upload-quota", str(2**40), "--hash-queue", "64",
+)
 
 
 # A child process ############################################################

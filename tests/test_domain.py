@@ -29,7 +29,7 @@ def make_messenger(clock: FakeClock, **rules: Any) -> tuple[ms.Messenger, list[m
 
 def register(messenger: ms.Messenger, *names: str) -> None:
     for name in names:
-        messenger.register(name, b"hash", b"salt", 4, f"token-{name}")
+        messenger.register(name, b"hash", b"salt", 4, f"token-{name}", f"address-{name}")
 
 
 def post(messenger: ms.Messenger, sender: str, text: str = "hi", **fields: Any) -> ms.Message:
@@ -733,14 +733,15 @@ def test_check_login_allowed_after_too_many_wrong_passwords(clock: FakeClock) ->
     register(messenger, "alice")
     recorded = len(events)
     for _ in range(3):
-        messenger.check_login_allowed("alice")
-        messenger.login_failed("alice")
+        messenger.check_login_allowed("alice", "10.0.0.66")
+        messenger.login_failed("alice", "10.0.0.66")
     with pytest.raises(ms.RateLimited) as refused:
-        messenger.check_login_allowed("alice")
+        messenger.check_login_allowed("alice", "10.0.0.66")
     assert refused.value.retry_after == 60
-    messenger.check_login_allowed("bob")  # counted per name
+    messenger.check_login_allowed("bob", "10.0.0.66")  # counted per name
+    messenger.check_login_allowed("alice", "10.0.0.1")  # and per address: the owner gets in
     clock.advance(60)
-    messenger.check_login_allowed("alice")
+    messenger.check_login_allowed("alice", "10.0.0.66")
     assert len(events) == recorded
 
 
@@ -933,7 +934,7 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
         "alice", "nothing"), ms.NotFound),
     ("read a hidden file", lambda w: w.messenger.readable_file("bob", F), ms.NotFound),
     ("register a taken name", lambda w: w.messenger.register(
-        "bob", b"h", b"s", 4, "t"), ms.Conflict),
+        "bob", b"h", b"s", 4, "t", "10.0.0.1"), ms.Conflict),
 ]
 
 
@@ -1025,6 +1026,7 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     messenger.join("dave", "club", None)
     clock.advance(50)
     messenger.tick()
+    messenger.authenticate("token-bob")  # used again after an hour: a touch
 
 
 def test_replay_rebuilds_the_same_state(clock: FakeClock) -> None:

@@ -45,7 +45,7 @@ from tests.conftest import (
     read_response,
     settle,
 )
-from tests.servers import Spawn
+from tests.servers import UNLIMITED, Spawn
 
 # Every status the contract gives a request; 500 and 503 are missing on purpose.
 CONTRACT_STATUSES = frozenset(
@@ -379,8 +379,8 @@ async def test_crash_kill_9_at_random_moments_keeps_every_acknowledged_write(
     users = [f"u{i}" for i in range(6)]
     kinds = ["roomA", "roomB", "dm", "upload", "chat", "user"]
     for round_ in range(3):
-        server = await spawn(  # writers create chats without end: no cap on them here
-            "--snapshot-interval", str(rng.choice([0.3, 3600])), "--max-owned-chats", "1000000"
+        server = await spawn(  # writers create chats without end: no quotas here
+            "--snapshot-interval", str(rng.choice([0.3, 3600])), *UNLIMITED
         )
         if round_ == 0:
             for user in users:
@@ -432,7 +432,7 @@ async def test_crash_journal_cut_anywhere_in_its_last_record_loads_and_later_wri
     first = opened(make_config(original), clock)
     messenger = first.messenger
     for name in ("alice", "bob"):
-        messenger.register(name, b"hash", b"salt", 4, f"token-{name}")
+        messenger.register(name, b"hash", b"salt", 4, f"token-{name}", "10.0.0.1")
     messenger.send("alice", ms.Draft("before the snapshot"))
     await first.save()
     messenger.send("bob", ms.Draft("after the snapshot"))
@@ -489,7 +489,7 @@ async def test_crash_damaged_newest_snapshot_falls_back_and_logs(
 ) -> None:
     config = make_config(tmp_path)
     first = opened(config, clock)
-    first.messenger.register("alice", b"hash", b"salt", 4, "token-alice")
+    first.messenger.register("alice", b"hash", b"salt", 4, "token-alice", "10.0.0.1")
     first.messenger.send("alice", ms.Draft("one"))
     await first.save()
     first.messenger.send("alice", ms.Draft("two"))
@@ -514,7 +514,7 @@ async def test_crash_during_a_snapshot_leaves_a_temp_file_that_is_ignored_and_re
     """kill -9 while a snapshot is written leaves ``snapshot-N.tmp``: never loaded, removed."""
     config = make_config(tmp_path)
     first = opened(config, clock)
-    first.messenger.register("alice", b"hash", b"salt", 4, "token-alice")
+    first.messenger.register("alice", b"hash", b"salt", 4, "token-alice", "10.0.0.1")
     first.messenger.send("alice", ms.Draft("kept"))
     first.close()
     good = first.messenger.export()

@@ -137,7 +137,7 @@ def victim(tmp_path: Path) -> Path:
 
 
 def user_event(name: str) -> ms.Event:
-    return ("user", name, b"hash", b"salt", 4, "ab" * 32, 1_800_000_000.0)
+    return ("user", name, b"hash", b"salt", 4, "ab" * 32, "10.0.0.1", 1_800_000_000.0)
 
 
 BAD_EVENTS: list[tuple[str, Any]] = [
