@@ -271,6 +271,12 @@ class Forbidden(MessengerError):
     code = "forbidden"
 
 
+class QuotaExceeded(Forbidden):
+    """Over a quota of stored things; the message names the quota and its limit."""
+
+    code = "quota_exceeded"
+
+
 class MethodNotAllowed(MessengerError):
     status = HTTPStatus.METHOD_NOT_ALLOWED
     code = "method_not_allowed"
@@ -979,10 +985,16 @@ class User:
     reporters: set[str] = field(default_factory=set)
     banned_until: float | None = None
     general: Window = field(default_factory=Window)  # messages sent to general
+    flood: Window = field(default_factory=Window)  # messages sent anywhere
     reports_made: Window = field(default_factory=Window)
     client_ids: dict[str, tuple[str, int | str, float]] = field(default_factory=dict)
     private: list[int] = field(default_factory=list, metadata=DERIVED)  # ids to or from it
     owned: int = field(default=0, metadata=DERIVED)  # chats it created
+    # Its live messages by conversation (a chat's name, "@" and a recipient): who may report it.
+    sent: dict[str, int] = field(default_factory=dict, metadata=DERIVED)
+    undelivered: int = field(default=0, metadata=DERIVED)  # its private ones nobody received
+    scheduled: set[str] = field(default_factory=set, metadata=DERIVED)  # its pending ids
+    stored: int = field(default=0, metadata=DERIVED)  # bytes of its files still kept
 
 
 @dataclass(slots=True)
@@ -1133,6 +1145,7 @@ class Messenger:
         self.users: dict[str, User] = {}
         self.sessions: dict[str, Session] = {}
         self.chats: dict[str, Chat] = {GENERAL: Chat(GENERAL, False, None, 0.0)}
+        self._public_names = [GENERAL]  # sorted, for pages of chats
         self.messages: dict[int, Message] = {}
         self.files: dict[str, StoredFile] = {}
         self.scheduled: dict[str, Scheduled] = {}
@@ -1143,6 +1156,7 @@ class Messenger:
         self._links: dict[str, str] = {}  # link token hash -> chat
         self._chat_expiry: deque[int] = deque()  # chat messages, oldest first
         self._private_expiry: deque[int] = deque()  # private messages, first delivered first
+        self._undelivered_expiry: deque[int] = deque()  # private messages, oldest first
         self._file_expiry: deque[str] = deque()  # files, oldest first
         self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
         self._scheduled_count = 0  # orders scheduled messages due at the same time
@@ -1242,18 +1256,24 @@ class Messenger:
         self._check_not_banned(user, now)
         chat, to, reply_to = self._destination(user, draft)
         file_id = self._check_file(user, draft.file)
+        self._check_flood(user, now)
         counted = chat == GENERAL
         if counted:
             self._check_rate(user, now)
         if draft.send_at is not None:
             if not now < draft.send_at <= now + MAX_SCHEDULE_AHEAD:
                 raise InvalidField("send_at must be in the future, at most 7 days ahead")
+            if len(user.scheduled) >= self.rules.max_scheduled:
+                raise QuotaExceeded(
+                    f"at most {self.rules.max_scheduled} scheduled messages may be pending"
+                )
             scheduled_id = secrets.token_hex(12)  # hex: an id never starts with "-"
             self._emit(
                 "schedule", scheduled_id, name, draft.send_at, draft.text, chat, to, reply_to,
                 file_id, draft.client_id, now, counted,
             )
             return SendResult(None, self.scheduled[scheduled_id], True, self._rate(user, chat))
+        self._check_undelivered(user, to)
         message = Message(self.last_id + 1, chat, to, name, draft.text, now, reply_to, file_id)
         self._post(message, client_id=draft.client_id, counted=counted)
         return SendResult(message, None, True, self._rate(user, chat))
@@ -1320,6 +1340,24 @@ class Messenger:
         if user.banned_until is not None and user.banned_until > now:
             raise Banned(user.banned_until)
 
+    def _check_flood(self, user: User, now: float) -> None:
+        """429 past the flood limit: messages anywhere, scheduled ones when accepted."""
+        if user.flood.used(now, self.rules.flood_window) >= self.rules.flood_limit:
+            reset = user.flood.reset_at(now, self.rules.flood_window) or now
+            raise RateLimited(
+                f"at most {self.rules.flood_limit} messages per "
+                f"{self.rules.flood_window:g} seconds: slow down",
+                reset - now,
+            )
+
+    def _check_undelivered(self, user: User, to: str | None) -> None:
+        """403 when a private message would wait beside too many others nobody received."""
+        if to is not None and user.undelivered >= self.rules.max_undelivered:
+            raise QuotaExceeded(
+                f"at most {self.rules.max_undelivered} of your private messages may wait "
+                "for recipients who have not received them"
+            )
+
     def _check_rate(self, user: User, now: float) -> None:
         window = self.rules.rate_window
         if user.general.used(now, window) >= self.rules.rate_limit:
@@ -1338,6 +1376,16 @@ class Messenger:
         used = user.general.used(now, self.rules.rate_window)
         reset = user.general.reset_at(now, self.rules.rate_window)
         return RateInfo(self.rules.rate_limit, max(0, self.rules.rate_limit - used), reset)
+
+    def quotas_left(self, name: str) -> dict[str, int]:
+        """What the user may still send now, schedule, and upload."""
+        user = self.users[name]
+        rules = self.rules
+        return {
+            "flood_left": rules.flood_limit - user.flood.used(self.clock(), rules.flood_window),
+            "scheduled_left": rules.max_scheduled - len(user.scheduled),
+            "upload_left": max(0, rules.upload_quota - user.stored),
+        }
 
     def rate_status(self, name: str) -> RateInfo:
         rate = self._rate(self.users[name], GENERAL)
@@ -1470,9 +1518,15 @@ class Messenger:
             raise Forbidden(f"only the owner of {chat_name} may do that")
         return chat
 
-    def visible_chats(self, name: str) -> list[Chat]:
-        """Public chats and the private ones the user belongs to."""
-        return [c for c in self.chats.values() if not c.private or name in c.members]
+    def visible_chats(self, name: str, after: str = "", limit: int = MAX_LIMIT) -> list[Chat]:
+        """Public chats and the private ones the user belongs to, by name after ``after``:
+        at most ``limit``. The cost is the page and the user's chats, not all chats."""
+        user = self.users[name]
+        public = self._public_names
+        public_after = itertools.islice(public, bisect.bisect_right(public, after), None)
+        own_private = sorted(c for c in user.chats if self.chats[c].private and c > after)
+        names = itertools.islice(heapq.merge(public_after, own_private), limit)
+        return [self.chats[chat_name] for chat_name in names]
 
     def join(self, name: str, chat_name: str, private: bool | None) -> tuple[Chat, bool]:
         """Join a chat (creating it, owned by the user) and make it the active one."""
@@ -1488,9 +1542,17 @@ class Messenger:
             if name in chat.members and user.active_chat == chat_name:
                 return chat, False
         elif user.owned >= self.rules.max_owned_chats:
-            raise Forbidden(f"you created {user.owned} chats already: the most there may be")
+            raise QuotaExceeded(f"you may create at most {self.rules.max_owned_chats} chats")
+        if chat is None or name not in chat.members:
+            self._check_memberships(user)
         self._emit("join", chat_name, name, bool(private), self.clock())
         return self.chats[chat_name], chat is None
+
+    def _check_memberships(self, user: User) -> None:
+        if len(user.chats) >= self.rules.max_memberships:
+            raise QuotaExceeded(
+                f"{user.name} may be a member of at most {self.rules.max_memberships} chats"
+            )
 
     def leave(self, name: str, chat_name: str) -> Chat:
         if chat_name == GENERAL:
@@ -1533,6 +1595,8 @@ class Messenger:
         chat = self._owned_chat(owner, chat_name)
         if guest not in chat.requests:
             raise NotFound(f"{guest} has no pending request to join {chat_name}")
+        if approve:
+            self._check_memberships(self.users[guest])
         self._emit("decide", chat_name, guest, approve, self.clock())
         return chat
 
@@ -1545,6 +1609,8 @@ class Messenger:
         user = self.users.get(target)
         if user is None:
             raise UnknownUser(target)
+        if not self._has_seen_from(reporter, user):
+            raise Forbidden(f"you can report {target} only for a message of theirs you can see")
         now = self.clock()
         already_counted = reporter in user.reporters and not _ban_ended(user, now)
         if not already_counted:
@@ -1559,6 +1625,13 @@ class Messenger:
                                target, user.banned_until, len(user.reporters))
         return self.standing(target)
 
+    def _has_seen_from(self, name: str, target: User) -> bool:
+        """Whether a stored message from ``target`` is one ``name`` can see: in a shared
+        chat or sent to it (the cost is the reporter's chats, not the target's)."""
+        if target.sent.get(f"@{name}"):
+            return True
+        return any(target.sent.get(chat) for chat in self.users[name].chats)
+
     def standing(self, name: str) -> Standing:
         """A user's reports and ban as of now: when a ban has ended, the count restarts."""
         user = self.users[name]
@@ -1568,9 +1641,19 @@ class Messenger:
 
     # Files ------------------------------------------------------------------
 
+    def check_upload(self, owner: str, size: int) -> None:
+        """403 when ``size`` more bytes would take the user past its upload quota."""
+        stored = self.users[owner].stored
+        if stored + size > self.rules.upload_quota:
+            raise QuotaExceeded(
+                f"your stored files may total at most {self.rules.upload_quota} bytes "
+                f"({stored} used)"
+            )
+
     def add_file(
         self, owner: str, file_id: str, name: str, size: int, media_type: str, sha256: str
     ) -> StoredFile:
+        self.check_upload(owner, size)
         self._emit("file", file_id, owner, name, size, media_type, sha256, self.clock())
         return self.files[file_id]
 
@@ -1588,9 +1671,9 @@ class Messenger:
     # Scheduled messages -----------------------------------------------------
 
     def scheduled_of(self, name: str) -> list[Scheduled]:
-        return sorted(
-            (s for s in self.scheduled.values() if s.sender == name), key=lambda s: s.send_at
-        )
+        """The user's pending scheduled messages (at most ``max_scheduled``), soonest first."""
+        pending = (self.scheduled[i] for i in self.users[name].scheduled)
+        return sorted(pending, key=lambda s: (s.send_at, s.id))
 
     def cancel(self, name: str, scheduled_id: str) -> None:
         scheduled = self.scheduled.get(scheduled_id)
@@ -1610,6 +1693,9 @@ class Messenger:
             candidates.append(self.messages[self._chat_expiry[0]].ts + ttl)
         if self._private_expiry:
             candidates.append(self._delivered[self._private_expiry[0]] + ttl)
+        oldest = self._oldest_undelivered()
+        if oldest is not None:
+            candidates.append(self.messages[oldest].ts + self.rules.undelivered_ttl)
         oldest_file = self._oldest_file()
         if oldest_file is not None:
             candidates.append(oldest_file.ts + ttl)
@@ -1622,6 +1708,13 @@ class Messenger:
             if session.used + self.rules.session_ttl > now:
                 break
             self._emit("revoke", session.token_hash, session.user)
+
+    def _oldest_undelivered(self) -> int | None:
+        """The oldest private message nobody received (delivered or gone ones are skipped)."""
+        expiry = self._undelivered_expiry
+        while expiry and (expiry[0] not in self.messages or expiry[0] in self._delivered):
+            expiry.popleft()
+        return expiry[0] if expiry else None
 
     def _oldest_file(self) -> StoredFile | None:
         """The oldest file still kept (files gone with their last message are skipped)."""
@@ -1645,6 +1738,7 @@ class Messenger:
         user = self.users[scheduled.sender]
         try:
             self._check_not_banned(user, now)
+            self._check_undelivered(user, scheduled.to)
             if scheduled.chat is not None:
                 self._member_chat(user, scheduled.chat)
             if scheduled.reply_to is not None:
@@ -1668,6 +1762,10 @@ class Messenger:
             expired.append(self._chat_expiry.popleft())
         while self._private_expiry and self._delivered[self._private_expiry[0]] + ttl <= now:
             expired.append(self._private_expiry.popleft())
+        while (oldest := self._oldest_undelivered()) is not None:
+            if self.messages[oldest].ts + self.rules.undelivered_ttl > now:
+                break
+            expired.append(self._undelivered_expiry.popleft())
         if expired:
             self._remove_messages(expired, now)
         while (oldest_file := self._oldest_file()) is not None and oldest_file.ts + ttl <= now:
@@ -1680,10 +1778,16 @@ class Messenger:
         for message_id in ids:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
+            sender = self.users[message.sender]
+            conversation = _conversation(message)
+            sender.sent[conversation] -= 1
+            if not sender.sent[conversation]:
+                del sender.sent[conversation]
             if message.chat is not None:  # expiring chat messages are a prefix of their chat
                 by_chat[message.chat] = by_chat.get(message.chat, 0) + 1
             else:
-                del self._delivered[message_id]
+                if self._delivered.pop(message_id, None) is None:
+                    sender.undelivered -= 1
                 for name in {message.sender, message.to}:
                     if name is not None:
                         by_user.setdefault(name, []).append(message_id)
@@ -1701,7 +1805,7 @@ class Messenger:
         """A file goes when no live message carries it and it is older than the TTL."""
         unused = not stored.messages and not stored.scheduled
         if unused and stored.ts + self.rules.message_ttl <= now and stored.id in self.files:
-            del self.files[stored.id]
+            self._remove_file(stored)
             self.changes += 1
             self.on_file_gone(stored.id)
 
@@ -1746,6 +1850,8 @@ class Messenger:
         user = self.users[sender]
         if counted:
             user.general.add(ts, self.rules.rate_window)
+        if scheduled_id is None:  # a scheduled one counted when it was accepted
+            user.flood.add(ts, self.rules.flood_window)
         if client_id is not None:
             self._remember_client_id(user, client_id, "message", message_id, ts)
         if scheduled_id is not None:
@@ -1755,6 +1861,9 @@ class Messenger:
     def _add_message(self, message: Message) -> None:
         self.messages[message.id] = message
         self.last_id = max(self.last_id, message.id)
+        sender = self.users[message.sender]
+        conversation = _conversation(message)
+        sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
         if message.chat is not None:
             self.chats[message.chat].messages.append(message.id)
             self._chat_expiry.append(message.id)
@@ -1762,6 +1871,8 @@ class Messenger:
             for name in {message.sender, message.to}:
                 if name is not None:
                     self.users[name].private.append(message.id)
+            sender.undelivered += 1  # until ``_deliver``
+            self._undelivered_expiry.append(message.id)
         if message.reply_to is not None:
             self._replies.setdefault(message.reply_to, []).append(message.id)
         if message.file is not None:
@@ -1776,6 +1887,7 @@ class Messenger:
             if message_id in self.messages and message_id not in self._delivered:
                 self._delivered[message_id] = ts
                 self._private_expiry.append(message_id)
+                self.users[self.messages[message_id].sender].undelivered -= 1
 
     def _apply_read(self, name: str, position: int) -> None:
         user = self.users[name]
@@ -1786,6 +1898,8 @@ class Messenger:
         if chat is None:
             chat = self.chats[chat_name] = Chat(chat_name, private, name, ts)
             self.users[name].owned += 1
+            if not private:
+                bisect.insort(self._public_names, chat_name)
         self._add_member(chat, name)
         self.users[name].active_chat = chat_name
 
@@ -1838,10 +1952,16 @@ class Messenger:
         self, new_file: str, owner: str, file_name: str, size: int, media_type: str,
         sha256: str, ts: float,
     ) -> None:
-        self.files[new_file] = StoredFile(
-            new_file, owner, file_name, size, media_type, sha256, ts
-        )
-        self._file_expiry.append(new_file)
+        self._add_file(StoredFile(new_file, owner, file_name, size, media_type, sha256, ts))
+
+    def _add_file(self, stored: StoredFile) -> None:
+        self.files[stored.id] = stored
+        self.users[stored.owner].stored += stored.size
+        self._file_expiry.append(stored.id)
+
+    def _remove_file(self, stored: StoredFile) -> None:
+        del self.files[stored.id]
+        self.users[stored.owner].stored -= stored.size
 
     def _apply_schedule(
         self, new_scheduled: str, sender: str, send_at: float, text: str, chat: str | None,
@@ -1855,6 +1975,7 @@ class Messenger:
         user = self.users[sender]
         if counted:
             user.general.add(ts, self.rules.rate_window)
+        user.flood.add(ts, self.rules.flood_window)
         if client_id is not None:
             self._remember_client_id(user, client_id, "scheduled", new_scheduled, ts)
 
@@ -1875,6 +1996,7 @@ class Messenger:
 
     def _add_scheduled(self, scheduled: Scheduled) -> None:
         self.scheduled[scheduled.id] = scheduled
+        self.users[scheduled.sender].scheduled.add(scheduled.id)
         self._scheduled_count += 1
         heapq.heappush(self._due, (scheduled.send_at, self._scheduled_count, scheduled.id))
         if scheduled.file is not None:
@@ -1888,6 +2010,8 @@ class Messenger:
 
     def _remove_scheduled(self, scheduled_id: str, now: float) -> None:
         scheduled = self.scheduled.pop(scheduled_id, None)
+        if scheduled is not None:
+            self.users[scheduled.sender].scheduled.discard(scheduled_id)
         if scheduled is not None and scheduled.file is not None:
             stored = self.files[scheduled.file]
             stored.scheduled -= 1
@@ -1923,6 +2047,7 @@ class Messenger:
         self.last_id = state["last_id"]
         for chat in load_records(state, "chats", Chat, self._restorable_chat):
             self.chats[chat.name] = chat
+        self._public_names = sorted(c.name for c in self.chats.values() if not c.private)
         for user in load_records(state, "users", User, self._restorable_user):
             self.users[user.name] = user
             for chat_name in user.chats:
@@ -1937,8 +2062,7 @@ class Messenger:
         for session in load_records(state, "sessions", Session, self._restorable_session):
             self._add_session(session)
         for stored in load_records(state, "files", StoredFile, self._restorable_file):
-            self.files[stored.id] = stored
-            self._file_expiry.append(stored.id)
+            self._add_file(stored)
         for message in load_rows(rows, Message, self._restorable_message):
             self._add_message(message)
         for message_id, ts in sorted(load_delivered(state), key=lambda item: item[1]):
@@ -2004,7 +2128,13 @@ class Messenger:
 
     def forget_file(self, file_id: str) -> None:
         """Drop a file whose bytes are gone from the state folder (found at start)."""
-        self.files.pop(file_id, None)
+        if file_id in self.files:
+            self._remove_file(self.files[file_id])
+
+
+def _conversation(message: Message) -> str:
+    """Where a message is: its chat's name, or "@" and its recipient's."""
+    return message.chat if message.chat is not None else f"@{message.to}"
 
 
 def _ban_ended(user: User, now: float) -> bool:
@@ -2024,11 +2154,14 @@ def _remove_ids(ids: list[int], gone: list[int]) -> None:
 # Persistence ################################################################
 
 SNAPSHOT_MAGIC: Final = b"MSGRSNAP"
-SNAPSHOT_FORMAT: Final = 1
+SNAPSHOT_FORMAT: Final = 2
 SNAPSHOT_HEADER: Final = struct.Struct(">8sIQ32s")  # magic, format, payload bytes, sha256
 RECORD_HEADER: Final = struct.Struct(">II")  # journal record: payload bytes, crc32
 FRAME_HEADER: Final = struct.Struct(">Q")  # snapshot frame: pickle bytes
-SNAPSHOT_CHUNK: Final = 5_000  # messages pickled per step; bounds the event-loop stall
+# Bytes of records (texts, and an allowance for the rest) pickled per step of a snapshot:
+# this bounds how long the event loop waits for a snapshot, whatever holds the memory.
+SNAPSHOT_FRAME_BYTES: Final = 1 << 20
+RECORD_ALLOWANCE: Final = 200  # bytes of a record besides its text
 KEEP_SNAPSHOTS: Final = 2  # the newest and one to fall back on
 LOCK_FILE: Final = "lock"  # in the state folder: held (flock) by the server using it
 NO_FOLLOW: Final = os.O_NOFOLLOW | os.O_CLOEXEC  # no file of the state is opened via a symlink
@@ -2590,17 +2723,24 @@ class StateStore:
         self._remove_unknown_files(messenger)
         return max([*snapshots, *journals, 0]) + 1
 
-    async def save_upload(self, chunks: AsyncIterator[bytes]) -> tuple[str, str]:
+    def free_bytes(self) -> int:
+        """Bytes free for us on the state folder's disk."""
+        stats = os.statvfs(self.folder)
+        return stats.f_bavail * stats.f_frsize
+
+    async def save_upload(self, chunks: AsyncIterator[bytes]) -> tuple[str, str, int]:
         """Store an upload under a new server-made name, on disk before this returns (it is
-        journaled next, whatever ``--fsync`` says); its id and its sha256. An upload cut
-        short leaves nothing behind."""
+        journaled next, whatever ``--fsync`` says); its id, its sha256 and its size. An
+        upload cut short leaves nothing behind."""
         file_id = secrets.token_hex(16)
         temporary = self.files / f".upload-{file_id}"
         digest = hashlib.sha256()
+        size = 0
         try:
             with create_private(temporary) as out:
                 async for chunk in chunks:
                     digest.update(chunk)
+                    size += len(chunk)
                     out.write(chunk)
                 out.flush()
                 await asyncio.to_thread(os.fsync, out.fileno())
@@ -2608,7 +2748,7 @@ class StateStore:
             await asyncio.to_thread(_fsync_folder, self.files)
         finally:
             temporary.unlink(missing_ok=True)
-        return file_id, digest.hexdigest()
+        return file_id, digest.hexdigest(), size
 
     def open_file(self, file_id: str) -> BinaryIO:
         """A stored file, for reading; a symlink in its place is refused, never followed."""
@@ -2641,22 +2781,23 @@ class StateStore:
     async def write_snapshot(
         self, number: int, state: dict[str, Any], messages: list[Message]
     ) -> int:
-        """Write snapshot ``number`` atomically, in steps that let the loop run; its size."""
-        frames = math.ceil(len(messages) / SNAPSHOT_CHUNK)
+        """Write snapshot ``number`` atomically, in steps that let the loop run; its size.
+
+        The first frame holds the state's scalars; each list of records (users, files,
+        scheduled messages... and the messages, last) follows in frames of about
+        SNAPSHOT_FRAME_BYTES, as ``(kind, records)``."""
         path = self.snapshot_path(number)
         temporary = path.with_suffix(".tmp")
         temporary.unlink(missing_ok=True)
         digest = hashlib.sha256()
         length = 0
+        bulk = [(kind, rows) for kind, rows in state.items() if isinstance(rows, list)]
+        head = {kind: [] if isinstance(value, list) else value for kind, value in state.items()}
+        bulk.append(("messages", messages))
         try:
             with create_private(temporary) as out:
                 out.write(bytes(SNAPSHOT_HEADER.size))
-                for index in range(-1, frames):
-                    if index < 0:
-                        frame: object = {**state, "message_frames": frames}
-                    else:
-                        chunk = messages[index * SNAPSHOT_CHUNK : (index + 1) * SNAPSHOT_CHUNK]
-                        frame = [tuple(message) for message in chunk]
+                for frame in itertools.chain([head], _frames(bulk)):
                     data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
                     data = FRAME_HEADER.pack(len(data)) + data
                     digest.update(data)
@@ -2707,9 +2848,43 @@ def read_snapshot(path: Path) -> tuple[dict[str, Any], Iterator[Any]]:
     state = _unpickle(next(frames))
     if type(state) is not dict:
         raise DamagedState("its first frame is not the state")
-    state.pop("message_frames", None)
-    rows = itertools.chain.from_iterable(map(_unpickle, frames))
-    return state, rows
+    for frame in frames:
+        kind, rows = _records(frame)
+        if kind == "messages":  # the last kind: decoded as restore goes
+            rest = (_records(frame, "messages")[1] for frame in frames)
+            return state, itertools.chain(rows, itertools.chain.from_iterable(rest))
+        state.setdefault(kind, []).extend(rows)
+    return state, iter([])
+
+
+def _frames(bulk: list[tuple[str, list[Any]]]) -> Iterator[tuple[str, list[Any]]]:
+    """Each kind's records in groups of about SNAPSHOT_FRAME_BYTES, as (kind, group);
+    messages as tuples."""
+    for kind, records in bulk:
+        group: list[Any] = []
+        size = 0
+        for record in records:
+            if isinstance(record, Message):
+                group.append(tuple(record))
+                size += RECORD_ALLOWANCE + len(record.text)
+            else:
+                group.append(record)
+                text = record.get("text", "") if isinstance(record, dict) else ""
+                size += RECORD_ALLOWANCE + len(text)
+            if size >= SNAPSHOT_FRAME_BYTES:
+                yield kind, group
+                group, size = [], 0
+        if group:
+            yield kind, group
+
+
+def _records(frame: memoryview, kind: str | None = None) -> tuple[str, list[Any]]:
+    """A frame of records: (its kind, the records); the kind must be ``kind`` if given."""
+    found = _unpickle(frame)
+    if not (type(found) is tuple and len(found) == 2 and type(found[0]) is str
+            and type(found[1]) is list and kind in (None, found[0])):
+        raise DamagedState("a frame that is no list of records")
+    return found[0], found[1]
 
 
 def _split_frames(payload: memoryview) -> Iterator[memoryview]:
@@ -2733,6 +2908,8 @@ MAX_PASSWORD: Final = 1024  # characters
 MAX_REASON: Final = 1024  # characters in a report's reason
 MAX_FILE_NAME: Final = 255  # characters
 DEFAULT_POLL_LIMIT: Final = 100  # messages per answer of GET /messages without limit
+DEFAULT_CHAT_PAGE: Final = 100  # chats per answer of GET /chat without limit
+STATUS_CHATS: Final = 100  # chats in /status, those with unread messages first
 MAX_TIMER_SLEEP: Final = 1.0  # seconds the timer task sleeps at most between looks
 ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # file, scheduled message and link ids
 _DECIMAL_RE: Final = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,18})?")  # a number in a query
@@ -2983,7 +3160,7 @@ class MessengerApp:
             logger.info("%s %r -> %d %r", request.method, request.path, exc.status, exc.message)
             return Response.error(exc)
         except Exception:
-            logger.exception("unhandled error in %s %s", request.method, request.path)
+            logger.exception("unhandled error in %s %r", request.method, request.path)
             return Response.error(InternalError("internal server error"))
 
     def _route(self, request: Request) -> tuple[Route, tuple[str, ...]]:
@@ -3142,7 +3319,7 @@ class MessengerApp:
         self.messenger.check_login_allowed(name, address)  # parallel guesses count too
         if not hmac.compare_digest(digest, known.password):
             self.messenger.login_failed(name, address)
-            logger.warning("wrong password for %r from %s", name, address)
+            logger.warning("wrong password for %r from %r", name, address)
             raise Unauthorized("wrong password")
         return self.messenger.open_session(name, token)
 
@@ -3257,10 +3434,14 @@ class MessengerApp:
         return await self._durable(Response(HTTPStatus.NO_CONTENT))
 
     async def chats(self, call: Call) -> Response:
-        unread = self.messenger.unread(call.user).chats  # one pass for every chat
-        visible = self.messenger.visible_chats(call.user)
-        chats = [self._chat(c, call.user, unread.get(c.name, 0)) for c in visible]
-        return Response.json({"chats": chats})
+        """A page of the chats the caller can see, by name."""
+        query = self._query(call)
+        after = query.optional_string("after", pattern=CHAT_NAME_RE) or ""
+        limit = min(query.optional_int("limit", minimum=1) or DEFAULT_CHAT_PAGE, MAX_LIMIT)
+        page = self.messenger.visible_chats(call.user, after, limit + 1)
+        chats = [self._chat(chat, call.user) for chat in page[:limit]]
+        last = page[limit - 1].name if len(page) > limit else None
+        return Response.json({"chats": chats, "next": last})
 
     async def join(self, call: Call) -> Response:
         body = await self._json(call)
@@ -3320,8 +3501,10 @@ class MessengerApp:
         standing = messenger.standing(call.user)
         unread = messenger.unread(call.user)
         rate = messenger.rate_status(call.user)
+        unread_first = sorted(user.chats, key=lambda name: (unread.chats[name] == 0, name))
         chats = [
-            self._chat(messenger.chats[name], call.user, unread.chats[name]) for name in user.chats
+            self._chat(messenger.chats[name], call.user, unread.chats[name])
+            for name in unread_first[:STATUS_CHATS]
         ]
         return Response.json(
             {
@@ -3340,6 +3523,7 @@ class MessengerApp:
                     "reports": standing.reports,
                     "banned_until": standing.banned_until,
                 },
+                "quotas": messenger.quotas_left(call.user),
                 "server": {
                     "version": VERSION,
                     "uptime": messenger.clock() - self.started,
@@ -3362,27 +3546,33 @@ class MessengerApp:
     async def upload(self, call: Call) -> Response:
         """Store the raw body as a file of the caller's, under a name the server makes."""
         request = call.request
-        if request.content_length is None:
-            raise LengthRequired("a file upload needs Content-Length")
-        if request.content_length > self.config.max_file_size:
-            raise PayloadTooLarge(f"files are limited to {self.config.max_file_size} bytes")
+        limit = self.config.max_file_size
+        if request.content_length is None and not request.chunked:
+            raise LengthRequired("a file upload needs Content-Length or a chunked body")
+        if (request.content_length or 0) > limit:
+            raise PayloadTooLarge(f"files are limited to {limit} bytes")
         name = self._query(call).string("name", max_length=MAX_FILE_NAME)
         if not name.isprintable():
             raise InvalidField("name must not hold control characters")
         media_type = request.headers.get("content-type", "application/octet-stream")
         if not _MEDIA_TYPE_RE.fullmatch(media_type):
             raise InvalidField("Content-Type must be a media type such as image/png")
-        body = call.channel.stream(request, self.config.max_file_size)
+        self.messenger.check_upload(call.user, request.content_length or 0)
+        expected = limit if request.content_length is None else request.content_length
+        if self.store.free_bytes() - expected < self.config.min_free_disk:
+            logger.warning("upload of %r refused: the state folder's disk is nearly full",
+                           call.user)
+            raise Unavailable("the server's disk is nearly full: no uploads for now", 60)
         try:
-            file_id, sha256 = await self.store.save_upload(body)
+            file_id, sha256, size = await self.store.save_upload(
+                call.channel.stream(request, limit)
+            )
         except OSError as exc:
             logger.error("could not store an upload: %s", exc)
             raise Unavailable("the file cannot be stored now") from exc
         try:
-            stored = self.messenger.add_file(
-                call.user, file_id, name, request.content_length, media_type, sha256
-            )
-        except Unavailable:
+            stored = self.messenger.add_file(call.user, file_id, name, size, media_type, sha256)
+        except MessengerError:  # over the quota once a chunked body is counted; a full journal
             self.store.remove_file(file_id)
             raise
         answer = Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
@@ -3456,11 +3646,13 @@ def _operation(
     return operation
 
 
-def _parameter(name: str, where: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+def _parameter(
+    name: str, where: str, schema: dict[str, Any], description: str, *, required: bool = False
+) -> dict[str, Any]:
     return {
         "name": name,
         "in": where,
-        "required": where == "path",
+        "required": required or where == "path",
         "schema": schema,
         "description": description,
     }
@@ -3493,7 +3685,7 @@ def build_openapi() -> dict[str, Any]:
             file=_nullable(_ref("FileRef")), **{"from": user_name},
         ),
         "Chat": _object(
-            "name private owner members unread", name=chat_name, private=boolean,
+            "name private owner members unread requests", name=chat_name, private=boolean,
             owner=_nullable(user_name), members=integer, unread=integer,
             requests={"type": "integer", "description": "pending join requests (owner only)"},
         ),
@@ -3503,7 +3695,7 @@ def build_openapi() -> dict[str, Any]:
             file=_nullable(string),
         ),
         "Status": _object(
-            "user chat sessions chats unread limits server", user=user_name, chat=chat_name,
+            "user chat sessions chats unread limits quotas server", user=user_name, chat=chat_name,
             sessions=integer, chats={"type": "array", "items": _ref("Chat")},
             unread=_object(
                 "total chats private", total=integer,
@@ -3515,6 +3707,10 @@ def build_openapi() -> dict[str, Any]:
                 general_reset=_nullable(number), reports=integer,
                 banned_until=_nullable(number),
             ),
+            quotas=_object(
+                "flood_left scheduled_left upload_left", flood_left=integer,
+                scheduled_left=integer, upload_left=integer,
+            ),
             server=_object(
                 "version uptime users online", version=string, uptime=number,
                 users=integer, online=integer,
@@ -3524,12 +3720,12 @@ def build_openapi() -> dict[str, Any]:
     error_descriptions = {
         400: "Malformed HTTP, bad JSON, or a missing or invalid field",
         401: "No, unknown or revoked token, or a wrong password",
-        403: "Not the owner, not a member, or banned",
+        403: "Not the owner, not a member, banned, or over a quota",
         404: "Unknown route or resource, or one the caller may not see",
         405: "Known path, wrong method (with Allow)",
         408: "Head or body too slow",
         409: "Chat name taken with the other privacy",
-        411: "File upload without Content-Length",
+        411: "File upload with neither Content-Length nor chunked",
         413: "Body over its limit",
         414: "Request line too long",
         429: "Over a limit (with Retry-After)",
@@ -3613,8 +3809,18 @@ def build_openapi() -> dict[str, Any]:
             parameters=[_parameter("id", "path", string, "scheduled message id")],
         )},
         "/chat": {
-            "get": _operation("Public chats and the caller's private ones", {200: (
-                "Chats", _object("chats", chats={"type": "array", "items": _ref("Chat")}))}),
+            "get": _operation(
+                "Public chats and the caller's private ones, by name, a page at a time",
+                {200: ("Chats", _object(
+                    "chats next", chats={"type": "array", "items": _ref("Chat")},
+                    next=_nullable(chat_name),
+                ))},
+                errors=[400],
+                parameters=[
+                    _parameter("after", "query", chat_name, "only chats named after this"),
+                    _parameter("limit", "query", positive, "at most this many (1-1000)"),
+                ],
+            ),
             "post": _operation(
                 "Join a chat (creating it) and make it active",
                 {200: ("Joined", _object("chat history", chat=_ref("Chat"), history=messages)),
@@ -3652,14 +3858,16 @@ def build_openapi() -> dict[str, Any]:
             "Report an abuser",
             {200: ("Reported", _object("user reports banned_until", user=user_name,
                                        reports=integer, banned_until=_nullable(number)))},
-            errors=[400, 404, 429],
+            errors=[400, 403, 404, 429],
             body=_object("user", user=user_name, reason=_nullable({"type": "string"})))},
         "/files": {"post": {
             **_operation(
                 "Upload a file: the raw bytes with their Content-Type",
                 {201: ("Stored", _object("file", file=_ref("File")))},
-                errors=[400, 411, 413],
-                parameters=[_parameter("name", "query", string, "the file's name")],
+                errors=[400, 403, 411, 413],
+                parameters=[
+                    _parameter("name", "query", string, "the file's name", required=True)
+                ],
             ),
             "requestBody": {"required": True, "content": {"*/*": {"schema": {
                 "type": "string", "format": "binary"}}}},

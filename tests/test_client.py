@@ -540,6 +540,7 @@ def test_status_shows_user_unread_and_server(cli: Cli) -> None:
 def test_report_counts_and_bans(cli: Cli) -> None:
     for name in ("alice", "bob", "carol", "dave"):
         cli.login(name)
+    cli("send", "buy cheap watches", user="dave")  # reports need a message to point at
     assert cli("report", "dave", "--reason", "spam", user="alice").stdout == (
         "Reported dave (1 report).\n"
     )

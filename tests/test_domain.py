@@ -57,8 +57,9 @@ def poll_ids(
 
 @pytest.fixture
 def messenger(clock: FakeClock) -> ms.Messenger:
-    """Alice, Bob and Carol; Alice owns the public chat ``club``, where Bob is too."""
-    messenger, _ = make_messenger(clock)
+    """Alice, Bob and Carol; Alice owns the public chat ``club``, where Bob is too. No
+    flood limit in the way of tests that send a lot (it has tests of its own)."""
+    messenger, _ = make_messenger(clock, flood_limit=1_000_000)
     register(messenger, "alice", "bob", "carol")
     messenger.join("alice", "club", False)
     messenger.join("bob", "club", None)
@@ -367,6 +368,7 @@ def test_cancel_gives_nothing_back(messenger: ms.Messenger, clock: FakeClock) ->
 def test_report_bans_at_the_threshold_for_the_duration(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, ban_threshold=3, ban_duration=100.0)
     register(messenger, "x", "a", "b", "c")
+    post(messenger, "x", "spam", chat="general")  # a message to report
     messenger.report("a", "x", "spam")
     messenger.report("b", "x", "spam")
     post(messenger, "x", "still allowed")
@@ -383,6 +385,7 @@ def test_report_bans_at_the_threshold_for_the_duration(clock: FakeClock) -> None
 def test_report_each_reporter_counts_once(clock: FakeClock) -> None:
     messenger, events = make_messenger(clock, ban_threshold=2)
     register(messenger, "x", "a")
+    post(messenger, "x", "spam", chat="general")  # a message to report
     messenger.report("a", "x", "spam")
     recorded = len(events)
     standing = messenger.report("a", "x", "spam again")
@@ -392,6 +395,7 @@ def test_report_each_reporter_counts_once(clock: FakeClock) -> None:
 def test_report_count_restarts_when_the_ban_ends(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, ban_threshold=2, ban_duration=100.0)
     register(messenger, "x", "a", "b")
+    post(messenger, "x", "spam", chat="general")  # a message to report
     messenger.report("a", "x", "")
     messenger.report("b", "x", "")
     clock.advance(100)
@@ -410,6 +414,7 @@ def test_send_banned_user_sends_nothing(clock: FakeClock, fields: dict[str, Any]
     messenger, events = make_messenger(clock, ban_threshold=2)
     register(messenger, "x", "a", "b")
     post(messenger, "a", "parent")
+    post(messenger, "x", "spam", chat="general")  # a message to report
     messenger.report("a", "x", "")
     messenger.report("b", "x", "")
     recorded = len(events)
@@ -423,6 +428,8 @@ def test_report_rate_limit(clock: FakeClock) -> None:
         clock, report_limit=2, rate_window=100.0, ban_threshold=10
     )
     register(messenger, "r", "x1", "x2", "x3")
+    for target in ("x1", "x2", "x3"):
+        post(messenger, target, "spam", chat="general")  # a message to report
     messenger.report("r", "x1", "")
     clock.advance(10)
     messenger.report("r", "x2", "")
@@ -478,13 +485,14 @@ def test_tick_drops_a_scheduled_message_whose_sender_may_no_longer_send(
     messenger.join("x", "club", None)
     later = schedule(messenger, "x", "later", chat="club", send_at=clock.now + 60)
     if why == "banned":
+        post(messenger, "x", "spam", chat="general")  # a message to report
         messenger.report("a", "x", "")
         messenger.report("b", "x", "")
     else:
         messenger.leave("x", "club")
     clock.advance(60)
     messenger.tick()
-    assert messenger.messages == {} and messenger.scheduled_of("x") == []
+    assert messenger.chats["club"].messages == [] and messenger.scheduled_of("x") == []
     assert events[-1] == ("cancel", later.id, "x", clock.now)
     assert f"dropped scheduled message {later.id}" in caplog.text
 
@@ -829,8 +837,8 @@ def test_request_join_then_decide(messenger: ms.Messenger, approve: bool) -> Non
 
 def test_visible_chats_hide_private_ones_from_non_members(messenger: ms.Messenger) -> None:
     messenger.join("alice", "den", True)
-    assert [c.name for c in messenger.visible_chats("alice")] == ["general", "club", "den"]
-    assert [c.name for c in messenger.visible_chats("carol")] == ["general", "club"]
+    assert [c.name for c in messenger.visible_chats("alice")] == ["club", "den", "general"]
+    assert [c.name for c in messenger.visible_chats("carol")] == ["club", "general"]
 
 
 # Events: a refused request records nothing; replay rebuilds the state ######
@@ -860,10 +868,12 @@ def world(clock: FakeClock) -> World:
     private = post(messenger, "bob", "p", to="alice").id
     add_file(messenger, "alice")
     scheduled = schedule(messenger, "alice", "later", chat="secret", send_at=clock.now + 60).id
+    post(messenger, "dave", "spam", chat="general")  # a message to report
     messenger.report("alice", "dave", "")
     messenger.report("bob", "dave", "")
     post(messenger, "eve", "1")
     post(messenger, "eve", "2")
+    post(messenger, "carol", "c")
     messenger.invite("alice", "secret", "eve")
     messenger.request_join("bob", link)
     return World(messenger, events, clock, general, private, secret, scheduled, link)
@@ -1013,6 +1023,7 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     schedule(messenger, "carol", "dropped", chat="secret", send_at=clock.now + 120)
     messenger.cancel("bob", cancelled.id)
     messenger.leave("carol", "secret")
+    post(messenger, "x", "spam", chat="general")
     for reporter in ("alice", "bob", "carol"):
         messenger.report(reporter, "x", "spam")
     clock.advance(200)
@@ -1057,6 +1068,7 @@ def test_export_restore_gives_the_same_export(clock: FakeClock) -> None:
 
 def _ban_then_send_after_it_ends(messenger: ms.Messenger, clock: FakeClock) -> None:
     register(messenger, "x", "a", "b", "c")
+    post(messenger, "x", "spam", chat="general")
     for reporter in ("a", "b", "c"):
         messenger.report(reporter, "x", "")
     clock.advance(messenger.rules.ban_duration)

@@ -140,7 +140,8 @@ async def make_link(owner: Api, chat: str = "vault") -> str:
 
 
 async def ban(target: Api, *reporters: Api) -> float:
-    """Have each reporter report ``target``; return the ban's end."""
+    """Have each reporter report ``target`` for a message in general; return the ban's end."""
+    assert (await target.send("buy cheap watches", chat="general")).status == 201
     response = None
     for reporter in reporters:
         response = await reporter.post("/report", {"user": target.name, "reason": "spam"})
@@ -978,6 +979,7 @@ async def test_report_of_oneself_or_an_unknown_user_is_refused(
 @pytest.mark.asyncio
 async def test_report_by_the_same_reporter_counts_once(moderated: ms.MessengerServer) -> None:
     alice, bob, carol = await login(moderated, "alice", "bob", "carol")
+    await alice.posted("buy cheap watches")
 
     answers = [
         await reporter.post("/report", {"user": "alice", "reason": "spam"})
@@ -1042,6 +1044,8 @@ async def test_reports_are_rate_limited(tmp_path: Path, clock: FakeClock) -> Non
     rules = dataclasses.replace(SMALL_RULES, report_limit=2)
     async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
         alice, bob, carol, dave = await login(server, "alice", "bob", "carol", "dave")
+        for spammer in (bob, carol, dave):
+            await spammer.posted("buy cheap watches")
         for target in ("bob", "carol"):
             assert (await alice.post("/report", {"user": target})).status == 200
 
@@ -1168,12 +1172,13 @@ async def test_upload_with_expect_100_continue_gets_100_then_201(
 
 
 @pytest.mark.asyncio
-async def test_upload_without_content_length_is_411(files_server: ms.MessengerServer) -> None:
+async def test_upload_without_content_length_or_chunked_is_411(
+    files_server: ms.MessengerServer,
+) -> None:
     (alice,) = await login(files_server, "alice")
     request = (
-        "POST /files?name=chunked.bin HTTP/1.1\r\nHost: test\r\n"
-        f"Authorization: Bearer {alice.token}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        "5\r\nhello\r\n0\r\n\r\n"
+        "POST /files?name=empty.bin HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {alice.token}\r\n\r\n"
     )
     async with Client(files_server.port) as client:
         await client.send_raw(request.encode())
@@ -1181,6 +1186,27 @@ async def test_upload_without_content_length_is_411(files_server: ms.MessengerSe
 
     assert (response.status, error_of(response)) == (411, "length_required")
     assert stored_blobs(files_server) == []
+
+
+@pytest.mark.asyncio
+async def test_chunked_upload_is_stored_with_its_counted_size(
+    files_server: ms.MessengerServer,
+) -> None:
+    (alice,) = await login(files_server, "alice")
+    request = (
+        "POST /files?name=chunked.bin HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {alice.token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    async with Client(files_server.port) as client:
+        await client.send_raw(request.encode())
+        response = await client.response()
+
+    assert response.status == 201
+    stored = response.json()["file"]
+    assert (stored["size"], stored["sha256"]) == (11, hashlib.sha256(b"hello world").hexdigest())
+    blobs = stored_blobs(files_server)
+    assert [(files_server.store.files / blob).read_bytes() for blob in blobs] == [b"hello world"]
 
 
 @pytest.mark.asyncio
@@ -1386,6 +1412,7 @@ async def test_restart_keeps_bans_and_reports(restartable: Restarter) -> None:
     users = await login(restartable.server, "alice", "bob", "carol", "dave", "erin")
     alice, bob, carol, dave, erin = users
     until = await ban(alice, bob, carol, dave)
+    await erin.posted("buy cheap watches")
     await alice.post("/report", {"user": "erin"})
 
     server = await restartable.restart()

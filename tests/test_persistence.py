@@ -201,7 +201,7 @@ async def test_send_answers_503_and_stores_nothing_when_the_disk_is_full(
 async def test_snapshot_round_trip(
     tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ms, "SNAPSHOT_CHUNK", 2)  # several message frames
+    monkeypatch.setattr(ms, "SNAPSHOT_FRAME_BYTES", 300)  # several frames of each kind
     messenger = ms.Messenger(ms.Rules(), clock)
     scenario(messenger, clock)
     for text in "abcde":

@@ -328,8 +328,12 @@ async def verify_after_crash(port: int, ledger: Ledger, files_dir: Path, seed: i
         message, body = stored[text], ledger.in_flight[text]
         assert (message["chat"], message["to"]) == (body.get("chat"), body.get("to")), why
         assert message["from"] == text.split("-")[0], why
-    listed = await call(port, "GET", "/chat", token=next(iter(ledger.tokens.values())))
-    chats = {chat["name"]: chat for chat in listed.json()["chats"]}
+    chats: dict[str, Any] = {}
+    page = "/chat?limit=1000"
+    while page:
+        listed = (await call(port, "GET", page, token=next(iter(ledger.tokens.values())))).json()
+        chats.update((chat["name"], chat) for chat in listed["chats"])
+        page = listed["next"] and f"/chat?limit=1000&after={listed['next']}"
     for name, owner in ledger.chats.items():
         assert (chats[name]["owner"], chats[name]["members"]) == (owner, 1), f"{why}: {name}"
     for name in set(chats) & set(ledger.chats_in_flight):
@@ -591,7 +595,7 @@ async def test_full_disk_refuses_every_write_with_503_and_stores_none_of_them(
     spawn: Spawn, tiny_disk: Path
 ) -> None:
     state = tiny_disk / "state"
-    server = await spawn("--snapshot-interval", "3600", state_dir=state)
+    server = await spawn("--snapshot-interval", "3600", "--min-free-disk", "0", state_dir=state)
     port = server.port
     alice, bob = await connect(port, "alice"), await connect(port, "bob")
     assert (await call(port, "POST", "/chat", {"chat_name": "room"}, token=alice)).status == 201
@@ -605,6 +609,7 @@ async def test_full_disk_refuses_every_write_with_503_and_stores_none_of_them(
     scheduled_id = later.json()["scheduled"]["id"]
     acked = ["before"]
     assert (await call(port, "POST", "/send", {"text": "before"}, token=alice)).status == 201
+    assert (await call(port, "POST", "/send", {"text": "reportable"}, token=bob)).status == 201
 
     filler = fill_up(tiny_disk)
     async with Client(port) as client:  # the journal's last page may still hold a few records
@@ -643,7 +648,7 @@ async def test_full_disk_refuses_every_write_with_503_and_stores_none_of_them(
     assert await server.stop() == 0, "a full disk at shutdown: no snapshot, still exit 0"
     assert any("snapshot" in line and "failed" in line for line in server.log)
     filler.unlink()
-    again = await spawn(state_dir=state)
+    again = await spawn("--min-free-disk", "0", state_dir=state)
     port = again.port
     history = await call(port, "GET", "/history?chat=room&limit=1000", token=alice)
     assert [m["text"] for m in history.json()["messages"]] == acked
@@ -807,7 +812,7 @@ async def for_each(
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_load_300_clients_lose_nothing_and_leak_nothing(spawn: Spawn) -> None:
-    server = await spawn()
+    server = await spawn(*UNLIMITED)  # 300 users from 3 addresses, 50 connecting at once
     port = server.port
     seed = random.randrange(2**32)
     rng = random.Random(seed)

@@ -1,0 +1,472 @@
+"""Safety among strangers: every quota and per-address rule at its edge (the last one allowed,
+the first one refused), in the domain without I/O and through real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import messenger_server as ms
+from tests.conftest import Client, FakeClock, assert_error, call, connect, make_config
+
+HOUR = 3600.0
+
+
+def make_messenger(clock: FakeClock, **rules: Any) -> tuple[ms.Messenger, list[ms.Event]]:
+    messenger = ms.Messenger(dataclasses.replace(ms.Rules(), **rules), clock)
+    events: list[ms.Event] = []
+    messenger.record = events.append
+    return messenger, events
+
+
+def register(messenger: ms.Messenger, *names: str) -> None:
+    for name in names:
+        messenger.register(name, b"hash", b"salt", 4, f"token-{name}", f"address-{name}")
+
+
+def send(messenger: ms.Messenger, name: str, text: str = "hi", **fields: Any) -> ms.SendResult:
+    return messenger.send(name, ms.Draft(text, **fields))
+
+
+def replayed(messenger: ms.Messenger, events: list[ms.Event], clock: FakeClock) -> ms.Messenger:
+    """A second messenger rebuilt from the journal alone."""
+    again = ms.Messenger(messenger.rules, clock)
+    for event in events:
+        again.replay(event)
+    return again
+
+
+# Flood: every send counts, anywhere ##########################################
+
+
+def test_flood_limit_counts_chats_private_comments_and_scheduled_alike(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock, flood_limit=4, flood_window=60.0)
+    register(messenger, "a", "b")
+    messenger.join("a", "room", None)
+    first = send(messenger, "a", chat="room").message
+    assert first is not None
+    send(messenger, "a", to="b")
+    send(messenger, "a", reply_to=first.id)
+    send(messenger, "a", chat="room", send_at=clock.now + 600)  # the 4th: the last allowed
+    recorded = len(events)
+    clock.advance(59)
+    with pytest.raises(ms.RateLimited) as refused:
+        send(messenger, "a", chat="room")
+    assert refused.value.retry_after == pytest.approx(1)
+    assert len(events) == recorded, "a refused send records nothing"
+    send(messenger, "b", chat="general")  # others are not held back
+    assert replayed(messenger, events, clock).quotas_left("a")["flood_left"] == 0
+    clock.advance(1)
+    send(messenger, "a", chat="room")  # the window has ended
+
+
+def test_scheduled_message_falling_due_is_not_counted_twice(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, flood_limit=2, flood_window=60.0)
+    register(messenger, "a")
+    send(messenger, "a", send_at=clock.now + 30)
+    clock.advance(30)
+    messenger.tick()
+    assert messenger.quotas_left("a")["flood_left"] == 1
+    send(messenger, "a")
+
+
+# Private messages nobody received ###########################################
+
+
+def test_undelivered_private_messages_are_capped_per_sender(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, max_undelivered=2)
+    register(messenger, "a", "b", "c")
+    send(messenger, "a", to="b")
+    send(messenger, "a", to="c")  # the last allowed
+    with pytest.raises(ms.QuotaExceeded) as refused:
+        send(messenger, "a", to="b")
+    assert "at most 2" in refused.value.message and refused.value.status == 403
+    assert refused.value.code == "quota_exceeded"
+    send(messenger, "a", chat="general")  # chats are not concerned
+    messenger.poll("b", None, None, 100)  # b receives its message: one place frees
+    send(messenger, "a", to="b")
+    with pytest.raises(ms.QuotaExceeded):
+        send(messenger, "a", to="c")
+
+
+def test_undelivered_private_message_expires_after_its_own_ttl(clock: FakeClock) -> None:
+    messenger, events = make_messenger(
+        clock, max_undelivered=1, undelivered_ttl=7 * 24 * HOUR, message_ttl=HOUR
+    )
+    register(messenger, "a", "b")
+    sent = send(messenger, "a", "for later", to="b").message
+    assert sent is not None
+    assert messenger.next_deadline() == sent.ts + 7 * 24 * HOUR
+    clock.advance(7 * 24 * HOUR - 1)
+    messenger.tick()
+    assert sent.id in messenger.messages, "kept until its time"
+    clock.advance(1)
+    messenger.tick()
+    assert sent.id not in messenger.messages
+    send(messenger, "a", to="b")  # its place is free again
+    again = replayed(messenger, events, clock)
+    again.tick()
+    assert again.users["a"].undelivered == 1
+
+
+def test_scheduled_private_message_over_the_quota_when_due_is_dropped(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock, max_undelivered=1)
+    register(messenger, "a", "b")
+    later = send(messenger, "a", "later", to="b", send_at=clock.now + 60).scheduled
+    assert later is not None
+    send(messenger, "a", "now", to="b")
+    clock.advance(60)
+    messenger.tick()
+    assert events[-1] == ("cancel", later.id, "a", clock.now)
+    assert [m.text for m in messenger.messages.values()] == ["now"]
+
+
+# Scheduled, memberships, chats owned #########################################
+
+
+def test_pending_scheduled_messages_are_capped_per_user(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, max_scheduled=2)
+    register(messenger, "a", "b")
+    first = send(messenger, "a", send_at=clock.now + 60).scheduled
+    send(messenger, "a", send_at=clock.now + 30)  # the last allowed
+    with pytest.raises(ms.QuotaExceeded):
+        send(messenger, "a", send_at=clock.now + 90)
+    send(messenger, "b", send_at=clock.now + 90)  # per user
+    assert first is not None
+    messenger.cancel("a", first.id)
+    send(messenger, "a", send_at=clock.now + 90)
+    assert [s.send_at - clock.now for s in messenger.scheduled_of("a")] == [30, 90]
+    assert messenger.quotas_left("a")["scheduled_left"] == 0
+
+
+def test_memberships_are_capped_for_joins_and_approvals(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, max_memberships=3)
+    register(messenger, "a", "owner")
+    messenger.join("a", "one", None)
+    messenger.join("a", "two", None)  # general, one, two: the last allowed
+    with pytest.raises(ms.QuotaExceeded):
+        messenger.join("a", "three", None)
+    assert "three" not in messenger.chats, "refused before the chat is made"
+    messenger.join("a", "one", None)  # a chat one is in already is no new membership
+    messenger.join("owner", "den", True)
+    messenger.request_join("a", messenger.make_link("owner", "den"))
+    with pytest.raises(ms.QuotaExceeded):
+        messenger.decide("owner", "den", "a", True)
+    messenger.leave("a", "two")
+    messenger.decide("owner", "den", "a", True)
+    assert "den" in messenger.users["a"].chats
+
+
+def test_chats_created_are_capped_with_quota_exceeded(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, max_owned_chats=1)
+    register(messenger, "a")
+    messenger.join("a", "mine", None)
+    with pytest.raises(ms.QuotaExceeded):
+        messenger.join("a", "another", None)
+
+
+# Reports need a message to point at ##########################################
+
+
+def test_report_only_from_someone_who_can_see_a_message_of_the_target(clock: FakeClock) -> None:
+    messenger, events = make_messenger(clock, message_ttl=HOUR)
+    register(messenger, "target", "member", "outsider", "friend")
+    messenger.join("target", "room", None)
+    messenger.join("member", "room", None)
+    send(messenger, "target", "in the room", chat="room")
+    send(messenger, "target", "psst", to="friend")
+    recorded = len(events)
+    with pytest.raises(ms.Forbidden) as refused:
+        messenger.report("outsider", "target", "made up")
+    assert type(refused.value) is ms.Forbidden
+    assert len(events) == recorded
+    assert messenger.report("member", "target", "").reports == 1
+    assert messenger.report("friend", "target", "").reports == 2
+    clock.advance(HOUR)  # the messages expire: nothing left to point at
+    messenger.tick()
+    with pytest.raises(ms.Forbidden):
+        messenger.report("outsider", "target", "")
+    messenger.join("outsider", "room", None)
+    with pytest.raises(ms.Forbidden):
+        messenger.report("outsider", "target", "")
+
+
+def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, ban_threshold=3)
+    register(messenger, "victim", "sock1", "sock2", "sock3")
+    messenger.join("victim", "quiet", None)
+    send(messenger, "victim", "only here", chat="quiet")
+    for sock in ("sock1", "sock2", "sock3"):
+        with pytest.raises(ms.Forbidden):
+            messenger.report(sock, "victim", "")
+    assert messenger.standing("victim") == ms.Standing(0, None)
+
+
+# Files ########################################################################
+
+
+def test_upload_quota_counts_stored_files_until_they_go(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, upload_quota=100, message_ttl=HOUR)
+    register(messenger, "a", "b")
+    messenger.add_file("a", "a" * 32, "one", 60, "text/plain", "0" * 64)
+    messenger.check_upload("a", 40)  # exactly the quota
+    with pytest.raises(ms.QuotaExceeded) as refused:
+        messenger.add_file("a", "b" * 32, "two", 41, "text/plain", "0" * 64)
+    assert "100 bytes" in refused.value.message
+    messenger.check_upload("b", 100)  # per user
+    assert messenger.quotas_left("a")["upload_left"] == 40
+    clock.advance(HOUR)
+    messenger.tick()
+    messenger.check_upload("a", 100)
+
+
+# Pages of chats ###############################################################
+
+
+def test_chat_pages_merge_public_chats_and_ones_private_memberships(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock)
+    register(messenger, "a", "b")
+    for name in ("d", "b1", "f"):
+        messenger.join("a", name, None)
+    messenger.join("b", "c-secret", True)
+    messenger.join("a", "e-secret", True)
+    names = [c.name for c in messenger.visible_chats("a")]
+    assert names == ["b1", "d", "e-secret", "f", "general"]
+    assert [c.name for c in messenger.visible_chats("a", "d", 2)] == ["e-secret", "f"]
+    assert [c.name for c in messenger.visible_chats("b", "b1", 10)] == [
+        "c-secret", "d", "f", "general"
+    ]
+
+
+# Through sockets ###############################################################
+
+
+@pytest.mark.asyncio
+async def test_get_chat_pages_to_the_end_with_next(tmp_path: Path, clock: FakeClock) -> None:
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        alice = await connect(server.port, "alice")
+        for n in range(5):
+            await call(server.port, "POST", "/chat", {"chat_name": f"room{n}"}, token=alice)
+        names: list[str] = []
+        page = "/chat?limit=2"
+        while page:
+            listed = await call(server.port, "GET", page, token=alice)
+            assert listed.status == 200
+            assert len(listed.json()["chats"]) <= 2
+            names += [chat["name"] for chat in listed.json()["chats"]]
+            after = listed.json()["next"]
+            page = after and f"/chat?limit=2&after={after}"
+        assert names == ["general", "room0", "room1", "room2", "room3", "room4"]
+        whole = (await call(server.port, "GET", "/chat", token=alice)).json()
+        assert (len(whole["chats"]), whole["next"]) == (6, None)
+        bad = await call(server.port, "GET", "/chat?limit=0", token=alice)
+        assert "limit" in assert_error(bad, 400, "invalid_field")["message"]
+
+
+@pytest.mark.asyncio
+async def test_status_lists_at_most_100_chats_those_with_unread_first(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    rules = ms.Rules(max_owned_chats=1000, flood_limit=1000)
+    async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
+        server.messenger.register("alice", b"h", b"s", 4, "alice-token", "here")
+        server.messenger.register("bob", b"h", b"s", 4, "bob-token", "here")
+        for n in range(120):
+            server.messenger.join("alice", f"r{n:03}", None)
+            server.messenger.join("bob", f"r{n:03}", None)
+        server.messenger.send("bob", ms.Draft("news", chat="r119"))
+        status = (await call(server.port, "GET", "/status", token="alice-token")).json()
+        names = [chat["name"] for chat in status["chats"]]
+        assert len(names) == 100 and names[0] == "r119"
+        assert names[1:] == sorted(names[1:])
+        assert status["quotas"]["scheduled_left"] == 100
+
+
+@pytest.mark.asyncio
+async def test_upload_over_the_quota_is_refused_before_its_body(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, rules=ms.Rules(upload_quota=1000), min_free_disk=0)
+    async with ms.MessengerServer(config, clock) as server:
+        alice = await connect(server.port, "alice")
+        headers = {"Content-Type": "application/octet-stream"}
+        kept = await call(server.port, "POST", "/files?name=a", b"x" * 1000, token=alice,
+                          headers=headers)
+        assert kept.status == 201, kept.body
+        head = (
+            "POST /files?name=b HTTP/1.1\r\nHost: t\r\n"
+            f"Authorization: Bearer {alice}\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n"
+        )
+        async with Client(server.port) as client:
+            await client.send_raw(head.encode())  # no body: the answer comes without it
+            refused = await client.response()
+        assert "1000 bytes" in assert_error(refused, 403, "quota_exceeded")["message"]
+        assert len(list(server.store.files.iterdir())) == 1
+
+
+@pytest.mark.asyncio
+async def test_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, max_file_size=10, min_free_disk=0)
+    async with ms.MessengerServer(config, clock) as server:
+        alice = await connect(server.port, "alice")
+        head = (
+            "POST /files?name=big HTTP/1.1\r\nHost: t\r\n"
+            f"Authorization: Bearer {alice}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        async with Client(server.port) as client:
+            await client.send_raw(head.encode() + b"8\r\n12345678\r\n8\r\n")  # 16 bytes said
+            refused = await client.response()
+            assert "10 bytes" in assert_error(refused, 413, "too_large")["message"]
+            assert await client.closed()
+        assert list(server.store.files.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_no_upload_while_the_disk_is_nearly_full(tmp_path: Path, clock: FakeClock) -> None:
+    config = make_config(tmp_path, min_free_disk=2**62)  # more than any disk has
+    async with ms.MessengerServer(config, clock) as server:
+        alice = await connect(server.port, "alice")
+        refused = await call(server.port, "POST", "/files?name=a", b"x", token=alice,
+                             headers={"Content-Type": "text/plain"})
+        assert "disk" in assert_error(refused, 503, "unavailable")["message"]
+        assert refused.headers["retry-after"] == "60"
+        sent = await call(server.port, "POST", "/send", {"text": "still"}, token=alice)
+        assert sent.status == 201, "messages still go: the journal has its room"
+
+
+@pytest.mark.asyncio
+async def test_report_of_a_stranger_is_403_through_http(tmp_path: Path, clock: FakeClock) -> None:
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        alice, bob = await connect(server.port, "alice"), await connect(server.port, "bob")
+        refused = await call(server.port, "POST", "/report", {"user": "bob"}, token=alice)
+        assert "bob" in assert_error(refused, 403, "forbidden")["message"]
+        await call(server.port, "POST", "/send", {"text": "hi all"}, token=bob)
+        accepted = await call(server.port, "POST", "/report", {"user": "bob"}, token=alice)
+        assert accepted.json()["reports"] == 1
+
+
+@pytest.mark.asyncio
+async def test_flood_over_http_is_429_with_retry_after(tmp_path: Path, clock: FakeClock) -> None:
+    rules = ms.Rules(flood_limit=3, flood_window=60.0)
+    async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
+        alice = await connect(server.port, "alice")
+        await connect(server.port, "bob")
+        async with Client(server.port) as client:
+            for text in ("1", "2"):
+                await client.request("POST", "/send", {"text": text, "to": "bob"}, token=alice)
+            await client.request("POST", "/send", {"text": "3"}, token=alice)
+            refused = await client.request("POST", "/send", {"text": "4"}, token=alice)
+        assert "at most 3" in assert_error(refused, 429, "rate_limited")["message"]
+        assert refused.headers["retry-after"] == "60"
+
+
+# Per address: registrations, log-in lock-out, behind a trusted proxy ##########
+
+
+def forwarded(address: str) -> dict[str, str]:
+    return {"X-Forwarded-For": address}
+
+
+@pytest.mark.asyncio
+async def test_registrations_per_address_and_lock_out_per_name_and_address(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through a trusted proxy (the loopback here): each forwarded address has its own count."""
+    caplog.set_level(logging.INFO, logger="messenger")
+    rules = ms.Rules(registrations_per_ip=2, login_failures=2)
+    config = make_config(
+        tmp_path, rules=rules, forwarded_allow_ips=ms.parse_networks("127.0.0.1")
+    )
+    async with ms.MessengerServer(config, clock) as server:
+        port = server.port
+
+        async def connect_as(user: str, password: str, address: str) -> Any:
+            body = {"user": user, "password": password}
+            return await call(port, "POST", "/connect", body, headers=forwarded(address))
+
+        for user in ("a1", "a2"):  # the last one allowed
+            assert (await connect_as(user, "pw", "10.0.0.1")).status == 201
+        refused = await connect_as("a3", "pw", "10.0.0.1")
+        assert "at most 2 new users" in assert_error(refused, 429, "rate_limited")["message"]
+        assert (await connect_as("b1", "pw", "10.0.0.2")).status == 201, "another address"
+        clock.advance(HOUR)
+        assert (await connect_as("a3", "pw", "10.0.0.1")).status == 201, "a new window"
+
+        for _ in range(2):
+            assert (await connect_as("a1", "wrong", "10.0.0.9")).status == 401
+        locked = await connect_as("a1", "pw", "10.0.0.9")
+        assert_error(locked, 429, "rate_limited")
+        assert (await connect_as("a1", "pw", "10.0.0.1")).status == 200, "the owner elsewhere"
+        assert any("'10.0.0.9'" in line for line in caplog.messages), "logs name the client"
+
+
+@pytest.mark.asyncio
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, rules=ms.Rules(registrations_per_ip=1))
+    async with ms.MessengerServer(config, clock) as server:
+        first = await call(server.port, "POST", "/connect", {"user": "u1", "password": "p"},
+                           headers=forwarded("10.0.0.1"))
+        assert first.status == 201
+        second = await call(server.port, "POST", "/connect", {"user": "u2", "password": "p"},
+                            headers=forwarded("10.0.0.2"))
+        assert_error(second, 429, "rate_limited")
+
+
+def test_client_address_is_the_rightmost_untrusted_entry() -> None:
+    trusted = ms.parse_networks("127.0.0.1,10.1.0.0/16")
+    assert ms.client_address("127.0.0.1", "6.6.6.6, 1.2.3.4, 10.1.2.3", trusted) == "1.2.3.4"
+    assert ms.client_address("127.0.0.1", "1.2.3.4", trusted) == "1.2.3.4"
+    assert ms.client_address("127.0.0.1", None, trusted) == "127.0.0.1"
+    assert ms.client_address("9.9.9.9", "1.2.3.4", trusted) == "9.9.9.9", "peer not trusted"
+    assert ms.client_address("127.0.0.1", "10.1.0.1, 10.1.0.2", trusted) == "10.1.0.1"
+
+
+# Sessions #####################################################################
+
+
+@pytest.mark.asyncio
+async def test_sessions_are_capped_least_recently_used_first_and_expire_unused(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    rules = ms.Rules(max_sessions=2, session_ttl=30 * 24 * HOUR)
+    async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
+        port = server.port
+        oldest = await connect(port, "alice")
+        clock.advance(10)
+        middle = await connect(port, "alice")
+        clock.advance(ms.SESSION_TOUCH)  # a use is recorded at most this often
+        assert (await call(port, "GET", "/status", token=oldest)).status == 200  # now used
+        newest = await connect(port, "alice")  # the 3rd: the least recently used goes
+        assert (await call(port, "GET", "/status", token=oldest)).status == 200
+        gone = await call(port, "GET", "/status", token=middle)
+        assert "revoked" in assert_error(gone, 401, "unauthorized")["message"]
+        clock.advance(30 * 24 * HOUR)
+        expired = await call(port, "GET", "/status", token=newest)
+        assert "expired" in assert_error(expired, 401, "unauthorized")["message"]
+
+
+@pytest.mark.asyncio
+async def test_password_hash_queue_full_is_503_retry_after_1(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Many addresses connecting at once: beyond the queue, a quick 503 (not a long wait)."""
+    config = make_config(tmp_path, hash_queue=1, forwarded_allow_ips=ms.parse_networks("*"))
+    async with ms.MessengerServer(config, clock) as server:
+        places = server.app._hash_slots * (1 + config.hash_queue)
+        bodies = [{"user": f"u{n}", "password": "p"} for n in range(places + 4)]
+        answers = await asyncio.gather(*(
+            call(server.port, "POST", "/connect", body, headers=forwarded(f"10.0.0.{n}"))
+            for n, body in enumerate(bodies)
+        ))
+        busy = [a for a in answers if a.status == 503]
+        assert len(busy) >= 4 and all(a.headers["retry-after"] == "1" for a in busy)
+        assert {a.status for a in answers} <= {201, 503}
