@@ -78,7 +78,7 @@ def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
 # Parser properties ##########################################################
 #
 # tests/test_fuzz.py checks the parser on generated heads and bytes, and one fixed request
-# split anywhere; tests/test_probes.py runs the 395 shared RFC 9112 / smuggling probes.
+# split anywhere; tests/test_probes.py runs the 395 RFC 9112 / smuggling probes.
 # What was left: whole pipelines of varied requests split anywhere, and mangled requests
 # that go through the server (bodies, routing and handlers included), not the parser only.
 
