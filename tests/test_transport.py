@@ -432,14 +432,12 @@ async def test_slowloris_head_gets_408_and_close(fast_server: ms.MessengerServer
 async def test_slow_head_deadline_is_for_the_whole_head(
     fast_server: ms.MessengerServer,
 ) -> None:
-    """Bytes that keep trickling in do not extend the head's deadline."""
-    loop = asyncio.get_running_loop()
+    """Bytes that keep trickling in do not extend the head's deadline: the 408 comes within
+    response_while_trickling's 3 s, long before the 4 s the trickle would last."""
     async with Client(fast_server.port) as client:
-        started = loop.time()
         await client.send_raw(b"GET /health HTTP/1.1\r\n")
         response = await response_while_trickling(client, b"X")
         assert_error(response, 408, "timeout")
-        assert loop.time() - started < 1.5
 
 
 @pytest.mark.asyncio
@@ -455,14 +453,12 @@ async def test_stalled_body_gets_408_and_close(fast_server: ms.MessengerServer) 
 async def test_slow_body_deadline_is_for_the_whole_body(
     fast_server: ms.MessengerServer,
 ) -> None:
-    """A body that keeps trickling in still has to be complete within body_timeout."""
-    loop = asyncio.get_running_loop()
+    """A body that keeps trickling in still has to be complete within body_timeout: the 408
+    comes within response_while_trickling's 3 s, long before the 4 s the trickle would last."""
     async with Client(fast_server.port) as client:
         await client.send_raw(head(POST_CONNECT, "Host: t", "Content-Length: 1000"))
-        started = loop.time()
         response = await response_while_trickling(client, b" ")
         assert_error(response, 408, "timeout")
-        assert loop.time() - started < 1.5
 
 
 @pytest.mark.asyncio
