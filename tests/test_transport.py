@@ -527,10 +527,8 @@ async def test_per_ip_cap_frees_a_slot_when_one_closes(tmp_path: Path, clock: Fa
             for client in clients:
                 assert (await client.request("GET", "/health")).status == 200
             await clients[0].__aexit__(None, None, None)
-            for _ in range(1000):  # the server notices the close soon; no event says when
-                if server._per_address.get("127.0.0.1", 0) < 2:
-                    break
-                await asyncio.sleep(0.005)
+            # The server notices the close soon; no event says when.
+            assert await settle(lambda: server._per_address.get("127.0.0.1", 0) < 2)
             await health_on_a_new_connection(server.port)
         finally:
             await clients[1].__aexit__(None, None, None)
