@@ -24,6 +24,7 @@ from tests.conftest import (
     call,
     connect,
     make_config,
+    settle,
 )
 
 MESSAGE_KEYS = {"id", "chat", "to", "from", "text", "ts", "reply_to", "file"}
@@ -59,15 +60,6 @@ async def join(port: int, token: str, chat: str, **fields: Any) -> RawResponse:
 async def status_of(port: int, token: str) -> dict[str, Any]:
     result: dict[str, Any] = await get_json(port, "/status", token)
     return result
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait (up to 5 s) until the server's state satisfies ``predicate``: it exposes no event."""
-    for _ in range(2500):
-        if predicate():
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError("the server never reached the awaited state")
 
 
 def waiting(server: ms.MessengerServer, user: str) -> Callable[[], bool]:
@@ -667,17 +659,14 @@ async def test_messages_wait_woken_by_another_session(server: ms.MessengerServer
     port = server.port
     phone = await connect(port, "alice")
     laptop = await connect(port, "alice")
-    loop = asyncio.get_running_loop()
     async with Client(port) as poller:
         poll = asyncio.create_task(
             poller.request("GET", "/messages?since=0&wait=30", token=phone)
         )
-        await until(waiting(server, "alice"))
+        assert await settle(waiting(server, "alice"))
         assert not poll.done()
-        sent_at = loop.time()
         message = await send(port, laptop, "wake up")
-        answer = await asyncio.wait_for(poll, 5)
-        assert loop.time() - sent_at < 0.5
+        answer = await asyncio.wait_for(poll, 5)  # woken by the send: the poll waits 30 s
     assert answer.status == 200
     assert answer.json() == {"messages": [message], "next": message["id"]}
 
@@ -687,14 +676,11 @@ async def test_messages_wait_woken_by_another_user(server: ms.MessengerServer) -
     port = server.port
     alice = await connect(port, "alice")
     bob = await connect(port, "bob")
-    loop = asyncio.get_running_loop()
     async with Client(port) as poller:
         poll = asyncio.create_task(poller.request("GET", "/messages?wait=30", token=alice))
-        await until(waiting(server, "alice"))
-        sent_at = loop.time()
+        assert await settle(waiting(server, "alice"))
         message = await send(port, bob, "psst", to="alice")
-        answer = await asyncio.wait_for(poll, 5)
-        assert loop.time() - sent_at < 0.5
+        answer = await asyncio.wait_for(poll, 5)  # woken by the send: the poll waits 30 s
     assert answer.json()["messages"] == [message]
 
 
@@ -709,7 +695,7 @@ async def test_messages_wait_wakes_every_waiting_session(server: ms.MessengerSer
             asyncio.create_task(c.request("GET", "/messages?since=0&wait=30", token=t))
             for c, t in ((first, phone), (second, laptop))
         ]
-        await until(lambda: len(server.app.waiters._by_user.get("alice", ())) == 2)
+        assert await settle(lambda: len(server.app.waiters._by_user.get("alice", ())) == 2)
         message = await send(port, bob, "to all of you")
         answers = await asyncio.wait_for(asyncio.gather(*polls), 5)
     assert [a.json()["messages"] for a in answers] == [[message], [message]]
@@ -740,7 +726,7 @@ async def test_messages_wait_ignores_what_the_caller_cannot_see(
         poll = asyncio.create_task(
             poller.request("GET", "/messages?since=0&wait=0.4", token=eve)
         )
-        await until(waiting(server, "eve"))
+        assert await settle(waiting(server, "eve"))
         await send(port, alice, "for bob", to="bob")
         await send(port, alice, "in room")
         answer = await asyncio.wait_for(poll, 5)
@@ -761,7 +747,7 @@ async def test_messages_wait_with_chat_filter_waits_for_that_chat(
         poll = asyncio.create_task(
             poller.request("GET", "/messages?since=0&chat=room&wait=30", token=alice)
         )
-        await until(waiting(server, "alice"))
+        assert await settle(waiting(server, "alice"))
         await send(port, bob, "elsewhere", chat="general")
         message = await send(port, bob, "here", chat="room")
         answer = await asyncio.wait_for(poll, 5)
@@ -1036,7 +1022,7 @@ async def test_status_shape_and_counts(server: ms.MessengerServer, clock: FakeCl
     await send(port, alice, "mine", chat="general")  # one's own messages are not unread
     await send(port, alice, "mine too", to="bob")
     clock.advance(5)
-    await until(lambda: not server.app.online)  # the connections above have closed
+    assert await settle(lambda: not server.app.online)  # the connections above have closed
     async with Client(port) as alice_online:
         response = await alice_online.request("GET", "/status", token=alice)
     assert response.status == 200
@@ -1108,7 +1094,7 @@ async def test_status_online_counts_users_with_an_open_connection(
             await bob_conn.request("GET", "/status", token=bob)
             again = await alice_conn.request("GET", "/status", token=alice)
             assert again.json()["server"]["online"] == 2
-        await until(lambda: "bob" not in server.app.online)
+        assert await settle(lambda: "bob" not in server.app.online)
         last = await alice_conn.request("GET", "/status", token=alice)
         assert last.json()["server"]["online"] == 1
 

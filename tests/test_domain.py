@@ -1159,7 +1159,6 @@ def test_replay_of_random_operations_rebuilds_the_same_state(
     assert restored.export() == messenger.export()
 
 
-
 def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
     """An answer holds at most MAX_ANSWER_TEXT characters of text (one message at least),
     so a client asking a lot cannot make the server hold much; the rest comes next."""

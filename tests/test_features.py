@@ -20,7 +20,16 @@ import pytest
 import pytest_asyncio
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config, opened
+from tests.conftest import (
+    Client,
+    FakeClock,
+    RawResponse,
+    assert_error,
+    call,
+    connect,
+    make_config,
+    opened,
+)
 
 T0 = 1_800_000_000.0  # where the FakeClock starts
 WEEK = 7 * 24 * 3600.0  # seconds; the furthest a message may be scheduled
@@ -114,11 +123,6 @@ class Api:
 
 async def login(server: ms.MessengerServer, *names: str) -> list[Api]:
     return [Api(server.port, name, await connect(server.port, name)) for name in names]
-
-
-def error_of(response: RawResponse) -> str:
-    code: str = response.json()["error"]
-    return code
 
 
 def ids(messages: list[dict[str, Any]]) -> list[int]:
@@ -266,8 +270,8 @@ async def test_comment_stranger_can_neither_see_nor_comment(
     seen = await carol.get(f"/messages/{parent['id']}")
     commented = await carol.send("me too", reply_to=parent["id"])
 
-    assert (seen.status, error_of(seen)) == (404, "not_found")
-    assert (commented.status, error_of(commented)) == (404, "not_found")
+    assert_error(seen, 404, "not_found")
+    assert_error(commented, 404, "not_found")
     thread = await alice.get(f"/messages/{parent['id']}")
     assert thread.json()["comments"] == []
     assert "me too" not in await alice.seen_texts() + await bob.seen_texts()
@@ -279,7 +283,7 @@ async def test_comment_on_unknown_message_is_404(server: ms.MessengerServer) -> 
 
     response = await alice.send("into the void", reply_to=999_999)
 
-    assert (response.status, error_of(response)) == (404, "not_found")
+    assert_error(response, 404, "not_found")
     assert await alice.history() == []
 
 
@@ -378,8 +382,7 @@ async def test_scheduled_send_at_outside_the_next_7_days_is_400(
 
     response = await alice.send("when?", send_at=send_at)
 
-    assert response.status == 400
-    assert error_of(response) in {"invalid_field", "bad_request"}
+    assert_error(response, 400, {"invalid_field", "bad_request"})
     assert await alice.scheduled() == []
     assert await alice.history() == []
 
@@ -429,7 +432,7 @@ async def test_scheduled_cancel_answers_204_and_the_message_never_goes_out(
     server.messenger.tick()
     assert "never" not in await bob.seen_texts()
     again = await alice.call("DELETE", f"/scheduled/{record['id']}")
-    assert (again.status, error_of(again)) == (404, "not_found")
+    assert_error(again, 404, "not_found")
 
 
 @pytest.mark.asyncio
@@ -441,7 +444,7 @@ async def test_scheduled_cancel_by_another_user_is_404_and_it_still_goes_out(
 
     response = await bob.call("DELETE", f"/scheduled/{record['id']}")
 
-    assert (response.status, error_of(response)) == (404, "not_found")
+    assert_error(response, 404, "not_found")
     assert await alice.scheduled() == [record]
     clock.advance(60)
     server.messenger.tick()
@@ -463,7 +466,7 @@ async def test_scheduled_cancel_of_nothing_pending_is_404(
 
     response = await alice.call("DELETE", f"/scheduled/{scheduled_id}")
 
-    assert (response.status, error_of(response)) == (404, "not_found")
+    assert_error(response, 404, "not_found")
     assert await alice.history() == (["gone"] if case == "already-sent" else [])
 
 
@@ -542,7 +545,7 @@ async def test_chat_refuses_a_non_member_read_or_post(
 
     response = await bob.call(method, path.format(chat=chat), body)
 
-    assert (response.status, error_of(response)) == (403, "not_a_member")
+    assert_error(response, 403, "not_a_member")
     assert await alice.history(chat) == ["members only"]
     assert "members only" not in await bob.seen_texts()
 
@@ -561,7 +564,7 @@ async def test_private_chat_join_without_invitation_is_forbidden(
 
     response = await bob.post("/chat", body)
 
-    assert (response.status, error_of(response)) == (403, "forbidden")
+    assert_error(response, 403, "forbidden")
     assert "vault" not in await bob.chat_names()
     assert (await bob.status())["chat"] == "general"
     (chat,) = [c for c in (await alice.status())["chats"] if c["name"] == "vault"]
@@ -584,7 +587,7 @@ async def test_chat_name_taken_with_the_other_privacy_is_409(
 
     conflict = await bob.post("/chat", {"chat_name": name, "private": not existing_private})
 
-    assert (conflict.status, error_of(conflict)) == (409, "conflict")
+    assert_error(conflict, 409, "conflict")
     assert (await bob.status())["chat"] == "general"
 
 
@@ -600,16 +603,16 @@ async def test_private_chat_invite_is_owner_only_and_lets_the_guest_join(
     invited = await alice.post("/chat/vault/invite", {"user": "bob"})
     joined = await bob.post("/chat", {"chat_name": "vault"})
 
-    assert (refused.status, error_of(refused)) == (403, "forbidden")
+    assert_error(refused, 403, "forbidden")
     assert invited.status == 200 and invited.json()["chat"]["name"] == "vault"
     assert joined.status == 200
     assert joined.json()["chat"]["members"] == 2
     assert [m["text"] for m in joined.json()["history"]] == ["before you came"]
     assert await bob.history("vault") == ["before you came"]
     member_refused = await bob.post("/chat/vault/invite", {"user": "carol"})
-    assert (member_refused.status, error_of(member_refused)) == (403, "forbidden")
+    assert_error(member_refused, 403, "forbidden")
     carol_join = await carol.post("/chat", {"chat_name": "vault"})
-    assert (carol_join.status, error_of(carol_join)) == (403, "forbidden")
+    assert_error(carol_join, 403, "forbidden")
 
 
 @pytest.mark.asyncio
@@ -622,7 +625,7 @@ async def test_private_chat_link_is_owner_only(server: ms.MessengerServer) -> No
     refused = await bob.post("/chat/vault/link")
     made = await alice.post("/chat/vault/link")
 
-    assert (refused.status, error_of(refused)) == (403, "forbidden")
+    assert_error(refused, 403, "forbidden")
     assert made.status == 201
     assert re.fullmatch(r"/join/[A-Za-z0-9_-]+", made.json()["link"])
 
@@ -646,7 +649,7 @@ async def test_join_link_asks_to_join_and_waits_for_the_owner(
     assert requests.status == 200
     assert requests.json() == {"requests": [{"user": "bob", "ts": T0}]}
     history = await bob.get("/history?chat=vault")
-    assert (history.status, error_of(history)) == (403, "not_a_member")
+    assert_error(history, 403, "not_a_member")
     assert "vault" not in await bob.chat_names()
 
 
@@ -675,12 +678,12 @@ async def test_new_join_link_revokes_the_old_one(server: ms.MessengerServer) -> 
     accepted = await carol.post(new)
 
     assert new != old
-    assert (revoked.status, error_of(revoked)) == (404, "not_found")
+    assert_error(revoked, 404, "not_found")
     assert accepted.status == 202
     requests = (await alice.get("/chat/vault/requests")).json()["requests"]
     assert sorted(request["user"] for request in requests) == ["bob", "carol"]
     unknown = await carol.post("/join/no-such-link")
-    assert (unknown.status, error_of(unknown)) == (404, "not_found")
+    assert_error(unknown, 404, "not_found")
 
 
 @pytest.mark.asyncio
@@ -692,8 +695,8 @@ async def test_join_requests_are_for_the_owner_only(server: ms.MessengerServer) 
     listed = await bob.get("/chat/vault/requests")
     decided = await carol.post("/chat/vault/requests/bob", {"approve": True})
 
-    assert (listed.status, error_of(listed)) == (403, "forbidden")
-    assert (decided.status, error_of(decided)) == (403, "forbidden")
+    assert_error(listed, 403, "forbidden")
+    assert_error(decided, 403, "forbidden")
     requests = (await alice.get("/chat/vault/requests")).json()["requests"]
     assert [request["user"] for request in requests] == ["bob"]
 
@@ -730,9 +733,9 @@ async def test_declined_request_is_removed_without_membership(
     assert response.json()["chat"]["members"] == 1
     assert (await alice.get("/chat/vault/requests")).json()["requests"] == []
     history = await bob.get("/history?chat=vault")
-    assert (history.status, error_of(history)) == (403, "not_a_member")
+    assert_error(history, 403, "not_a_member")
     join = await bob.post("/chat", {"chat_name": "vault"})
-    assert (join.status, error_of(join)) == (403, "forbidden")
+    assert_error(join, 403, "forbidden")
 
 
 @pytest.mark.asyncio
@@ -746,7 +749,7 @@ async def test_private_chat_owner_who_leaves_may_rejoin(server: ms.MessengerServ
     back = await alice.post("/chat", {"chat_name": "vault"})
 
     assert left.status == 200
-    assert (away.status, error_of(away)) == (403, "not_a_member")
+    assert_error(away, 403, "not_a_member")
     assert back.status == 200
     assert (back.json()["chat"]["owner"], back.json()["chat"]["members"]) == ("alice", 1)
     await alice.posted("back again", chat="vault")
@@ -775,7 +778,7 @@ async def test_chat_message_expires_ttl_after_posting(
     assert ids(await bob.seen()) == [comment["id"]]
     assert await bob.history() == ["reply"]
     gone = await bob.get(f"/messages/{parent['id']}")
-    assert (gone.status, error_of(gone)) == (404, "not_found")
+    assert_error(gone, 404, "not_found")
     late = await bob.send("too late", reply_to=parent["id"])
     assert late.status == 404
 
@@ -851,7 +854,7 @@ async def test_general_rate_limit_refuses_the_send_past_the_limit(
     clock.advance(40)
     refused = await alice.send("one too many")
 
-    assert (refused.status, error_of(refused)) == (429, "rate_limited")
+    assert_error(refused, 429, "rate_limited")
     assert refused.headers["retry-after"] == str(int(RATE_WINDOW - 40))
     assert rate_headers(refused) == (str(RATE_LIMIT), "0", reset)
     assert await alice.history() == ["left 2", "left 1", "left 0"]
@@ -898,7 +901,7 @@ async def test_general_rate_limit_counts_comments_and_scheduled_messages(
     refused_scheduled = await alice.send("over", send_at=T0 + 50)
 
     for response in (refused, refused_comment, refused_scheduled):
-        assert (response.status, error_of(response)) == (429, "rate_limited")
+        assert_error(response, 429, "rate_limited")
     assert "over" not in await bob.seen_texts()
     assert all(record["text"] != "over" for record in await alice.scheduled())
 
@@ -1011,7 +1014,7 @@ async def test_three_distinct_reporters_ban_every_kind_of_send(
     response = await alice.send("banned words", **fields)
 
     assert until == T0 + BAN_DURATION
-    assert (response.status, error_of(response)) == (403, "banned")
+    assert_error(response, 403, "banned")
     assert response.json()["until"] == until
     assert (await alice.status())["limits"]["banned_until"] == until
     assert "banned words" not in await bob.seen_texts()
@@ -1052,7 +1055,7 @@ async def test_reports_are_rate_limited(tmp_path: Path, clock: FakeClock) -> Non
         refused = await alice.post("/report", {"user": "dave"})
         repeated = await alice.post("/report", {"user": "bob"})
 
-        assert (refused.status, error_of(refused)) == (429, "rate_limited")
+        assert_error(refused, 429, "rate_limited")
         assert int(refused.headers["retry-after"]) == int(RATE_WINDOW)
         assert (await dave.status())["limits"]["reports"] == 0
         assert (repeated.status, repeated.json()["reports"]) == (200, 1)
@@ -1119,7 +1122,7 @@ async def test_upload_of_exactly_the_size_limit_is_accepted_and_one_byte_more_is
     over = await upload(alice, b"x" * (MAX_FILE + 1))
 
     assert exact.status == 201 and exact.json()["file"]["size"] == MAX_FILE
-    assert (over.status, error_of(over)) == (413, "too_large")
+    assert_error(over, 413, "too_large")
     assert stored_blobs(files_server) == [exact.json()["file"]["id"]]
 
 
@@ -1184,7 +1187,7 @@ async def test_upload_without_content_length_or_chunked_is_411(
         await client.send_raw(request.encode())
         response = await client.response()
 
-    assert (response.status, error_of(response)) == (411, "length_required")
+    assert_error(response, 411, "length_required")
     assert stored_blobs(files_server) == []
 
 
@@ -1223,7 +1226,7 @@ async def test_file_is_readable_by_the_uploader_and_the_audience_of_a_message_ca
     assert (await alice.get(path)).body == b"for bob only"
     assert (await bob.get(path)).body == b"for bob only"
     stranger = await carol.get(path)
-    assert (stranger.status, error_of(stranger)) == (404, "not_found")
+    assert_error(stranger, 404, "not_found")
     assert (await carol.call("HEAD", path)).status == 404
 
 
@@ -1294,7 +1297,7 @@ async def test_send_with_a_file_not_uploaded_by_the_sender_is_404(
 
     response = await bob.send("look", file=file_id)
 
-    assert (response.status, error_of(response)) == (404, "not_found")
+    assert_error(response, 404, "not_found")
     assert await bob.history() == []
     assert (await bob.get(f"/files/{file_id}")).status == 404
 
@@ -1419,7 +1422,7 @@ async def test_restart_keeps_bans_and_reports(restartable: Restarter) -> None:
 
     alice, bob, carol, dave, erin = (api.on(server) for api in users)
     refused = await alice.send("am I free?")
-    assert (refused.status, error_of(refused)) == (403, "banned")
+    assert_error(refused, 403, "banned")
     assert refused.json()["until"] == until == T0 + DEFAULT_BAN
     assert (await alice.status())["limits"]["reports"] == 3
     assert (await erin.status())["limits"]["reports"] == 1

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, RawResponse, call, connect, make_config, opened
+from tests.conftest import Client, FakeClock, call, connect, make_config, opened
 from tests.servers import ServerProcess, Spawn
 from tests.test_domain import post, register, scenario
 
@@ -483,10 +483,6 @@ async def send_many(
     return acknowledged
 
 
-async def get(port: int, path: str, token: str) -> RawResponse:
-    return await call(port, "GET", path, token=token)
-
-
 @pytest.mark.asyncio
 async def test_server_keeps_every_acknowledged_message_after_sigkill(
     server_process: Callable[[], Awaitable[ServerProcess]],
@@ -524,7 +520,7 @@ async def test_server_keeps_every_acknowledged_message_after_sigkill(
         await asyncio.gather(*senders)
 
     second = await server_process()
-    history = await get(second.port, "/history?chat=club&limit=1000", token)
+    history = await call(second.port, "GET", "/history?chat=club&limit=1000", token=token)
     assert history.status == 200, "the session survives a restart"
     stored = history.json()["messages"]
     assert [m for m in stored if m in acknowledged] == sorted(acknowledged, key=lambda m: m["id"])
@@ -557,7 +553,7 @@ async def test_server_sigterm_saves_exits_0_and_restores(
 
     second = await server_process()
     assert any(f"loaded {snapshots[-1].name}" in line for line in second.log)
-    history = await get(second.port, "/history?chat=general", token)
+    history = await call(second.port, "GET", "/history?chat=general", token=token)
     assert history.json()["messages"] == acknowledged
     assert await second.stop(signal.SIGTERM) == 0
 

@@ -1,4 +1,4 @@
-"""The shared HTTP/1.1 probes (../shared/http-probes): each raw request, sent in one write.
+"""The HTTP/1.1 probes of tests/data/http-probes: each raw request, sent in one write.
 
 An accepted case gets its normal answers in order; a rejected one gets one error answer
 (its status among those the case allows) and a closed connection. After every case the
@@ -18,8 +18,8 @@ import pytest
 import messenger_server as ms
 from tests.conftest import Client, at_eof, read_response
 
-CASES_FILE = Path(__file__).resolve().parents[2] / "shared" / "http-probes" / "cases.json"
-CASES: list[dict[str, Any]] = json.loads(CASES_FILE.read_text()) if CASES_FILE.exists() else []
+CASES_FILE = Path(__file__).resolve().parent / "data" / "http-probes" / "cases.json"
+CASES: list[dict[str, Any]] = json.loads(CASES_FILE.read_text())
 
 # Answers that mean "the request was well-formed": found, or refused by routing.
 NORMAL = {200, 201, 204, 401, 404, 405, 501}
@@ -40,7 +40,6 @@ def expected_statuses(case: dict[str, Any]) -> set[int]:
     return {status for status in case["expected_status"] if isinstance(status, int)}
 
 
-@pytest.mark.skipif(not CASES, reason="../shared/http-probes is not beside the project")
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
 async def test_probe_verdict(server: ms.MessengerServer, case: dict[str, Any]) -> None:

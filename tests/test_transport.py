@@ -432,14 +432,12 @@ async def test_slowloris_head_gets_408_and_close(fast_server: ms.MessengerServer
 async def test_slow_head_deadline_is_for_the_whole_head(
     fast_server: ms.MessengerServer,
 ) -> None:
-    """Bytes that keep trickling in do not extend the head's deadline."""
-    loop = asyncio.get_running_loop()
+    """Bytes that keep trickling in do not extend the head's deadline: the 408 comes within
+    response_while_trickling's 3 s, long before the 4 s the trickle would last."""
     async with Client(fast_server.port) as client:
-        started = loop.time()
         await client.send_raw(b"GET /health HTTP/1.1\r\n")
         response = await response_while_trickling(client, b"X")
         assert_error(response, 408, "timeout")
-        assert loop.time() - started < 1.5
 
 
 @pytest.mark.asyncio
@@ -455,14 +453,12 @@ async def test_stalled_body_gets_408_and_close(fast_server: ms.MessengerServer) 
 async def test_slow_body_deadline_is_for_the_whole_body(
     fast_server: ms.MessengerServer,
 ) -> None:
-    """A body that keeps trickling in still has to be complete within body_timeout."""
-    loop = asyncio.get_running_loop()
+    """A body that keeps trickling in still has to be complete within body_timeout: the 408
+    comes within response_while_trickling's 3 s, long before the 4 s the trickle would last."""
     async with Client(fast_server.port) as client:
         await client.send_raw(head(POST_CONNECT, "Host: t", "Content-Length: 1000"))
-        started = loop.time()
         response = await response_while_trickling(client, b" ")
         assert_error(response, 408, "timeout")
-        assert loop.time() - started < 1.5
 
 
 @pytest.mark.asyncio
@@ -531,10 +527,8 @@ async def test_per_ip_cap_frees_a_slot_when_one_closes(tmp_path: Path, clock: Fa
             for client in clients:
                 assert (await client.request("GET", "/health")).status == 200
             await clients[0].__aexit__(None, None, None)
-            for _ in range(1000):  # the server notices the close soon; no event says when
-                if server._per_address.get("127.0.0.1", 0) < 2:
-                    break
-                await asyncio.sleep(0.005)
+            # The server notices the close soon; no event says when.
+            assert await settle(lambda: server._per_address.get("127.0.0.1", 0) < 2)
             await health_on_a_new_connection(server.port)
         finally:
             await clients[1].__aexit__(None, None, None)
