@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import http.client
+import io
 import json
 import re
 import socket
@@ -189,14 +190,17 @@ def test_user_option_picks_a_saved_login(cli: Cli) -> None:
 def test_revoked_token_suggests_connecting_again(cli: Cli) -> None:
     token = cli.login("alice")
     mc.MessengerClient(cli.url, token).disconnect()
-    assert error_line(cli("chats", code=1)).endswith("(log in again with: connect USER)")
+    assert error_line(cli("chats", code=1)) == (
+        "Error: unknown or revoked token: connect again (log in again with: connect USER)"
+    )
 
 
 def test_disconnect_revokes_and_forgets_the_token(cli: Cli, config_dir: Path) -> None:
     token = cli.login("alice")
     assert cli("disconnect").stdout == f"Disconnected alice from {cli.url}.\n"
     assert token not in (config_dir / "config.json").read_text()
-    error_line(cli("chats", code=1))
+    line = error_line(cli("chats", code=1))
+    assert line == f"Error: not logged in to {cli.url}; log in with: connect USER"
     with pytest.raises(mc.ApiError) as raised:
         mc.MessengerClient(cli.url, token).chats()
     assert raised.value.status == 401
@@ -234,15 +238,17 @@ def test_join_a_private_chat_without_invitation_fails(cli: Cli) -> None:
     cli.login("alice")
     cli.login("bob")
     cli("join", "secret", "--private", user="alice")
-    error_line(cli("join", "secret", user="bob", code=1))
+    line = error_line(cli("join", "secret", user="bob", code=1))
+    assert line == "Error: secret is private: ask its owner for an invitation"
 
 
 def test_leave_a_chat(cli: Cli) -> None:
     cli.login("alice")
     cli("join", "books")
     assert cli("leave", "books").stdout == "Left books.\n"
-    error_line(cli("leave", "books", code=1))  # not a member any more
-    error_line(cli("leave", "general", code=1))  # general cannot be left
+    assert error_line(cli("leave", "books", code=1)) == "Error: you are not a member of books"
+    line = error_line(cli("leave", "general", code=1))
+    assert line == "Error: nobody leaves general: every user stays a member"
 
 
 def test_invite_lets_a_user_join_a_private_chat(cli: Cli) -> None:
@@ -252,7 +258,8 @@ def test_invite_lets_a_user_join_a_private_chat(cli: Cli) -> None:
     invited = cli("invite", "secret", "bob", user="alice").stdout
     assert invited == "Invited bob to secret; they can now run: join secret\n"
     assert cli("join", "secret", user="bob").stdout.startswith("Joined private chat secret")
-    error_line(cli("invite", "secret", "alice", user="bob", code=1))  # bob is not the owner
+    line = error_line(cli("invite", "secret", "alice", user="bob", code=1))
+    assert line == "Error: only the owner of secret may do that"
 
 
 @pytest.mark.parametrize("form", ["url", "path", "token"])
@@ -281,12 +288,14 @@ def test_deny_keeps_a_user_out(cli: Cli) -> None:
     cli("request", link, user="bob")
     denied = cli("deny", "secret", "bob", user="alice").stdout
     assert denied == "Denied bob's request to join secret.\n"
-    error_line(cli("join", "secret", user="bob", code=1))
+    line = error_line(cli("join", "secret", user="bob", code=1))
+    assert line == "Error: secret is private: ask its owner for an invitation"
 
 
 def test_request_with_an_unknown_link_fails(cli: Cli) -> None:
     cli.login("bob")
-    error_line(cli("request", f"{cli.url}/join/nosuchtoken", code=1))
+    line = error_line(cli("request", f"{cli.url}/join/nosuchtoken", code=1))
+    assert line == "Error: unknown or revoked join link"
 
 
 # send, read, history, show ###################################################
@@ -365,11 +374,16 @@ def test_a_malformed_server_address_is_one_clear_line(server: str, config_dir: P
 
 
 @pytest.mark.parametrize(
-    "target", [["--chat", "nowhere"], ["--to", "nobody"], ["--reply-to", "99999"]]
+    ("target", "complaint"),
+    [
+        (["--chat", "nowhere"], "no chat named 'nowhere'"),
+        (["--to", "nobody"], "no user named 'nobody'"),
+        (["--reply-to", "99999"], "no message 99999 that you can see"),
+    ],
 )
-def test_send_to_an_unknown_target_fails(cli: Cli, target: list[str]) -> None:
+def test_send_to_an_unknown_target_fails(cli: Cli, target: list[str], complaint: str) -> None:
     cli.login("alice")
-    error_line(cli("send", *target, "hello", code=1))
+    assert error_line(cli("send", *target, "hello", code=1)) == f"Error: {complaint}"
 
 
 @pytest.mark.parametrize(
@@ -437,7 +451,8 @@ def test_send_later_list_and_cancel(cli: Cli) -> None:
     )
     assert cli("cancel", item["id"]).stdout == f"Cancelled {item['id']}.\n"
     assert cli("scheduled").stdout == "No scheduled messages.\n"
-    error_line(cli("cancel", item["id"], code=1))
+    line = error_line(cli("cancel", item["id"], code=1))
+    assert line == f"Error: no pending scheduled message {item['id']} of yours"
 
 
 def test_send_at_a_clock_time_or_an_iso_datetime(cli: Cli) -> None:
@@ -457,12 +472,13 @@ def test_history_shows_messages_from_before_joining(cli: Cli) -> None:
     assert cli("history", "general", user="bob").stdout.endswith(" general alice: old news\n")
     cli("join", "books", user="bob")
     assert cli("history", "books", user="bob").stdout == "No messages in books.\n"
-    error_line(cli("history", "nowhere", user="bob", code=1))
+    line = error_line(cli("history", "nowhere", user="bob", code=1))
+    assert line == "Error: no chat named 'nowhere'"
 
 
 def test_show_an_unknown_message_fails(cli: Cli) -> None:
     cli.login("alice")
-    error_line(cli("show", "99999", code=1))
+    assert error_line(cli("show", "99999", code=1)) == "Error: no message 99999 that you can see"
 
 
 # files ######################################################################
@@ -512,7 +528,9 @@ def test_download_keeps_only_the_base_name(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token = cli.login("alice")
-    uploaded = mc.MessengerClient(cli.url, token).upload("../../evil.sh", b"echo hi\n")
+    data = b"echo hi\n"
+    client = mc.MessengerClient(cli.url, token)
+    uploaded = client.upload("../../evil.sh", io.BytesIO(data), len(data))
     monkeypatch.chdir(tmp_path)
     cli("download", uploaded["file"]["id"])
     assert (tmp_path / "evil.sh").read_bytes() == b"echo hi\n"
@@ -520,7 +538,8 @@ def test_download_keeps_only_the_base_name(
 
 def test_download_an_unknown_file_fails(cli: Cli) -> None:
     cli.login("alice")
-    error_line(cli("download", "nosuchfile", code=1))
+    line = error_line(cli("download", "nosuchfile", code=1))
+    assert line == "Error: no file nosuchfile that you can use"
 
 
 # status, report ##############################################################
@@ -547,9 +566,15 @@ def test_report_counts_and_bans(cli: Cli) -> None:
     banned = cli("report", "dave", user="carol").stdout.splitlines()
     assert banned[0] == "Reported dave (3 reports)."
     assert banned[1].startswith("dave is banned until ")
-    assert "(until " in error_line(cli("send", "hello", user="dave", code=1))
-    error_line(cli("report", "alice", user="alice", code=1))  # not oneself
-    error_line(cli("report", "nobody", user="alice", code=1))
+    line = error_line(cli("send", "hello", user="dave", code=1))
+    assert re.fullmatch(
+        r"Error: you are banned from sending after reports from other users \(until \d\d:\d\d\)",
+        line,
+    ), line
+    line = error_line(cli("report", "alice", user="alice", code=1))
+    assert line == "Error: you cannot report yourself"
+    line = error_line(cli("report", "nobody", user="alice", code=1))
+    assert line == "Error: no user named 'nobody'"
 
 
 # JSON output ##################################################################
@@ -593,11 +618,12 @@ class Follower:
 
         monkeypatch.setattr(mc.MessengerClient, "messages", messages)
         monkeypatch.setattr(mc, "FOLLOW_WAIT", 5)  # bounds a failed test's teardown
-        monkeypatch.setattr(mc, "RECONNECT_DELAY", 0.05)
+        monkeypatch.setattr(mc, "RETRY_FIRST", 0.01)
+        monkeypatch.setattr(mc, "RETRY_MAX", 0.05)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        self.results.append(self.cli("read", "--follow", user="alice"))
+        self.results.append(self.cli("read", "--follow", user="alice", code=mc.INTERRUPTED))
 
     def result(self) -> Result:
         self.thread.join(timeout=20)

@@ -675,7 +675,7 @@ class Follower:
         self.reader.join(timeout=TIMEOUT)
         while not self.lines.empty():
             printed.append(self.lines.get().rstrip("\n"))
-        assert self.process.returncode == 0, stderr
+        assert self.process.returncode == mc.INTERRUPTED, stderr
         return printed, stderr
 
     def kill(self) -> None:
