@@ -181,8 +181,10 @@ def server_url(text: str) -> str:
             host = f"[{ipaddress.IPv6Address(host).compressed}]"
         except ValueError as exc:
             raise ClientError(f"not a server address: {text} ({exc})") from exc
+    elif not host:
+        raise ClientError(f"not a server address: {text} (no host)")
     elif not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", host):
-        raise ClientError(f"not a server address: {text} (no host name)")
+        raise ClientError(f"not a server address: {text} ({host!r} is not a host name)")
     if parts.username is not None or parts.query or parts.fragment:
         raise ClientError(f"not a server address: {text} (a user, query or fragment in it)")
     if port == 0:
@@ -240,7 +242,7 @@ class ApiError(ClientError):
         code: str,
         message: str,
         hint: str = "",
-        retry_after: float | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -722,7 +724,7 @@ class MessengerClient:
             hint = f"try again in {retry_after} s"
         elif isinstance(answer.get("until"), int | float):
             hint = f"until {format_time(answer['until'])}"
-        wait = float(retry_after) if retry_after.isdigit() else None
+        wait = int(retry_after) if retry_after.isdigit() else None
         return ApiError(status, code, message, hint, wait)
 
 
