@@ -160,10 +160,10 @@ def _saved_address(server: str) -> str:
 
 
 def server_url(text: str) -> str:
-    """The one spelling of a server's address: ``127.0.0.1:8000``, ``HTTP://LocalHost:80/``
-    and ``http://localhost`` become ``http://127.0.0.1:8000`` and ``http://localhost``
-    (scheme and host in lower case, no default port, no trailing slash); ``http://`` is
-    assumed. ``ClientError`` when it is not an http(s) address."""
+    """The one spelling of a server's address, so that one server is one saved login:
+    ``http://`` assumed, scheme and host in lower case, no default port, no trailing slash
+    (``127.0.0.1:8000/`` is ``http://127.0.0.1:8000``, ``HTTP://LocalHost:80`` is
+    ``http://localhost``). ``ClientError`` when it is not an http(s) address."""
     address = text.strip()
     if "://" not in address:
         address = "http://" + address
@@ -225,6 +225,8 @@ class ServerUnreachable(ClientError):
             reason = "timed out"
         elif isinstance(exc, http.client.RemoteDisconnected):
             reason = "the server closed the connection"
+        elif isinstance(exc, http.client.IncompleteRead) and exc.expected is not None:
+            reason = f"the answer stopped {exc.expected} bytes short"
         elif isinstance(exc, OSError) and exc.strerror:
             reason = exc.strerror.lower()
         else:
@@ -943,6 +945,10 @@ class MessengerGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo(err=True)  # the shell's next prompt on its own line, not after "^C"
+            raise click.exceptions.Exit(INTERRUPTED) from None
+        except click.Abort as exc:  # Ctrl-C at the password prompt, which ends its line
+            if not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
             raise click.exceptions.Exit(INTERRUPTED) from None
         except click.ClickException as exc:
             if not ctx.params.get("json_output"):
