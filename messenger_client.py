@@ -9,8 +9,9 @@ It speaks the HTTP contract of ``API.md`` with the standard library only (``http
     python messenger_client.py read --follow        # print messages as they arrive
 
 Group options: ``--server`` (env ``MESSENGER_SERVER``), ``--user`` (one of the saved logins),
-``--json`` (the server's answer as is). ``connect`` saves the token in ``config.json`` under
-``click.get_app_dir("messenger")`` or ``MESSENGER_CONFIG_DIR``, readable by its owner only.
+``--json`` (the server's answer as is, and errors as JSON on stderr). ``connect`` saves the token
+in ``config.json`` under ``click.get_app_dir("messenger")`` or ``MESSENGER_CONFIG_DIR``, readable
+by its owner only. Files move in chunks, with a progress bar when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ import datetime as dt
 import email.message
 import email.utils
 import http.client
+import ipaddress
 import json
 import logging
 import mimetypes
 import os
 import re
 import secrets
+import selectors
+import socket
+import sys
 import tempfile
 import time
 import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, NotRequired, TypedDict, cast
+from typing import Any, BinaryIO, Final, NotRequired, TypedDict, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 import click
@@ -47,7 +53,21 @@ CONFIG_FILE: Final = "config.json"
 REQUEST_TIMEOUT: Final = 30.0  # seconds for one request, beyond any long-poll wait
 FOLLOW_WAIT: Final = 30  # seconds each long poll of `read --follow` may wait
 MAX_PAGE: Final = 1000  # messages per answer, the server's maximum
-RECONNECT_DELAY: Final = 2.0  # seconds between attempts while the server is unreachable
+RETRY_FIRST: Final = 0.5  # seconds `read --follow` waits before its first new attempt...
+RETRY_MAX: Final = 15.0  # ...doubling at each failure up to this
+# Answers `read --follow` waits through: the server (or a proxy in front) is restarting or busy.
+RETRY_STATUSES: Final = frozenset({502, 503, 504})
+CHUNK: Final = 64 * 1024  # bytes of a file read, sent or received at a time
+CONTINUE_TIMEOUT: Final = 1.0  # seconds to wait for "100 Continue" before sending a body (curl's)
+INTERRUPTED: Final = 130  # exit status after Ctrl-C, as a shell gives (128 + SIGINT)
+# What an error answer that is not the messenger's own JSON likely means: a proxy in front.
+PROXY_HINTS: Final = {
+    413: "a proxy in front may limit bodies, see README",
+    502: "a proxy in front got no answer from the server, is it running?",
+    503: "a proxy in front finds the server unavailable",
+    504: "a proxy in front gave up waiting for the server, see README",
+}
+PROXY_HINT: Final = "not the messenger's answer, check --server or the proxy in front"
 JSON_TYPE: Final = "application/json; charset=utf-8"
 DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # seconds per unit
 BIDI_CONTROLS: Final = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F),
@@ -71,7 +91,9 @@ class Config:
             raise ClientError(f"cannot read {path}: {exc}") from exc
         if not _is_config(data):
             raise ClientError(f"cannot read {path}: not a messenger config file")
-        self.servers = data["servers"]
+        for server, entry in data["servers"].items():  # two spellings of one address: merged
+            saved = self.servers.setdefault(_saved_address(server), entry)
+            saved["tokens"] = {**entry.get("tokens", {}), **saved.get("tokens", {})}
 
     def token(self, server: str, user: str) -> str | None:
         token: str | None = self.servers.get(server, {}).get("tokens", {}).get(user)
@@ -128,19 +150,73 @@ def _is_config(data: Any) -> bool:
     return True
 
 
+def _saved_address(server: str) -> str:
+    """A server address from the config file, spelled as ``server_url`` does (files saved by
+    older versions hold other spellings); as it is if it is not an address."""
+    try:
+        return server_url(server)
+    except ClientError:
+        return server
+
+
+def server_url(text: str) -> str:
+    """The one spelling of a server's address, so that one server is one saved login:
+    ``http://`` assumed, scheme and host in lower case, no default port, no trailing slash
+    (``127.0.0.1:8000/`` is ``http://127.0.0.1:8000``, ``HTTP://LocalHost:80`` is
+    ``http://localhost``). ``ClientError`` when it is not an http(s) address."""
+    address = text.strip()
+    if "://" not in address:
+        address = "http://" + address
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+        host = (parts.hostname or "").encode("idna").decode("ascii")
+    except (ValueError, UnicodeError) as exc:
+        raise ClientError(f"not a server address: {text} ({exc})") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ClientError(f"not an http:// server address: {text}")
+    if ":" in host:
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError as exc:
+            raise ClientError(f"not a server address: {text} ({exc})") from exc
+    elif not host:
+        raise ClientError(f"not a server address: {text} (no host)")
+    elif not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", host):
+        raise ClientError(f"not a server address: {text} ({host!r} is not a host name)")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ClientError(f"not a server address: {text} (a user, query or fragment in it)")
+    if port == 0:
+        raise ClientError(f"not a server address: {text} (port 0)")
+    default_port = 443 if scheme == "https" else 80
+    netloc = host if port in (None, default_port) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
 # Errors ####################################################################
 
 
 class ClientError(click.ClickException):
-    """Root of the client's errors: click prints ``Error: <message>`` and exits 1."""
+    """Root of the client's errors: click prints ``Error: <message>`` and exits 1; under
+    ``--json``, ``details()`` is printed as one JSON object instead."""
+
+    code = "client_error"
+
+    def details(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.format_message()}
 
 
 class NotLoggedIn(ClientError):
     """No saved token for the chosen server and user."""
 
+    code = "not_logged_in"
+
 
 class ServerUnreachable(ClientError):
     """The request did not get an answer: refused, reset, timed out, cut short."""
+
+    code = "unreachable"
 
     def __init__(self, server: str, exc: Exception) -> None:
         if isinstance(exc, ConnectionRefusedError):
@@ -149,6 +225,8 @@ class ServerUnreachable(ClientError):
             reason = "timed out"
         elif isinstance(exc, http.client.RemoteDisconnected):
             reason = "the server closed the connection"
+        elif isinstance(exc, http.client.IncompleteRead) and exc.expected is not None:
+            reason = f"the answer stopped {exc.expected} bytes short"
         elif isinstance(exc, OSError) and exc.strerror:
             reason = exc.strerror.lower()
         else:
@@ -157,16 +235,41 @@ class ServerUnreachable(ClientError):
 
 
 class ApiError(ClientError):
-    """An error answer: its HTTP status, the error code and the server's message."""
+    """An error answer: its HTTP status, the error code and the server's message, a hint of
+    what to do, and how long to wait before trying again (``Retry-After``) if it says."""
 
-    def __init__(self, status: int, code: str, message: str, hint: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        hint: str = "",
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.hint = hint
+        self.retry_after = retry_after
 
     def format_message(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def details(self) -> dict[str, Any]:
+        details = {"error": self.code, "message": self.message, "status": self.status}
+        if self.hint:
+            details["hint"] = self.hint
+        if self.retry_after is not None:
+            details["retry_after"] = self.retry_after
+        return details
+
+
+def error_details(error: click.ClickException) -> dict[str, Any]:
+    """What ``--json`` prints for an error: ``{"error": code, "message": text, ...}``."""
+    if isinstance(error, ClientError):
+        return error.details()
+    code = "usage" if isinstance(error, click.UsageError) else "error"
+    return {"error": code, "message": error.format_message()}
 
 
 # HTTP client ###############################################################
@@ -334,11 +437,47 @@ class Reply:
             raise ClientError(f"{server} answered {self.status} with something not JSON") from exc
 
 
+def print_nothing(_: int) -> None:
+    """The progress shown when nobody watches."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A request body read from ``file`` as it is sent: ``size`` bytes, ``sent`` told of each
+    chunk (a progress bar)."""
+
+    name: str
+    file: BinaryIO
+    size: int
+    content_type: str
+    sent: Callable[[int], object]
+
+
 @dataclass(frozen=True, slots=True)
 class Download:
-    data: bytes
+    """A file's answer whose bytes are not read yet: ``chunks()`` reads them."""
+
+    response: http.client.HTTPResponse
+    server: str
     filename: str | None
     content_type: str
+    size: int | None  # from Content-Length
+
+    def chunks(self) -> Iterator[bytes]:
+        """The file's bytes as they arrive; ``ServerUnreachable`` if they stop short."""
+        received = 0
+        while True:
+            try:
+                chunk = self.response.read(CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServerUnreachable(self.server, exc) from exc
+            if not chunk:
+                break
+            received += len(chunk)
+            yield chunk
+        if self.size is not None and received != self.size:
+            cut = http.client.IncompleteRead(b"", self.size - received)
+            raise ServerUnreachable(self.server, cut)
 
 
 class MessengerClient:
@@ -348,21 +487,16 @@ class MessengerClient:
     """
 
     def __init__(self, server: str, token: str | None = None) -> None:
-        try:
-            parts = urlsplit(server)
-            port = parts.port
-        except ValueError as exc:
-            raise ClientError(f"not a server address: {server} ({exc})") from exc
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ClientError(f"not an http:// server address: {server}")
-        self.server = server
+        self.server = server_url(server)
         self.token = token
+        parts = urlsplit(self.server)
+        self._plain = parts.scheme == "http"
         self._connection_class = (
-            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            http.client.HTTPConnection if self._plain else http.client.HTTPSConnection
         )
-        self._host = parts.hostname
-        self._port = port
-        self._prefix = parts.path.rstrip("/")
+        self._host = parts.hostname or ""  # server_url made sure there is one
+        self._port = parts.port
+        self._prefix = parts.path
 
     # Identity
 
@@ -466,18 +600,25 @@ class MessengerClient:
         body = {"user": user} if reason is None else {"user": user, "reason": reason}
         return cast(ReportAnswer, self._json("POST", "/report", body=body))
 
-    def upload(self, name: str, data: bytes) -> UploadAnswer:
+    def upload(
+        self, name: str, file: BinaryIO, size: int, sent: Callable[[int], object] = print_nothing
+    ) -> UploadAnswer:
+        """Upload ``size`` bytes of ``file`` under ``name``, in chunks: it is never held whole.
+        The server (or a proxy) may refuse it before the body is sent: then it is not."""
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        reply = self._request(
-            "POST", "/files", query={"name": name}, data=data, content_type=content_type
-        )
+        upload = Upload(name, file, size, content_type, sent)
+        reply = self._request("POST", "/files", query={"name": name}, upload=upload)
         return cast(UploadAnswer, reply.json(self.server))
 
-    def download(self, file_id: str) -> Download:
-        reply = self._request("GET", f"/files/{_segment(file_id)}")
-        filename = attachment_name(reply.headers.get("Content-Disposition", ""))
-        content_type = reply.headers.get("Content-Type", "application/octet-stream")
-        return Download(reply.body, filename, content_type)
+    @contextlib.contextmanager
+    def download(self, file_id: str) -> Iterator[Download]:
+        """The answer for file ``file_id``, its bytes to read while the connection is open."""
+        with self._exchange("GET", f"/files/{_segment(file_id)}") as response:
+            filename = attachment_name(response.headers.get("Content-Disposition", ""))
+            content_type = response.headers.get("Content-Type", "application/octet-stream")
+            length = response.headers.get("Content-Length", "")
+            size = int(length) if length.isdigit() else None
+            yield Download(response, self.server, filename, content_type, size)
 
     # Transport
 
@@ -501,11 +642,29 @@ class MessengerClient:
         *,
         query: dict[str, Any] | None = None,
         body: Any = None,
-        data: bytes | None = None,
-        content_type: str = JSON_TYPE,
+        upload: Upload | None = None,
         timeout: float = REQUEST_TIMEOUT,
     ) -> Reply:
-        """Send one request on a new connection; an error status raises ``ApiError``."""
+        """Send one request on a new connection and read its answer whole."""
+        with self._exchange(
+            method, path, query=query, body=body, upload=upload, timeout=timeout
+        ) as response:
+            return Reply(response.status, response.headers, self._read(response))
+
+    @contextlib.contextmanager
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        upload: Upload | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """Send one request on a new connection (a JSON ``body``, or an ``upload`` sent in
+        chunks) and give its answer, its body not read yet; an error status raises
+        ``ApiError``."""
         target = self._prefix + path
         params = {name: value for name, value in (query or {}).items() if value is not None}
         if params:
@@ -513,41 +672,104 @@ class MessengerClient:
         headers = {"Accept": "application/json", "User-Agent": f"messenger-client/{VERSION}"}
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
-        if body is not None:
-            data = json.dumps(body).encode()
+        data = None if body is None else json.dumps(body).encode()
         if data is not None:
-            headers["Content-Type"] = content_type
+            headers.update({"Content-Type": JSON_TYPE, "Content-Length": str(len(data))})
+        elif upload is not None:
+            headers["Content-Type"] = upload.content_type
+            headers["Content-Length"] = str(upload.size)
+            if self._plain:  # a refusal (401, 413) then comes before the body is sent
+                headers["Expect"] = "100-continue"
+        elif method == "POST":
+            headers["Content-Length"] = "0"
         connection = self._connection_class(self._host, self._port, timeout=timeout)
         try:
-            # The server may refuse a body early (413...) and close: its answer is still there.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                connection.request(method, target, body=data, headers=headers)
-            response = connection.getresponse()
-            reply = Reply(response.status, response.headers, response.read())
-        except (OSError, http.client.HTTPException) as exc:
-            raise ServerUnreachable(self.server, exc) from exc
+            try:
+                connection.putrequest(method, target, skip_accept_encoding=True)
+                for name, value in headers.items():
+                    connection.putheader(name, value)
+                # The server may refuse a body early (413...) and close: its answer is there.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    connection.endheaders(data)
+                    if upload is not None:
+                        _send_upload(connection, upload, expect="Expect" in headers)
+                response = connection.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServerUnreachable(self.server, exc) from exc
+            logger.debug("%s %s -> %d", method, target, response.status)
+            if response.status >= 400:
+                raise self._error(response.status, response.headers, self._read(response))
+            yield response
         finally:
             connection.close()
-        logger.debug("%s %s -> %d", method, target, reply.status)
-        if reply.status >= 400:
-            raise self._error(reply)
-        return reply
 
-    def _error(self, reply: Reply) -> ApiError:
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
         try:
-            answer = json.loads(reply.body)
+            return response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerUnreachable(self.server, exc) from exc
+
+    def _error(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> ApiError:
+        """The error an answer means: the messenger's own JSON error, or else (a proxy's
+        page, most likely) its status and a hint."""
+        try:
+            answer = json.loads(body)
             code, message = str(answer["error"]), str(answer["message"])
         except (ValueError, TypeError, KeyError):
-            answer = {}
-            code, message = "http_error", f"the server answered {reply.status}"
+            hint = PROXY_HINTS.get(status, PROXY_HINT)
+            return ApiError(status, "http_error", f"the server answered {status}: {hint}")
+        retry_after = headers.get("Retry-After", "")
         hint = ""
-        if reply.status == HTTPStatus.UNAUTHORIZED and self.token is not None:
+        if status == HTTPStatus.UNAUTHORIZED and self.token is not None:
             hint = "log in again with: connect USER"
-        elif reply.status == HTTPStatus.TOO_MANY_REQUESTS and reply.headers.get("Retry-After"):
-            hint = f"try again in {reply.headers['Retry-After']} s"
+        elif status == HTTPStatus.TOO_MANY_REQUESTS and retry_after:
+            hint = f"try again in {retry_after} s"
         elif isinstance(answer.get("until"), int | float):
             hint = f"until {format_time(answer['until'])}"
-        return ApiError(reply.status, code, message, hint)
+        wait = int(retry_after) if retry_after.isdigit() else None
+        return ApiError(status, code, message, hint, wait)
+
+
+def _send_upload(connection: http.client.HTTPConnection, upload: Upload, *, expect: bool) -> None:
+    """Send the body of ``upload`` in chunks; with ``expect``, only after the server's
+    100 Continue (or a second without an answer, as curl does). Stop as soon as an answer
+    comes: a refusal, the server (or a proxy in front) takes no more."""
+    sock = connection.sock
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        if expect and not _continued(sock, selector):
+            return
+        left = upload.size
+        while left and not selector.select(0):
+            try:
+                chunk = upload.file.read(min(CHUNK, left))
+            except OSError as exc:
+                raise ClientError(f"cannot read {upload.name}: {exc.strerror}") from exc
+            if not chunk:
+                raise ClientError(f"{upload.name} shrank while it was being sent")
+            sock.sendall(chunk)
+            left -= len(chunk)
+            upload.sent(len(chunk))
+
+
+def _continued(sock: socket.socket, selector: selectors.BaseSelector) -> bool:
+    """After a request announcing ``Expect: 100-continue``: whether to send the body. The
+    interim answers (1xx) are taken off the stream; a final answer is left for
+    ``getresponse``, and the body is not sent."""
+    while selector.select(CONTINUE_TIMEOUT):
+        # An answer's status line comes in one segment: a peek shows it whole.
+        status_line = sock.recv(len(b"HTTP/1.1 100"), socket.MSG_PEEK)
+        if not re.fullmatch(rb"HTTP/1\.\d 1\d\d", status_line):
+            return False  # a final answer, or the end of the stream
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):  # the interim answer, a few bytes
+            byte = sock.recv(1)
+            if not byte:
+                return False
+            head += byte
+        if status_line.endswith(b" 100"):
+            return True
+    return True
 
 
 def attachment_name(disposition: str) -> str | None:
@@ -636,6 +858,17 @@ def print_json(answer: object) -> None:
     click.echo(json.dumps(answer, indent=2, ensure_ascii=False))
 
 
+@contextlib.contextmanager
+def progress(size: int | None, label: str) -> Iterator[Callable[[int], object]]:
+    """A progress bar of ``size`` bytes on stderr when it is a terminal, none when it is
+    piped (or the size is unknown): the function to call with each chunk's length."""
+    if size is None or not sys.stderr.isatty():
+        yield print_nothing
+        return
+    with click.progressbar(length=size, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
 # Commands ##################################################################
 
 
@@ -703,7 +936,31 @@ class App:
 pass_app = click.make_pass_decorator(App)
 
 
-@click.group(context_settings={"auto_envvar_prefix": "MESSENGER"})
+class MessengerGroup(click.Group):
+    """The command group: Ctrl-C ends any command on a new line with status 130, and under
+    ``--json`` errors are one JSON object on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(err=True)  # the shell's next prompt on its own line, not after "^C"
+            raise click.exceptions.Exit(INTERRUPTED) from None
+        except click.Abort as exc:  # Ctrl-C at the password prompt, which ends its line
+            if not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
+            raise click.exceptions.Exit(INTERRUPTED) from None
+        except click.ClickException as exc:
+            if not ctx.params.get("json_output"):
+                raise
+            click.echo(json.dumps(error_details(exc), ensure_ascii=False), err=True)
+            raise click.exceptions.Exit(exc.exit_code) from exc
+
+
+@click.group(
+    cls=MessengerGroup,
+    context_settings={"auto_envvar_prefix": "MESSENGER", "help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--server",
     metavar="URL",
@@ -711,7 +968,7 @@ pass_app = click.make_pass_decorator(App)
     show_default=True,
     envvar="MESSENGER_SERVER",
     show_envvar=True,
-    help="The server's address.",
+    help="The server's address (http:// is assumed).",
 )
 @click.option(
     "--user",
@@ -720,7 +977,9 @@ pass_app = click.make_pass_decorator(App)
     show_envvar=True,
     help="Which saved login to use (default: the last one connected).",
 )
-@click.option("--json", "json_output", is_flag=True, help="Print the server's JSON answer.")
+@click.option(
+    "--json", "json_output", is_flag=True, help="Print the server's JSON answer (errors too)."
+)
 @click.option(
     "--config-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -745,7 +1004,7 @@ def cli(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
     folder = config_dir or Path(click.get_app_dir("messenger"))
-    ctx.obj = App(server.rstrip("/"), user, json_output, Config(folder / CONFIG_FILE))
+    ctx.obj = App(server_url(server), user, json_output, Config(folder / CONFIG_FILE))
 
 
 @cli.command()
@@ -761,10 +1020,15 @@ def cli(
 def connect(app: App, user: str, password: str) -> None:
     """Log in as USER (registering the name on its first connect) and save the token.
 
-    Prints the active chat's last messages and the number of unread ones.
+    Prints the active chat's last messages and the number of unread ones. The session of
+    USER's previous saved login, if any, is revoked.
     """
+    previous = app.config.token(app.server, user)
     answer, created = app.anonymous().connect(user, password)
     app.config.remember(app.server, answer["user"], answer["token"])
+    if previous is not None:
+        with contextlib.suppress(ClientError):  # already revoked, or the server went away
+            MessengerClient(app.server, previous).disconnect()
     if app.printed_as_json(answer):
         return
     account = " (new account)" if created else ""
@@ -883,13 +1147,7 @@ def send(
     if delay is not None:
         send_at = time.time() + delay
     client, user = app.login()
-    file_id = None
-    if path is not None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ClientError(f"cannot read {path}: {exc.strerror}") from exc
-        file_id = client.upload(path.name, data)["file"]["id"]
+    file_id = None if path is None else upload_file(client, path)
     answer = client.send(
         text or "", chat=chat, to=to, reply_to=reply_to, send_at=send_at, file_id=file_id
     )
@@ -906,6 +1164,17 @@ def send(
         click.echo(format_message(answer["message"], user))
 
 
+def upload_file(client: MessengerClient, path: Path) -> str:
+    """Upload the file at ``path`` in chunks, with a progress bar on a terminal; its id."""
+    try:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            with progress(size, f"Sending {path.name}") as sent:
+                return client.upload(path.name, file, size, sent)["file"]["id"]
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror}") from exc
+
+
 @cli.command()
 @click.option("--chat", metavar="CHAT", help="Only this chat's messages.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new messages until Ctrl-C.")
@@ -913,7 +1182,8 @@ def send(
 def read(app: App, chat: str | None, follow: bool) -> None:
     """Print the unread messages and mark them read.
 
-    With --follow, keep waiting for new ones (reconnecting if the server restarts).
+    With --follow, keep waiting for new ones (reconnecting if the server restarts, or while
+    a proxy in front answers 502, 503 or 504).
     The read position covers all chats: with --chat, the unread messages of that chat are
     shown and nothing is marked read (with --follow, what is shown is marked read, and so
     is everything older).
@@ -950,33 +1220,33 @@ def read(app: App, chat: str | None, follow: bool) -> None:
 def follow_messages(app: App, client: MessengerClient, user: str, chat: str | None) -> None:
     """Long-poll and print messages as they come, marking them read, until Ctrl-C.
 
-    While the server is down or unavailable (503, as when it shuts down), try again.
+    While the server is unreachable or answers 502, 503 or 504 (it restarts, or a proxy in
+    front cannot reach it), say so once and try again: after RETRY_FIRST seconds, then twice
+    as long each time up to RETRY_MAX, or longer if the server asks (``Retry-After``).
     """
     position: int | None = None
-    lost = False
-    try:
-        while True:
-            try:
-                page = client.messages(since=position, wait=FOLLOW_WAIT, chat=chat)
-            except (ServerUnreachable, ApiError) as exc:
-                if isinstance(exc, ApiError) and exc.status != HTTPStatus.SERVICE_UNAVAILABLE:
-                    raise
-                if not lost:
-                    click.echo(f"{exc.format_message()}; retrying until Ctrl-C", err=True)
-                    lost = True
-                time.sleep(RECONNECT_DELAY)
-                continue
-            if lost:
-                click.echo(f"Reconnected to {app.server}.", err=True)
-                lost = False
-            if app.json_output and page["messages"]:
-                click.echo(json.dumps(page, ensure_ascii=False))
-            elif not app.json_output:
-                for message in page["messages"]:
-                    click.echo(format_message(message, user))
-            position = page["next"]
-    except KeyboardInterrupt:
-        return
+    delay = 0.0  # 0 while the server answers
+    while True:
+        try:
+            page = client.messages(since=position, wait=FOLLOW_WAIT, chat=chat)
+        except (ServerUnreachable, ApiError) as exc:
+            if isinstance(exc, ApiError) and exc.status not in RETRY_STATUSES:
+                raise
+            if not delay:
+                click.echo(f"{exc.format_message()}; waiting for it (Ctrl-C to stop)", err=True)
+            delay = min(RETRY_MAX, delay * 2 or RETRY_FIRST)
+            asked = exc.retry_after if isinstance(exc, ApiError) else None
+            time.sleep(min(RETRY_MAX, max(delay, asked or 0)))
+            continue
+        if delay:
+            click.echo(f"Reconnected to {app.server}.", err=True)
+            delay = 0.0
+        if app.json_output and page["messages"]:
+            click.echo(json.dumps(page, ensure_ascii=False))
+        elif not app.json_output:
+            for message in page["messages"]:
+                click.echo(format_message(message, user))
+        position = page["next"]
 
 
 @cli.command()
@@ -1181,27 +1451,58 @@ def deny(app: App, chat: str, user: str) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @pass_app
 def download(app: App, file_id: str, output: Path | None, force: bool) -> None:
-    """Save the file FILE_ID (shown in messages as [file ID: name])."""
+    """Save the file FILE_ID (shown in messages as [file ID: name]).
+
+    An existing file is refused before anything is fetched (or, when its name comes from the
+    server, before the file's bytes are); with --force it is replaced once the download is
+    complete. The file moves in chunks, with a progress bar on a terminal.
+    """
+    if output is not None and not force and not output.is_dir() and output.exists():
+        raise ClientError(f"{output} exists; add --force to overwrite it")
     client, _ = app.login()
-    got = client.download(file_id)
-    # Only the base name of the server's filename: never a path it chose.
-    name = PurePosixPath((got.filename or "").replace("\\", "/")).name
-    if name in ("", ".", ".."):
-        name = f"file-{file_id}"
-    target = output or Path(name)
-    if target.is_dir():
-        target /= name
+    with client.download(file_id) as got:
+        # Only the base name of the server's filename: never a path it chose.
+        name = PurePosixPath((got.filename or "").replace("\\", "/")).name
+        if name in ("", ".", ".."):
+            name = f"file-{file_id}"
+        target = output or Path(name)
+        if target.is_dir():
+            target /= name
+        size = save_download(got, target, force=force)
+    if app.json_output:
+        print_json({"path": str(target), "size": size, "type": got.content_type})
+    else:
+        click.echo(f"Saved {target} ({format_size(size)}, {got.content_type}).")
+
+
+def save_download(got: Download, target: Path, *, force: bool) -> int:
+    """Write the bytes of ``got`` to ``target`` as they come; how many. Without ``force``
+    ``target`` must not exist (checked before the first byte is read); with it, a temporary
+    file beside it replaces it once complete. Nothing is left behind on failure."""
+    path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part") if force else target
     try:
-        with target.open("wb" if force else "xb") as file:
-            file.write(got.data)
+        file = path.open("xb")
     except FileExistsError as exc:
         raise ClientError(f"{target} exists; add --force to overwrite it") from exc
     except OSError as exc:
         raise ClientError(f"cannot write {target}: {exc.strerror}") from exc
-    if app.json_output:
-        print_json({"path": str(target), "size": len(got.data), "type": got.content_type})
-    else:
-        click.echo(f"Saved {target} ({format_size(len(got.data))}, {got.content_type}).")
+    written = 0
+    complete = False
+    try:
+        with file, progress(got.size, f"Receiving {target.name}") as received:
+            for chunk in got.chunks():
+                file.write(chunk)
+                written += len(chunk)
+                received(len(chunk))
+        if force:
+            os.replace(path, target)
+        complete = True
+    except OSError as exc:
+        raise ClientError(f"cannot write {target}: {exc.strerror}") from exc
+    finally:
+        if not complete:
+            path.unlink(missing_ok=True)
+    return written
 
 
 if __name__ == "__main__":

@@ -1,28 +1,43 @@
-"""The command-line client, run with CliRunner against a real server in a background thread."""
+"""The command-line client, run with CliRunner against a real server in a background thread
+(and as a real process where a terminal, a signal or its memory matter), directly or through
+nginx."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import http.client
+import io
 import json
+import os
+import pty
+import queue
 import re
+import shutil
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner, Result
 
 import messenger_client as mc
 import messenger_server as ms
+from tests.proxy import Nginx, needs_nginx, nginx_in_front
 from tests.servers import ServerThread, thread_servers
 
 PASSWORD = "correct horse battery"
+CLIENT = Path(mc.__file__).resolve()
+MiB = 1024 * 1024
 
 
 class Cli:
@@ -189,14 +204,38 @@ def test_user_option_picks_a_saved_login(cli: Cli) -> None:
 def test_revoked_token_suggests_connecting_again(cli: Cli) -> None:
     token = cli.login("alice")
     mc.MessengerClient(cli.url, token).disconnect()
-    assert error_line(cli("chats", code=1)).endswith("(log in again with: connect USER)")
+    assert error_line(cli("chats", code=1)) == (
+        "Error: unknown or revoked token: connect again (log in again with: connect USER)"
+    )
+
+
+def test_connect_again_revokes_the_previous_session(cli: Cli, tmp_path: Path) -> None:
+    first = cli.login("alice")
+    bob = cli.login("bob")
+    cli.login("alice")
+    with pytest.raises(mc.ApiError) as raised:
+        mc.MessengerClient(cli.url, first).status()
+    assert raised.value.status == 401
+    assert cli.json("status", user="alice")["sessions"] == 1
+    assert mc.MessengerClient(cli.url, bob).status()["user"] == "bob"  # others keep theirs
+    # A login saved in another config (another device) is not this config's to revoke.
+    cli("--config-dir", str(tmp_path / "laptop"), "connect", "alice", "--password", PASSWORD)
+    assert cli.json("status", user="alice")["sessions"] == 2
+
+
+def test_connect_again_after_the_session_was_revoked_elsewhere(cli: Cli) -> None:
+    first = cli.login("alice")
+    mc.MessengerClient(cli.url, first).disconnect()
+    assert "as alice." in cli("connect", "alice", "--password", PASSWORD).stdout
+    assert cli.json("status")["sessions"] == 1
 
 
 def test_disconnect_revokes_and_forgets_the_token(cli: Cli, config_dir: Path) -> None:
     token = cli.login("alice")
     assert cli("disconnect").stdout == f"Disconnected alice from {cli.url}.\n"
     assert token not in (config_dir / "config.json").read_text()
-    error_line(cli("chats", code=1))
+    line = error_line(cli("chats", code=1))
+    assert line == f"Error: not logged in to {cli.url}; log in with: connect USER"
     with pytest.raises(mc.ApiError) as raised:
         mc.MessengerClient(cli.url, token).chats()
     assert raised.value.status == 401
@@ -234,15 +273,17 @@ def test_join_a_private_chat_without_invitation_fails(cli: Cli) -> None:
     cli.login("alice")
     cli.login("bob")
     cli("join", "secret", "--private", user="alice")
-    error_line(cli("join", "secret", user="bob", code=1))
+    line = error_line(cli("join", "secret", user="bob", code=1))
+    assert line == "Error: secret is private: ask its owner for an invitation"
 
 
 def test_leave_a_chat(cli: Cli) -> None:
     cli.login("alice")
     cli("join", "books")
     assert cli("leave", "books").stdout == "Left books.\n"
-    error_line(cli("leave", "books", code=1))  # not a member any more
-    error_line(cli("leave", "general", code=1))  # general cannot be left
+    assert error_line(cli("leave", "books", code=1)) == "Error: you are not a member of books"
+    line = error_line(cli("leave", "general", code=1))
+    assert line == "Error: nobody leaves general: every user stays a member"
 
 
 def test_invite_lets_a_user_join_a_private_chat(cli: Cli) -> None:
@@ -252,7 +293,8 @@ def test_invite_lets_a_user_join_a_private_chat(cli: Cli) -> None:
     invited = cli("invite", "secret", "bob", user="alice").stdout
     assert invited == "Invited bob to secret; they can now run: join secret\n"
     assert cli("join", "secret", user="bob").stdout.startswith("Joined private chat secret")
-    error_line(cli("invite", "secret", "alice", user="bob", code=1))  # bob is not the owner
+    line = error_line(cli("invite", "secret", "alice", user="bob", code=1))
+    assert line == "Error: only the owner of secret may do that"
 
 
 @pytest.mark.parametrize("form", ["url", "path", "token"])
@@ -281,12 +323,14 @@ def test_deny_keeps_a_user_out(cli: Cli) -> None:
     cli("request", link, user="bob")
     denied = cli("deny", "secret", "bob", user="alice").stdout
     assert denied == "Denied bob's request to join secret.\n"
-    error_line(cli("join", "secret", user="bob", code=1))
+    line = error_line(cli("join", "secret", user="bob", code=1))
+    assert line == "Error: secret is private: ask its owner for an invitation"
 
 
 def test_request_with_an_unknown_link_fails(cli: Cli) -> None:
     cli.login("bob")
-    error_line(cli("request", f"{cli.url}/join/nosuchtoken", code=1))
+    line = error_line(cli("request", f"{cli.url}/join/nosuchtoken", code=1))
+    assert line == "Error: unknown or revoked join link"
 
 
 # send, read, history, show ###################################################
@@ -357,19 +401,70 @@ def test_send_shows_bidi_overrides_from_others_as_codes(cli: Cli) -> None:
     assert "\u202e" not in shown and shown.endswith(" general bob: pay \\x202egnp.exe\n")
 
 
-@pytest.mark.parametrize("server", ["http://h:abc", "http://h:99999", "http://[::1", "ftp://h"])
-def test_a_malformed_server_address_is_one_clear_line(server: str, config_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("server", "complaint"),
+    [
+        ("http://h:abc", "not a server address: http://h:abc (Port could not be cast to integer"
+         " value as 'abc')"),
+        ("http://h:99999", "not a server address: http://h:99999 (Port out of range 0-65535)"),
+        ("http://h:0", "not a server address: http://h:0 (port 0)"),
+        ("http://[::1", "not a server address: http://[::1 (Invalid IPv6 URL)"),
+        ("ftp://h", "not an http:// server address: ftp://h"),
+        ("http://", "not a server address: http:// (no host)"),
+        ("http://ex ample", "not a server address: http://ex ample ('ex ample' is not a host"
+         " name)"),
+        ("http://me@h", "not a server address: http://me@h (a user, query or fragment in it)"),
+        ("http://h/?x=1", "not a server address: http://h/?x=1 (a user, query or fragment in it)"),
+    ],
+)
+def test_a_malformed_server_address_is_one_clear_line(server: str, complaint: str) -> None:
     result = CliRunner().invoke(mc.cli, ["--server", server, "status"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.startswith("Error: not ")
+    assert error_line(result) == f"Error: {complaint}"
 
 
 @pytest.mark.parametrize(
-    "target", [["--chat", "nowhere"], ["--to", "nobody"], ["--reply-to", "99999"]]
+    ("given", "canonical"),
+    [
+        ("127.0.0.1:8000", "http://127.0.0.1:8000"),
+        ("HTTP://LocalHost:80/", "http://localhost"),
+        ("https://Chat.Example.ORG:443/messenger/", "https://chat.example.org/messenger"),
+        ("https://chat.example.org:8443", "https://chat.example.org:8443"),
+        ("http://[0:0::1]:8000/", "http://[::1]:8000"),
+        ("http://bücher.example", "http://xn--bcher-kva.example"),
+    ],
 )
-def test_send_to_an_unknown_target_fails(cli: Cli, target: list[str]) -> None:
+def test_server_addresses_are_normalised(given: str, canonical: str) -> None:
+    assert mc.server_url(given) == canonical
+
+
+def test_one_server_spelled_two_ways_is_one_saved_login(cli: Cli, config_dir: Path) -> None:
+    port = urlsplit(cli.url).port
+    Cli(f"127.0.0.1:{port}").login("alice")
+    assert Cli(f"HTTP://127.0.0.1:{port}/").json("status")["user"] == "alice"
+    saved = json.loads((config_dir / mc.CONFIG_FILE).read_text())
+    assert list(saved["servers"]) == [cli.url]
+
+
+def test_a_login_saved_under_another_spelling_still_works(cli: Cli, config_dir: Path) -> None:
+    """Config files written before addresses were normalised."""
+    token = cli.login("alice")
+    spelled = cli.url.replace("http://", "HTTP://") + "/"
+    servers = {spelled: {"tokens": {"alice": token}, "last_user": "alice"}}
+    (config_dir / mc.CONFIG_FILE).write_text(json.dumps({"servers": servers}))
+    assert cli.json("status")["user"] == "alice"
+
+
+@pytest.mark.parametrize(
+    ("target", "complaint"),
+    [
+        (["--chat", "nowhere"], "no chat named 'nowhere'"),
+        (["--to", "nobody"], "no user named 'nobody'"),
+        (["--reply-to", "99999"], "no message 99999 that you can see"),
+    ],
+)
+def test_send_to_an_unknown_target_fails(cli: Cli, target: list[str], complaint: str) -> None:
     cli.login("alice")
-    error_line(cli("send", *target, "hello", code=1))
+    assert error_line(cli("send", *target, "hello", code=1)) == f"Error: {complaint}"
 
 
 @pytest.mark.parametrize(
@@ -437,7 +532,8 @@ def test_send_later_list_and_cancel(cli: Cli) -> None:
     )
     assert cli("cancel", item["id"]).stdout == f"Cancelled {item['id']}.\n"
     assert cli("scheduled").stdout == "No scheduled messages.\n"
-    error_line(cli("cancel", item["id"], code=1))
+    line = error_line(cli("cancel", item["id"], code=1))
+    assert line == f"Error: no pending scheduled message {item['id']} of yours"
 
 
 def test_send_at_a_clock_time_or_an_iso_datetime(cli: Cli) -> None:
@@ -457,12 +553,13 @@ def test_history_shows_messages_from_before_joining(cli: Cli) -> None:
     assert cli("history", "general", user="bob").stdout.endswith(" general alice: old news\n")
     cli("join", "books", user="bob")
     assert cli("history", "books", user="bob").stdout == "No messages in books.\n"
-    error_line(cli("history", "nowhere", user="bob", code=1))
+    line = error_line(cli("history", "nowhere", user="bob", code=1))
+    assert line == "Error: no chat named 'nowhere'"
 
 
 def test_show_an_unknown_message_fails(cli: Cli) -> None:
     cli.login("alice")
-    error_line(cli("show", "99999", code=1))
+    assert error_line(cli("show", "99999", code=1)) == "Error: no message 99999 that you can see"
 
 
 # files ######################################################################
@@ -512,7 +609,9 @@ def test_download_keeps_only_the_base_name(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token = cli.login("alice")
-    uploaded = mc.MessengerClient(cli.url, token).upload("../../evil.sh", b"echo hi\n")
+    data = b"echo hi\n"
+    client = mc.MessengerClient(cli.url, token)
+    uploaded = client.upload("../../evil.sh", io.BytesIO(data), len(data))
     monkeypatch.chdir(tmp_path)
     cli("download", uploaded["file"]["id"])
     assert (tmp_path / "evil.sh").read_bytes() == b"echo hi\n"
@@ -520,7 +619,8 @@ def test_download_keeps_only_the_base_name(
 
 def test_download_an_unknown_file_fails(cli: Cli) -> None:
     cli.login("alice")
-    error_line(cli("download", "nosuchfile", code=1))
+    line = error_line(cli("download", "nosuchfile", code=1))
+    assert line == "Error: no file nosuchfile that you can use"
 
 
 # status, report ##############################################################
@@ -548,9 +648,15 @@ def test_report_counts_and_bans(cli: Cli) -> None:
     banned = cli("report", "dave", user="carol").stdout.splitlines()
     assert banned[0] == "Reported dave (3 reports)."
     assert banned[1].startswith("dave is banned until ")
-    assert "(until " in error_line(cli("send", "hello", user="dave", code=1))
-    error_line(cli("report", "alice", user="alice", code=1))  # not oneself
-    error_line(cli("report", "nobody", user="alice", code=1))
+    line = error_line(cli("send", "hello", user="dave", code=1))
+    assert re.fullmatch(
+        r"Error: you are banned from sending after reports from other users \(until \d\d:\d\d\)",
+        line,
+    ), line
+    line = error_line(cli("report", "alice", user="alice", code=1))
+    assert line == "Error: you cannot report yourself"
+    line = error_line(cli("report", "nobody", user="alice", code=1))
+    assert line == "Error: no user named 'nobody'"
 
 
 # JSON output ##################################################################
@@ -573,7 +679,7 @@ class Follower:
 
     def __init__(self, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
         self.cli = cli
-        self.failed = threading.Event()  # a poll failed: the server is down
+        self.errors: queue.Queue[mc.ClientError] = queue.Queue()  # how polls failed
         self.stopping = threading.Event()
         self.results: list[Result] = []
         original = mc.MessengerClient.messages
@@ -585,8 +691,8 @@ class Follower:
                 raise KeyboardInterrupt
             try:
                 page = original(client, **query)
-            except mc.ClientError:
-                self.failed.set()
+            except mc.ClientError as exc:
+                self.errors.put(exc)
                 raise
             if page["messages"]:
                 self.stopping.set()
@@ -594,11 +700,12 @@ class Follower:
 
         monkeypatch.setattr(mc.MessengerClient, "messages", messages)
         monkeypatch.setattr(mc, "FOLLOW_WAIT", 5)  # bounds a failed test's teardown
-        monkeypatch.setattr(mc, "RECONNECT_DELAY", 0.05)
+        monkeypatch.setattr(mc, "RETRY_FIRST", 0.01)
+        monkeypatch.setattr(mc, "RETRY_MAX", 0.05)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        self.results.append(self.cli("read", "--follow", user="alice"))
+        self.results.append(self.cli("read", "--follow", user="alice", code=mc.INTERRUPTED))
 
     def result(self) -> Result:
         self.thread.join(timeout=20)
@@ -634,7 +741,7 @@ def test_read_follow_prints_a_message_sent_while_waiting(cli: Cli, follower: Fol
     wait_until_parked(bob)
     bob.send("are you there?", to="alice")
     result = follower.result()
-    assert result.exit_code == 0  # Ctrl-C ends it cleanly
+    assert result.stderr == "\n"  # Ctrl-C: the shell's prompt on a line of its own
     assert result.stdout.endswith(" @bob bob: are you there?\n")
     assert cli.json("status", user="alice")["unread"]["total"] == 0  # marked read
 
@@ -647,13 +754,15 @@ def test_read_follow_reconnects_after_a_server_restart(
     follower.thread.start()
     wait_until_parked(bob)
     live_server.stop()
-    assert follower.failed.wait(timeout=10)
+    follower.errors.get(timeout=10)
     live_server.start_again()
     bob.send("back again", to="alice")
     result = follower.result()
-    assert result.exit_code == 0
-    assert f"cannot reach {cli.url}" in result.stderr
-    assert f"Reconnected to {cli.url}." in result.stderr
+    assert result.stderr.splitlines() == [
+        f"cannot reach {cli.url}: connection refused; waiting for it (Ctrl-C to stop)",
+        f"Reconnected to {cli.url}.",
+        "",
+    ]
     assert result.stdout.endswith(" @bob bob: back again\n")
 
 
@@ -668,3 +777,482 @@ def test_a_damaged_config_file_is_one_clear_line(content: str, config_dir: Path)
     result = CliRunner().invoke(mc.cli, ["status"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: cannot read ")
+
+
+# -h, Ctrl-C, dates, errors under --json ########################################
+
+
+@pytest.mark.parametrize("command", ["", *sorted(mc.cli.commands)])
+def test_every_command_takes_h_for_help(command: str) -> None:
+    result = CliRunner().invoke(mc.cli, [*filter(None, [command]), "-h"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: ")
+    assert "-h, --help" in result.stdout
+
+
+def client_process(*args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``python messenger_client.py ARGS`` as a child process, with the test's config folder."""
+    return subprocess.Popen(
+        [sys.executable, str(CLIENT), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+
+
+def test_ctrl_c_ends_read_follow_on_a_new_line_with_status_130(cli: Cli) -> None:
+    cli.login("alice")
+    bob = mc.MessengerClient(cli.url, cli.login("bob"))
+    process = client_process("--server", cli.url, "--user", "alice", "read", "--follow")
+    try:
+        wait_until_parked(bob)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert (process.returncode, stdout, stderr) == (130, "", "\n")
+
+
+class CtrlC(io.RawIOBase):
+    """A terminal where the user presses Ctrl-C."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_the_password_prompt_exits_130(cli: Cli) -> None:
+    ctrl_c = io.BufferedReader(CtrlC())
+    result = CliRunner().invoke(mc.cli, ["--server", cli.url, "connect", "alice"], input=ctrl_c)
+    assert (result.exit_code, result.stderr) == (130, "")  # no "Aborted!"
+    assert result.stdout.startswith("Password: ") and result.stdout.endswith("\n")
+
+
+def a_message(moment: dt.datetime) -> mc.Message:
+    return {
+        "id": 7, "chat": "general", "to": None, "from": "bob", "text": "hi",
+        "ts": moment.timestamp(), "reply_to": None, "file": None,
+    }
+
+
+def test_messages_not_from_today_show_their_date() -> None:
+    noon = dt.datetime.combine(dt.date.today(), dt.time(12, 30))
+    assert mc.format_message(a_message(noon), "alice") == "#7 12:30 general bob: hi"
+    for other_day in (noon - dt.timedelta(days=1), noon - dt.timedelta(days=400)):
+        shown = mc.format_message(a_message(other_day), "alice")
+        assert shown == f"#7 {other_day:%Y-%m-%d} 12:30 general bob: hi"
+
+
+def json_error(result: Result, code: int = 1) -> Any:
+    """The one JSON object a command run with --json shows for an error, stdout left empty."""
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return json.loads(lines[0])
+
+
+def test_json_errors_are_one_object_on_stderr(cli: Cli, down_url: str) -> None:
+    assert json_error(cli("chats", json_output=True, code=1)) == {
+        "error": "not_logged_in",
+        "message": f"not logged in to {cli.url}; log in with: connect USER",
+    }
+    cli.login("alice")
+    assert json_error(cli("show", "99999", json_output=True, code=1)) == {
+        "error": "not_found", "message": "no message 99999 that you can see", "status": 404
+    }
+    assert json_error(cli("send", json_output=True, code=2), code=2) == {
+        "error": "usage", "message": "give a TEXT, a --file, or both"
+    }
+    assert json_error(Cli(down_url)("connect", "alice", "--password", "x", json_output=True,
+                                    code=1)) == {
+        "error": "unreachable", "message": f"cannot reach {down_url}: connection refused"
+    }
+    assert json_error(Cli("ftp://h")("status", json_output=True, code=1)) == {
+        "error": "client_error", "message": "not an http:// server address: ftp://h"
+    }
+
+
+def test_json_errors_carry_the_hint_and_retry_after(serve: Callable[..., ServerThread]) -> None:
+    cli = Cli(serve(rules=ms.Rules(rate_limit=1)).url)
+    cli.login("alice")
+    cli("send", "one")
+    error = json_error(cli("send", "two", json_output=True, code=1))
+    assert (error["error"], error["status"]) == ("rate_limited", 429)
+    assert error["hint"] == f"try again in {error['retry_after']} s"
+
+
+# Errors that are not the messenger's: a proxy's pages ###########################
+
+
+PROXY_PAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+
+
+@contextlib.contextmanager
+def answering(status: int, body: bytes = PROXY_PAGE, length: int | None = None) -> Iterator[str]:
+    """A server that answers every request with ``status`` and ``body`` (an HTML page, as a
+    proxy's) said to be ``length`` bytes long, then closes; its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answer = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: text/html\r\n"
+        f"Content-Length: {length or len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener is shut: the test is over
+            while True:
+                connection, _ = listener.accept()
+                with connection:
+                    head = b""
+                    while b"\r\n\r\n" not in head and (data := connection.recv(65536)):
+                        head += data
+                    connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        listener.close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("status", "args", "hint"),
+    [
+        (413, ["send", "--file", "notes.txt"], "a proxy in front may limit bodies, see README"),
+        (502, ["chats"], "a proxy in front got no answer from the server, is it running?"),
+        (503, ["chats"], "a proxy in front finds the server unavailable"),
+        (504, ["read"], "a proxy in front gave up waiting for the server, see README"),
+        (404, ["status"], "not the messenger's answer, check --server or the proxy in front"),
+    ],
+)
+def test_a_proxy_error_page_names_the_status_and_a_hint(
+    status: int, args: list[str], hint: str, config_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("notes")
+    with answering(status) as url:
+        mc.Config(config_dir / mc.CONFIG_FILE).remember(url, "alice", "a-token")
+        line = error_line(Cli(url)(*args, code=1))
+    assert line == f"Error: the server answered {status}: {hint}"
+
+
+# files: in chunks, refused early, with a progress bar, in flat memory ##########
+
+
+def test_a_refused_upload_sends_no_body(serve: Callable[..., ServerThread]) -> None:
+    """The client waits for 100 Continue: the server's refusal comes first."""
+    server = serve(max_file_size=1024)
+    alice = mc.MessengerClient(server.url, Cli(server.url).login("alice"))
+    stranger = mc.MessengerClient(server.url, "not-a-token")
+    for client, size, status in ((alice, 4 * MiB, 413), (stranger, 100, 401)):
+        sent: list[int] = []
+        with pytest.raises(mc.ApiError) as raised:
+            client.upload("big.bin", io.BytesIO(bytes(size)), size, sent.append)
+        assert (raised.value.status, sent) == (status, [])
+
+
+def test_upload_sends_the_file_in_chunks(cli: Cli, tmp_path: Path) -> None:
+    client = mc.MessengerClient(cli.url, cli.login("alice"))
+    data = os.urandom(MiB + 5)
+    sent: list[int] = []
+    answer = client.upload("data.bin", io.BytesIO(data), len(data), sent.append)
+    assert answer["file"]["size"] == len(data)
+    assert sum(sent) == len(data) and max(sent) == mc.CHUNK
+
+
+def test_download_checks_its_target_before_fetching(
+    cli: Cli, live_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli.login("alice")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    Path("notes.txt").write_text("the file")
+    file_id = cli.json("send", "--file", "notes.txt")["message"]["file"]["id"]
+    mine = Path("mine.txt")
+    mine.write_text("keep me")
+    line = error_line(cli("download", file_id, "-o", "mine.txt", code=1))
+    assert line == "Error: mine.txt exists; add --force to overwrite it"
+    assert ("GET", f"/files/{file_id}") not in live_server.requests  # nothing asked
+    # The name comes from the server: refused after the answer's head, before its body.
+    line = error_line(cli("download", file_id, code=1))
+    assert line == "Error: notes.txt exists; add --force to overwrite it"
+    assert sorted(os.listdir()) == ["mine.txt", "notes.txt"]
+    assert mine.read_text() == "keep me"
+    cli("download", file_id, "-o", "mine.txt", "--force")
+    assert mine.read_text() == "the file"
+    assert sorted(os.listdir()) == ["mine.txt", "notes.txt"]  # no temporary file left
+
+
+def test_a_download_cut_short_leaves_no_file(
+    config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with answering(200, b"only this", length=1000) as url:
+        mc.Config(config_dir / mc.CONFIG_FILE).remember(url, "alice", "a-token")
+        for force in ([], ["--force"]):
+            line = error_line(Cli(url)("download", "abc", "-o", "cut.bin", *force, code=1))
+            assert line == f"Error: cannot reach {url}: the answer stopped 991 bytes short"
+            assert os.listdir() == []
+
+
+def on_a_terminal(*args: str) -> tuple[int, str]:
+    """Run the client with stderr on a pseudo-terminal: its exit status and what the
+    terminal showed."""
+    controller, terminal = pty.openpty()
+    process = client_process(*args, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO: the client exited, the terminal is closed
+        while data := os.read(controller, 65536):
+            shown += data
+    os.close(controller)
+    process.communicate(timeout=20)
+    return process.returncode, shown.decode()
+
+
+def test_files_show_a_progress_bar_on_a_terminal_only(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli.login("alice")
+    monkeypatch.chdir(tmp_path)
+    Path("big.bin").write_bytes(os.urandom(2 * MiB))
+    status, shown = on_a_terminal("--server", cli.url, "--json", "send", "--file", "big.bin")
+    assert status == 0, shown
+    assert re.search(r"Sending big\.bin +\[#+\] +100%", shown), shown
+    piped = client_process("--server", cli.url, "--json", "send", "--file", "big.bin")
+    stdout, stderr = piped.communicate(timeout=20)
+    assert (piped.returncode, stderr) == (0, "")
+    file_id = json.loads(stdout)["message"]["file"]["id"]
+    status, shown = on_a_terminal("--server", cli.url, "download", file_id, "-o", "copy.bin")
+    assert status == 0, shown
+    assert re.search(r"Receiving copy\.bin +\[#+\] +100%", shown), shown
+    piped = client_process("--server", cli.url, "download", file_id, "-o", "piped.bin")
+    assert piped.communicate(timeout=20) == ("Saved piped.bin (2.0 MiB, application/octet-stream)."
+                                             "\n", "")
+
+
+# The client, run so that its interpreter reports its peak RSS as it exits. (The kernel's
+# ru_maxrss of a child counts the memory of the process it was forked from, here pytest's.)
+REPORT_PEAK_RSS = """
+import atexit, re, runpy, sys
+
+def report() -> None:
+    status = open("/proc/self/status").read()
+    print("peak RSS KiB", re.search(r"VmHWM:\\s+(\\d+)", status)[1], file=sys.stderr)
+
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def peak_rss_kib(*args: str) -> int:
+    """Run the client to its end; its peak resident set size (VmHWM), in KiB."""
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT_PEAK_RSS, str(CLIENT), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    peak = re.fullmatch(r"peak RSS KiB (\d+)\n", done.stderr)
+    assert peak is not None, done.stderr
+    return int(peak[1])
+
+
+def test_client_memory_stays_flat_while_moving_5_mib(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploading and downloading 5 MiB costs the client well under 5 MiB more than 1 KiB."""
+    cli.login("alice")
+    monkeypatch.chdir(tmp_path)
+    Path("small.bin").write_bytes(os.urandom(1024))
+    Path("big.bin").write_bytes(os.urandom(5 * MiB))
+    peaks: dict[str, int] = {}
+    for name in ("small.bin", "big.bin"):
+        send = ("--server", cli.url, "send", "--file", name)
+        peaks[f"send {name}"] = peak_rss_kib(*send)
+        file_id = cli.json("history", "general")["messages"][-1]["file"]["id"]
+        peaks[f"download {name}"] = peak_rss_kib(
+            "--server", cli.url, "download", file_id, "-o", f"copy-{name}"
+        )
+        assert Path(f"copy-{name}").read_bytes() == Path(name).read_bytes()
+    print(f"client peak RSS, KiB: {peaks}")
+    for verb in ("send", "download"):
+        grown = peaks[f"{verb} big.bin"] - peaks[f"{verb} small.bin"]
+        assert grown < 2 * 1024, (verb, peaks)  # holding the file would be 5 MiB or more
+
+
+# read --follow: what it waits through ##########################################
+
+
+def test_read_follow_waits_through_502_503_504_with_capped_backoff(
+    down_url: str, config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mc.Config(config_dir / mc.CONFIG_FILE).remember(down_url, "alice", "a-token")
+    bad_gateway = mc.ApiError(502, "http_error", "the server answered 502: a proxy...")
+    failures: list[Exception] = [
+        bad_gateway, mc.ApiError(504, "http_error", "the server answered 504: a proxy..."),
+        mc.ServerUnreachable(down_url, ConnectionRefusedError()),
+        mc.ApiError(503, "unavailable", "the server is shutting down"),
+        bad_gateway, bad_gateway, bad_gateway,
+    ]
+    message = a_message(dt.datetime.now())
+    answers: list[BaseException | mc.MessagesPage] = [
+        *failures, {"messages": [message], "next": 7},
+        mc.ApiError(503, "unavailable", "busy", retry_after=3), {"messages": [], "next": 7},
+        KeyboardInterrupt(),
+    ]
+
+    def messages(client: mc.MessengerClient, **query: Any) -> mc.MessagesPage:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    pauses: list[float] = []
+    monkeypatch.setattr(mc.MessengerClient, "messages", messages)
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    result = Cli(down_url)("read", "--follow", code=mc.INTERRUPTED)
+    assert pauses == [0.5, 1, 2, 4, 8, 15, 15, 3]
+    assert result.stderr.splitlines() == [
+        "the server answered 502: a proxy...; waiting for it (Ctrl-C to stop)",
+        f"Reconnected to {down_url}.",
+        "busy; waiting for it (Ctrl-C to stop)",
+        f"Reconnected to {down_url}.",
+        "",
+    ]
+    assert result.stdout == mc.format_message(message, "alice") + "\n"
+
+
+@pytest.mark.parametrize("status", [401, 404, 500])
+def test_read_follow_stops_at_other_errors(status: int, cli: Cli) -> None:
+    cli.login("alice")
+    with answering(status) as url:
+        mc.Config(Path(os.environ["MESSENGER_CONFIG_DIR"]) / mc.CONFIG_FILE).remember(
+            url, "alice", "a-token"
+        )
+        line = error_line(Cli(url)("read", "--follow", code=1))
+    hint = mc.PROXY_HINTS.get(status, mc.PROXY_HINT)
+    assert line == f"Error: the server answered {status}: {hint}"
+
+
+# Behind nginx ###################################################################
+
+
+@pytest.fixture
+def proxy(live_server: ServerThread, tmp_path: Path) -> Iterator[Nginx]:
+    """nginx in front of the live server, configured as the README shows."""
+    with nginx_in_front(live_server.port, tmp_path / "nginx") as running:
+        yield running
+
+
+@needs_nginx
+def test_read_follow_through_nginx_waits_through_its_502(
+    cli: Cli, live_server: ServerThread, proxy: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = mc.MessengerClient(cli.url, cli.login("bob"))
+    proxied = Cli(proxy.url)
+    proxied.login("alice")
+    follower = Follower(proxied, monkeypatch)
+    try:
+        follower.thread.start()
+        wait_until_parked(bob)
+        live_server.stop()
+        while getattr(follower.errors.get(timeout=10), "status", None) != 502:
+            pass  # until nginx answers 502: it cannot reach the server
+        live_server.start_again()
+        bob.send("back again", to="alice")
+        result = follower.result()
+    finally:
+        follower.close()
+    assert 502 in proxy.statuses("/messages")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and lines[0].endswith("; waiting for it (Ctrl-C to stop)"), lines
+    assert lines[1:] == [f"Reconnected to {proxy.url}.", ""]
+    assert result.stdout.endswith(" @bob bob: back again\n")
+
+
+@needs_nginx
+def test_5_mib_round_trip_through_nginx(
+    cli: Cli, proxy: Nginx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Cli(proxy.url).login("alice")
+    monkeypatch.chdir(tmp_path)
+    Path("big.bin").write_bytes(os.urandom(5 * MiB))  # exactly --max-file-size
+    sent = client_process("--server", proxy.url, "--json", "send", "--file", "big.bin")
+    stdout, stderr = sent.communicate(timeout=60)
+    assert sent.returncode == 0, stderr
+    file_id = json.loads(stdout)["message"]["file"]["id"]
+    got = client_process("--server", proxy.url, "download", file_id, "-o", "copy.bin")
+    assert got.communicate(timeout=60)[0] == (
+        "Saved copy.bin (5.0 MiB, application/octet-stream).\n"
+    )
+    cmp = shutil.which("cmp")
+    if cmp is None:
+        assert Path("copy.bin").read_bytes() == Path("big.bin").read_bytes()
+    else:
+        assert subprocess.run([cmp, "big.bin", "copy.bin"], check=False).returncode == 0
+    assert proxy.statuses("/files") == [201, 200]
+
+
+@needs_nginx
+def test_uploads_refused_through_nginx(
+    cli: Cli, live_server: ServerThread, proxy: Nginx, tmp_path: Path
+) -> None:
+    token = Cli(proxy.url).login("alice")
+    client = mc.MessengerClient(proxy.url, token)
+    size = 5 * MiB + 1  # one byte over the server's limit: the server refuses it
+    with pytest.raises(mc.ApiError) as raised:
+        client.upload("big.bin", io.BytesIO(bytes(size)), size)
+    assert raised.value.format_message() == "files are limited to 5242880 bytes"
+    # With nginx's default limit (1 MiB), nginx refuses it before a byte is sent.
+    with nginx_in_front(live_server.port, tmp_path / "nginx-1m",
+                        client_max_body_size="1m") as default_limit:
+        sent: list[int] = []
+        with pytest.raises(mc.ApiError) as raised:
+            mc.MessengerClient(default_limit.url, token).upload(
+                "big.bin", io.BytesIO(bytes(2 * MiB)), 2 * MiB, sent.append
+            )
+    assert raised.value.format_message() == (
+        "the server answered 413: a proxy in front may limit bodies, see README"
+    )
+    assert sent == []
+    with pytest.raises(mc.ApiError) as raised:
+        mc.MessengerClient(proxy.url, "not-a-token").upload("x", io.BytesIO(b"x"), 1)
+    assert raised.value.status == 401
+
+
+@needs_nginx
+def test_nginx_passes_the_client_address_to_a_server_that_trusts_it(
+    serve: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    """The README's X-Forwarded-For and --forwarded-allow-ips: per-address rules count the
+    client's address, not the proxy's (here: one registration per address)."""
+    server = serve(
+        forwarded_allow_ips=ms.parse_networks("127.0.0.1"),
+        rules=ms.Rules(registrations_per_ip=1),
+    )
+    with nginx_in_front(server.port, tmp_path / "nginx") as proxy:
+
+        def register(user: str, address: str) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            body = json.dumps({"user": user, "password": PASSWORD})
+            connection.request("POST", "/connect", body, {"X-Forwarded-For": address})
+            status = connection.getresponse().status
+            connection.close()
+            return status
+
+        assert register("alice", "203.0.113.9") == 201
+        assert register("bob", "203.0.113.9") == 429
+        assert register("carol", "198.51.100.7") == 201
