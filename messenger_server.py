@@ -95,6 +95,7 @@ BODY_TIMEOUT: Final = 30.0  # seconds for a whole body; 408 after
 IDLE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection is kept
 SHUTDOWN_TIMEOUT: Final = 10.0  # seconds in-flight requests get to finish at shutdown
 LINGER_TIMEOUT: Final = 2.0  # seconds a refused request's remaining bytes are taken in
+SKIP_LIMIT: Final = 1024 * 1024  # bytes of an unread body read past to keep a connection
 MAX_CONNECTIONS: Final = 10_000  # open connections in all; 503 above
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
@@ -3157,7 +3158,8 @@ class MessengerApp:
                 await channel.discard(request)  # a malformed body fails before any change
             return await route.handler(call)
         except MessengerError as exc:
-            logger.info("%s %r -> %d %r", request.method, request.path, exc.status, exc.message)
+            logger.info("%s %r from %r -> %d %r", request.method, request.path, channel.address,
+                        exc.status, exc.message)
             return Response.error(exc)
         except Exception:
             logger.exception("unhandled error in %s %r", request.method, request.path)
@@ -4012,9 +4014,15 @@ class Connection:
     ) -> tuple[Response, bool]:
         """The body of a request answered without reading it (an error, say): skip it to
         keep the connection; or close after the answer when the client waits for a 100
-        Continue. A body too large to read or malformed makes the answer a 413 (unless it
+        Continue or the body is large (a proxy does not pass Expect on). A body too large to read or malformed makes the answer a 413 (unless it
         is one already) or a 400."""
         if request.expect_continue and not self._continued:
+            return response, True
+        length, largest = request.content_length or 0, self._config.largest_body
+        if length > largest and response.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+            too_large = PayloadTooLarge(f"the body is larger than {largest} bytes")
+            return Response.error(too_large), True
+        if length > SKIP_LIMIT:  # answer now, not after the whole upload
             return response, True
         try:
             await self.discard(request)

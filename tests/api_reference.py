@@ -26,7 +26,10 @@ CODE_MEANINGS = {
     "bad_request": "Malformed HTTP (framing, syntax, Host), or a request the rules refuse",
     "bad_json": "The body is not JSON, or not a JSON object",
     "invalid_field": "A field or query parameter missing, of the wrong type or out of range",
-    "forbidden": "Not the chat's owner, a private chat without an invitation, or a quota reached",
+    "forbidden": "Not the chat's owner, a private chat without an invitation, or a report "
+    "of a user whose messages one cannot see",
+    "quota_exceeded": "Over a quota of stored things (chats, memberships, scheduled or "
+    "undelivered messages, uploads); the message names the quota and its limit",
     "not_a_member": "Not a member of the chat",
     "banned": "Banned from sending after reports; `until` says when the ban ends",
     "internal": "A bug: the server logs it and answers without details",

@@ -4,9 +4,11 @@ and ``call`` for one request), the contract's error check, and server processes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,20 @@ class Client:
 
     async def closed(self) -> bool:
         return await at_eof(self.reader)
+
+
+class SourceClient(Client):
+    """A ``Client`` whose connection leaves from a chosen loopback address (127.0.0.x)."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        super().__init__(port)
+        self.source = source
+
+    async def __aenter__(self) -> SourceClient:
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(self.source, 0)
+        )
+        return self
 
 
 async def call(
@@ -227,3 +243,31 @@ async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that really fills up (needs root, as CI and developers are)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True, check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill_up(folder: Path) -> Path:
+    """Write a file until the disk is full; return it (unlink it to free the space)."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for size in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(b"\0" * size)
+    return filler

@@ -6,13 +6,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, assert_error, call, connect, make_config
+from tests.conftest import (
+    Client,
+    FakeClock,
+    SourceClient,
+    assert_error,
+    call,
+    connect,
+    make_config,
+)
+from tests.proxy import needs_nginx, nginx_in_front
+from tests.servers import Spawn
 
 HOUR = 3600.0
 
@@ -470,3 +481,55 @@ async def test_password_hash_queue_full_is_503_retry_after_1(
         busy = [a for a in answers if a.status == 503]
         assert len(busy) >= 4 and all(a.headers["retry-after"] == "1" for a in busy)
         assert {a.status for a in answers} <= {201, 503}
+
+
+# Behind a real reverse proxy ###################################################
+
+
+@needs_nginx
+@pytest.mark.asyncio
+async def test_two_clients_behind_nginx_get_their_own_limits_and_log_lines(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    server = await spawn(
+        "--forwarded-allow-ips", "127.0.0.1", "--registrations-per-ip", "1",
+        "--login-failures", "1",
+    )
+    with nginx_in_front(server.port, tmp_path / "nginx") as proxy:
+
+        async def connect_from(source: str, user: str, password: str = "pw") -> Any:
+            async with SourceClient(proxy.port, source) as client:
+                body = {"user": user, "password": password}
+                return await client.request("POST", "/connect", body)
+
+        assert (await connect_from("127.0.0.2", "first")).status == 201
+        refused = await connect_from("127.0.0.2", "second")
+        assert "at most 1 new users" in assert_error(refused, 429, "rate_limited")["message"]
+        assert (await connect_from("127.0.0.3", "third")).status == 201, "its own count"
+
+        assert (await connect_from("127.0.0.2", "third", "wrong")).status == 401
+        locked = await connect_from("127.0.0.2", "third")
+        assert_error(locked, 429, "rate_limited")
+        assert (await connect_from("127.0.0.3", "third")).status == 200, "the owner elsewhere"
+    log = "".join(server.log)
+    assert re.search(r"user new_user='first' .*address='127\.0\.0\.2'", log)
+    assert re.search(r"user new_user='third' .*address='127\.0\.0\.3'", log)
+    assert "wrong password for 'third' from '127.0.0.2'" in log
+    assert "POST '/connect' from '127.0.0.2' -> 429" in log
+
+
+@pytest.mark.asyncio
+async def test_refused_large_upload_is_answered_before_its_body(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A proxy answers 100 Continue itself: the server must not wait for 5 MiB it refuses."""
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        head = (
+            "POST /files?name=big HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer nope\r\n"
+            f"Content-Length: {5 * 1024 * 1024}\r\n\r\n"
+        )
+        async with Client(server.port) as client:
+            await client.send_raw(head.encode() + b"x" * 1000)  # the rest never comes
+            refused = await client.response()
+            assert_error(refused, 401, "unauthorized")
+            assert refused.headers["connection"] == "close"

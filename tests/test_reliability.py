@@ -21,9 +21,8 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,11 @@ from tests.conftest import (
     Client,
     FakeClock,
     RawResponse,
+    SourceClient,
     assert_error,
     call,
     connect,
+    fill_up,
     make_config,
     opened,
     read_response,
@@ -54,20 +55,6 @@ CONTRACT_STATUSES = frozenset(
 
 
 # Helpers ####################################################################
-
-
-class SourceClient(Client):
-    """A ``Client`` whose connection leaves from a chosen loopback address (127.0.0.x)."""
-
-    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        super().__init__(port)
-        self.source = source
-
-    async def __aenter__(self) -> SourceClient:
-        self.reader, self.writer = await asyncio.open_connection(
-            "127.0.0.1", self.port, local_addr=(self.source, 0)
-        )
-        return self
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -559,34 +546,6 @@ async def test_fsync_failure_answers_503_and_takes_no_more_changes(
             assert retry.status == 200 and retry.json()["message"]["text"] == "maybe"
             polled = await client.request("GET", "/messages?since=0", token=token)
             assert [m["text"] for m in polled.json()["messages"]] == ["maybe"]
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: a disk that really fills up (needs root, as CI and developers are)."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True, check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill_up(folder: Path) -> Path:
-    """Write a file until the disk is full; return it (unlink it to free the space)."""
-    filler = folder / "filler"
-    with filler.open("wb", buffering=0) as out:
-        for size in (65536, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    out.write(b"\0" * size)
-    return filler
 
 
 @pytest.mark.slow
