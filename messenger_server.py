@@ -4014,12 +4014,13 @@ class Connection:
     ) -> tuple[Response, bool]:
         """The body of a request answered without reading it (an error, say): skip it to
         keep the connection; or close after the answer when the client waits for a 100
-        Continue or the body is large (a proxy does not pass Expect on). A body too large to read or malformed makes the answer a 413 (unless it
-        is one already) or a 400."""
+        Continue, or when the body is large (a proxy does not pass Expect on). A body too
+        large to read, or malformed, makes the answer a 413 (unless it is one) or a 400."""
         if request.expect_continue and not self._continued:
             return response, True
+        already_413 = response.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
         length, largest = request.content_length or 0, self._config.largest_body
-        if length > largest and response.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+        if length > largest and not already_413:
             too_large = PayloadTooLarge(f"the body is larger than {largest} bytes")
             return Response.error(too_large), True
         if length > SKIP_LIMIT:  # answer now, not after the whole upload
@@ -4027,8 +4028,7 @@ class Connection:
         try:
             await self.discard(request)
         except PayloadTooLarge as exc:
-            too_large = response.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-            return (response if too_large else Response.error(exc)), True
+            return (response if already_413 else Response.error(exc)), True
         except MessengerError as exc:
             return Response.error(exc), True
         return response, close

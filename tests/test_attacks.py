@@ -78,15 +78,15 @@ async def test_scheduled_message_flood_stops_at_the_quota(spawn: Spawn) -> None:
     """Was: 60,000 scheduled messages of 4 KiB, then a GET /scheduled of 3.8 s."""
     server = await spawn("--max-scheduled", "100", "--flood-limit", "1000")
     token = await connect(server.port, "mallory")
-    assert (await call(server.port, "POST", "/chat", {"chat_name": "mine"}, token=token)).status == 201
+    made = await call(server.port, "POST", "/chat", {"chat_name": "mine"}, token=token)
+    assert made.status == 201
     later = {"text": TEXT_4K, "chat": "mine", "send_at": time.time() + 86_400}
-    async with watched(server, rss_bound_kib=8 * 1024):
-        async with Client(server.port) as client:
-            answers = [
-                (await client.request("POST", "/send", later, token=token)).status
-                for _ in range(130)
-            ]
-            listed = await client.request("GET", "/scheduled", token=token)
+    async with watched(server, rss_bound_kib=8 * 1024), Client(server.port) as client:
+        answers = [
+            (await client.request("POST", "/send", later, token=token)).status
+            for _ in range(130)
+        ]
+        listed = await client.request("GET", "/scheduled", token=token)
     assert answers == [202] * 100 + [403] * 30
     assert len(listed.json()["scheduled"]) == 100
 
@@ -100,12 +100,11 @@ async def test_private_messages_to_someone_who_never_reads_stop_at_the_quota(
     token = await connect(server.port, "mallory")
     await connect(server.port, "absent")
     body = {"text": TEXT_4K, "to": "absent"}
-    async with watched(server, rss_bound_kib=8 * 1024):
-        async with Client(server.port) as client:
-            answers = [
-                (await client.request("POST", "/send", body, token=token)).status
-                for _ in range(130)
-            ]
+    async with watched(server, rss_bound_kib=8 * 1024), Client(server.port) as client:
+        answers = [
+            (await client.request("POST", "/send", body, token=token)).status
+            for _ in range(130)
+        ]
     assert answers == [201] * 100 + [403] * 30
 
 
@@ -114,13 +113,12 @@ async def test_flood_of_sends_is_slowed_to_the_flood_limit(spawn: Spawn) -> None
     server = await spawn()  # the defaults: 60 messages a minute
     token = await connect(server.port, "mallory")
     await connect(server.port, "victim")
-    async with watched(server, rss_bound_kib=8 * 1024):
-        async with Client(server.port) as client:
-            answers = [
-                (await client.request("POST", "/send", {"text": "x", "to": "victim"},
-                                      token=token)).status
-                for _ in range(80)
-            ]
+    async with watched(server, rss_bound_kib=8 * 1024), Client(server.port) as client:
+        answers = [
+            (await client.request("POST", "/send", {"text": "x", "to": "victim"},
+                                  token=token)).status
+            for _ in range(80)
+        ]
     assert answers == [201] * 60 + [429] * 20
 
 
@@ -132,15 +130,14 @@ async def test_one_user_in_many_chats_and_pipelined_requests_block_nobody(
     server = await spawn("--max-memberships", "50", "--max-owned-chats", "1000",
                          "--flood-limit", "1000")
     token = await connect(server.port, "mallory")
-    async with watched(server, rss_bound_kib=16 * 1024):
-        async with Client(server.port) as client:
-            joined = [
-                (await client.request("POST", "/chat", {"chat_name": f"c{n}"}, token=token)).status
-                for n in range(60)
-            ]
-            head = f"GET /status HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n"
-            await client.send_raw(head.encode() * 100)
-            answers = [await client.response() for _ in range(100)]
+    async with watched(server, rss_bound_kib=16 * 1024), Client(server.port) as client:
+        joined = [
+            (await client.request("POST", "/chat", {"chat_name": f"c{n}"}, token=token)).status
+            for n in range(60)
+        ]
+        head = f"GET /status HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n"
+        await client.send_raw(head.encode() * 100)
+        answers = [await client.response() for _ in range(100)]
     assert joined == [201] * 49 + [403] * 11, "general and 49 more"
     assert all(answer.status == 200 for answer in answers)
     assert len(answers[-1].json()["chats"]) == 50
