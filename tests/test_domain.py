@@ -1338,7 +1338,6 @@ def slow_unread(messenger: ms.Messenger, name: str) -> ms.Unread:
     return ms.Unread(chats, peers, counts.get("@", 0))
 
 
-
 def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
     """An answer holds at most MAX_ANSWER_TEXT characters of text (one message at least),
     so a client asking a lot cannot make the server hold much; the rest comes next."""

@@ -170,7 +170,6 @@ BAD_EVENTS: list[tuple[str, Any]] = [
 ]
 
 
-
 @pytest.mark.parametrize(("what", "bad"), BAD_EVENTS, ids=[what for what, _ in BAD_EVENTS])
 def test_load_refuses_a_bad_journal_event_and_goes_on(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture, victim: Path,
