@@ -3741,6 +3741,7 @@ def build_openapi() -> dict[str, Any]:
     natural, positive = {"type": "integer", "minimum": 0}, {"type": "integer", "minimum": 1}
     user_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"}
     chat_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+    conversation = {"type": "string", "pattern": f"^(?:{CONVERSATION_RE.pattern})$"}
     chat_path = _parameter("name", "path", chat_name, "the chat")
     chat_answer = ("The chat", _object("chat", chat=_ref("Chat")))
     messages = {"type": "array", "items": _ref("Message")}
@@ -3755,9 +3756,15 @@ def build_openapi() -> dict[str, Any]:
             sha256=string,
         ),
         "Message": _object(
-            "id chat to from text ts reply_to file", id=integer, chat=_nullable(chat_name),
-            to=_nullable(user_name), text=string, ts=number, reply_to=_nullable(integer),
-            file=_nullable(_ref("FileRef")), **{"from": user_name},
+            "id chat to from text ts reply_to file notice", id=integer,
+            chat=_nullable(chat_name), to=_nullable(user_name), text=string, ts=number,
+            reply_to=_nullable(integer), file=_nullable(_ref("FileRef")),
+            notice=_nullable(_ref("Notice")),
+            **{"from": {**_nullable(user_name), "description": "null on a notice"}},
+        ),
+        "Notice": _object(
+            "type", type={"type": "string", "enum": sorted(NOTICE_TYPES)}, chat=chat_name,
+            user=user_name, scheduled=string,
         ),
         "Chat": _object(
             "name private owner members unread", name=chat_name, private=boolean,
@@ -3773,9 +3780,10 @@ def build_openapi() -> dict[str, Any]:
             "user chat sessions chats unread limits server", user=user_name, chat=chat_name,
             sessions=integer, chats={"type": "array", "items": _ref("Chat")},
             unread=_object(
-                "total chats private", total=integer,
+                "total chats private notices", total=integer,
                 chats={"type": "object", "additionalProperties": integer},
                 private={"type": "object", "additionalProperties": integer},
+                notices=integer,
             ),
             limits=_object(
                 "general_left general_reset reports banned_until", general_left=integer,
@@ -3842,10 +3850,15 @@ def build_openapi() -> dict[str, Any]:
             {200: ("Messages", _object("messages next", messages=messages, next=integer))},
             errors=[400, 403, 404],
             parameters=[
-                _parameter("since", "query", natural, "start after this id; marks it read"),
+                _parameter("since", "query", natural,
+                           "start after this id and mark the conversations named read up to "
+                           "it (without: each at its read position, nothing marked)"),
                 _parameter("wait", "query", {"type": "number", "minimum": 0},
                            "seconds to long-poll (0-60)"),
-                _parameter("chat", "query", chat_name, "only this chat"),
+                {**_parameter("chat", "query", {"type": "array", "items": conversation},
+                              "only these conversations: a chat's name, @user, or @ for "
+                              "every private one and the notices (default: all)"),
+                 "style": "form", "explode": True},
                 _parameter("limit", "query", positive, "at most this many (1-1000)"),
             ],
         )},
