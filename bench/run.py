@@ -654,7 +654,8 @@ async def scenario_conversations(bench: Bench) -> None:
     print(f"\n== conversations: GET /messages, a user in {FEW_CHATS} chats vs {MANY_CHATS}, "
           f"{CONVERSATION_POLLERS} connections, {rounds} interleaved round(s) × {duration} s")
     server = await bench.messenger("messenger", "--max-owned-chats", str(MANY_CHATS))
-    writer, few, many = await open_sessions(server.port, ["writer", "few", "many"], None)
+    writer, few, many = [(await open_sessions(server.port, [name], None))[0]
+                         for name in ("writer", "few", "many")]  # one hash at a time
     for number in range(1, MANY_CHATS):  # and general: MANY_CHATS memberships
         room = {"chat_name": f"room{number}"}
         await writer.connection.call("POST", "/chat", room, writer.token)
@@ -665,6 +666,9 @@ async def scenario_conversations(bench: Bench) -> None:
     for number in range(1, CONVERSATION_NEWS + 1):
         body = {"chat": f"room{number}", "text": "news"}
         last = (await writer.connection.call("POST", "/send", body, writer.token))["message"]["id"]
+    # News in a chat the readers are not in: the server is not quiet, they are caught up.
+    await writer.connection.call("POST", "/chat", {"chat_name": "elsewhere"}, writer.token)
+    await writer.connection.call("POST", "/send", {"text": "elsewhere"}, writer.token)
     close_all([writer, few, many])
     polls = {  # what the client polls: read --follow --all; read --all; read --follow
         "since (caught up), every chat": f"/messages?since={last}",
