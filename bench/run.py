@@ -45,6 +45,8 @@ HOST = "127.0.0.1"
 SERVER_CPU = 0
 CLIENT_CPU = 1
 PASSWORD = "benchmark-password"
+BENCH_USERS = 100_000  # registrations per address the servers allow the load
+HASHES_AT_ONCE = 2  # connects at a time: a one-core server answers 503 to more per address
 PER_ADDRESS = 200  # client connections per source address (127.0.0.2, …): the server allows 256
 WRK_CONNECTIONS = 50
 WARMUP = 1  # seconds of wrk per contender before the measured rounds
@@ -232,7 +234,7 @@ async def open_sessions(port: int, names: Sequence[str], chat: str | None) -> li
             await connection.call("POST", "/chat", {"chat_name": chat}, answer["token"])
         return Session(names[index], answer["token"], connection)
 
-    return await bounded(one, len(names))
+    return await bounded(one, len(names), HASHES_AT_ONCE)
 
 
 def close_all(sessions: Sequence[Session]) -> None:
@@ -434,7 +436,7 @@ class Bench:
         argv = [
             sys.executable, str(ROOT / "messenger_server.py"), "--port", str(port),
             "--state-dir", str(state_dir), "--password-cost", "4", "--log-level", log_level,
-            *flags,
+            "--registrations-per-ip", str(BENCH_USERS), *flags,
         ]
         return await self._start(name, argv, port, clean_exit=True)
 
