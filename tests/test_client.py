@@ -344,8 +344,8 @@ def test_read_chat_marks_that_conversation_only(cli: Cli) -> None:
     shown = cli("read", "--chat", "@bob", user="alice").stdout.splitlines()
     assert shown[0].endswith(" @bob bob: psst")
     assert shown[1] == "Unread elsewhere: general 1 (read --chat NAME, or read --all)"
-    shown = cli("read", "--chat", "general", user="alice").stdout
-    assert shown.endswith(" general bob: in general\n")
+    general = cli("read", "--chat", "general", user="alice").stdout
+    assert general.endswith(" general bob: in general\n")
 
 
 def test_read_shows_the_active_chat_and_private_ones_then_one_line_for_the_rest(
