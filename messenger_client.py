@@ -286,18 +286,28 @@ class UploadedFile(FileInfo):
     sha256: str
 
 
-# The functional form, because "from" is a keyword.
+class Notice(TypedDict):
+    """What a notice is about: its type, and its chat, user or scheduled message."""
+
+    type: str
+    chat: NotRequired[str]
+    user: NotRequired[str]
+    scheduled: NotRequired[str]
+
+
+# The functional form, because "from" is a keyword. "from" is None on a notice only.
 Message = TypedDict(
     "Message",
     {
         "id": int,
         "chat": str | None,
         "to": str | None,
-        "from": str,
+        "from": str | None,
         "text": str,
         "ts": float,
         "reply_to": int | None,
         "file": FileInfo | None,
+        "notice": Notice | None,
     },
 )
 
@@ -396,6 +406,7 @@ class Unread(TypedDict):
     total: int
     chats: dict[str, int]
     private: dict[str, int]
+    notices: int
 
 
 class Limits(TypedDict):
@@ -540,10 +551,12 @@ class MessengerClient:
         *,
         since: int | None = None,
         wait: int | None = None,
-        chat: str | None = None,
+        chats: list[str] | None = None,
         limit: int | None = None,
     ) -> MessagesPage:
-        query = {"since": since, "wait": wait, "chat": chat, "limit": limit}
+        """Messages of the conversations ``chats`` (chat names, ``@user``, ``@``; None for
+        all): without ``since`` the unread ones, else those after it, marking it read."""
+        query = {"since": since, "wait": wait, "chat": chats, "limit": limit}
         timeout = REQUEST_TIMEOUT + (wait or 0)
         return cast(MessagesPage, self._json("GET", "/messages", query=query, timeout=timeout))
 
@@ -668,7 +681,7 @@ class MessengerClient:
         target = self._prefix + path
         params = {name: value for name, value in (query or {}).items() if value is not None}
         if params:
-            target += "?" + urlencode(params)
+            target += "?" + urlencode(params, doseq=True)  # a list: the name repeated
         headers = {"Accept": "application/json", "User-Agent": f"messenger-client/{VERSION}"}
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -822,7 +835,7 @@ def _unsafe(char: str) -> bool:
     return unicodedata.category(char) == "Cc" or ord(char) in BIDI_CONTROLS
 
 
-def where(chat: str | None, to: str | None, sender: str, me: str) -> str:
+def where(chat: str | None, to: str | None, sender: str | None, me: str) -> str:
     """The conversation: the chat's name, or ``@user`` for the other one of a private exchange."""
     if chat is not None:
         return chat
@@ -830,7 +843,9 @@ def where(chat: str | None, to: str | None, sender: str, me: str) -> str:
 
 
 def format_message(message: Message, me: str) -> str:
-    """``#12 18:30 general alice (on #9): hello [file 3: cat.png, 1.2 KiB]``."""
+    """``#12 18:30 general alice (on #9): hello [file 3: cat.png, 1.2 KiB]``, or a notice."""
+    if message["notice"] is not None or message["from"] is None:
+        return format_notice(message)
     sender = message["from"] + (f" (on #{message['reply_to']})" if message["reply_to"] else "")
     chat = where(message["chat"], message["to"], message["from"], me)
     line = f"#{message['id']} {format_time(message['ts'])} {chat} {sender}:"
@@ -840,6 +855,33 @@ def format_message(message: Message, me: str) -> str:
         file = message["file"]
         line += f" [file {file['id']}: {clean(file['name'])}, {format_size(file['size'])}]"
     return line
+
+
+def format_notice(message: Message) -> str:
+    """``#7 18:30 notice: alice invited you to plans: join plans``: what the server tells,
+    and the command that acts on it."""
+    line = f"#{message['id']} {format_time(message['ts'])} notice: {clean(message['text'])}"
+    notice = message["notice"] or Notice(type="")
+    chat, user = notice.get("chat", ""), notice.get("user", "")
+    command = {
+        "invited": f"join {chat}",
+        "request": f"approve {chat} {user}",
+        "approved": f"join {chat}",
+    }.get(notice["type"])
+    return f"{line}: {clean(command)}" if command else line
+
+
+def unread_counts(unread: Unread, leave_out: list[str] | None = None) -> list[str]:
+    """``room1 3``, ``@bob 1``, ``notices 2``: unread counts by conversation, but for the
+    conversations ``leave_out`` names (``@``: every private one and the notices)."""
+    skipped = leave_out or []
+    private = "@" in skipped
+    counts = [f"{name} {count}" for name, count in unread["chats"].items() if name not in skipped]
+    counts += [f"@{name} {count}" for name, count in unread["private"].items()
+               if not private and f"@{name}" not in skipped]
+    if unread["notices"] and not private:
+        counts.append(f"notices {unread['notices']}")
+    return counts
 
 
 def format_chat(chat: Chat) -> str:
@@ -1020,8 +1062,9 @@ def cli(
 def connect(app: App, user: str, password: str) -> None:
     """Log in as USER (registering the name on its first connect) and save the token.
 
-    Prints the active chat's last messages and the number of unread ones. The session of
-    USER's previous saved login, if any, is revoked.
+    A new account sees the last messages of its chat (general); an existing one, what waits
+    unread in each conversation, and how to read it. The session of USER's previous saved
+    login, if any, is revoked.
     """
     previous = app.config.token(app.server, user)
     answer, created = app.anonymous().connect(user, password)
@@ -1034,12 +1077,16 @@ def connect(app: App, user: str, password: str) -> None:
     account = " (new account)" if created else ""
     click.echo(f"Connected to {app.server} as {answer['user']}{account}.")
     click.echo(f"Active chat: {answer['chat']}")
-    for message in answer["history"]:
-        click.echo(format_message(message, answer["user"]))
-    if answer["unread"]:
-        click.echo(f"{plural(answer['unread'], 'unread message')}. Show them with: read")
-    else:
+    if created:
+        for message in answer["history"]:
+            click.echo(format_message(message, answer["user"]))
+    if not answer["unread"]:
         click.echo("No unread messages.")
+        return
+    client = MessengerClient(app.server, answer["token"])
+    click.echo(f"Unread: {', '.join(unread_counts(client.status()['unread']))}")
+    click.echo(f"Read them with: read ({answer['chat']} and private ones), read --chat NAME,"
+               " or read --all")
 
 
 @cli.command()
@@ -1086,6 +1133,8 @@ def join(app: App, chat: str, private: bool) -> None:
     click.echo(f"{verb} {privacy} chat {joined['name']}; it is now your active chat.")
     for message in answer["history"]:
         click.echo(format_message(message, user))
+    if answer["history"]:  # shown once: read does not show it again
+        client.messages(since=answer["history"][-1]["id"], chats=[joined["name"]], limit=1)
 
 
 @cli.command()
@@ -1176,59 +1225,78 @@ def upload_file(client: MessengerClient, path: Path) -> str:
 
 
 @cli.command()
-@click.option("--chat", metavar="CHAT", help="Only this chat's messages.")
+@click.option("--chat", metavar="CHAT", help="Only this chat, or @USER, or @ (private ones).")
+@click.option("--all", "everything", is_flag=True, help="Every conversation.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new messages until Ctrl-C.")
 @pass_app
-def read(app: App, chat: str | None, follow: bool) -> None:
-    """Print the unread messages and mark them read.
+def read(app: App, chat: str | None, everything: bool, follow: bool) -> None:
+    """Print the unread messages of your active chat and private ones, and mark them read.
 
-    With --follow, keep waiting for new ones (reconnecting if the server restarts, or while
-    a proxy in front answers 502, 503 or 504).
-    The read position covers all chats: with --chat, the unread messages of that chat are
-    shown and nothing is marked read (with --follow, what is shown is marked read, and so
-    is everything older).
+    Then one line tells what waits unread elsewhere. --chat reads one conversation instead
+    (a chat, @USER, or @ for every private one and the notices), --all every one. With
+    --follow, keep printing new ones as they come (reconnecting if the server restarts, or
+    while a proxy in front answers 502, 503 or 504), your own from other clients included;
+    only what is printed is marked read.
     """
+    if chat is not None and everything:
+        raise click.UsageError("give --chat or --all, not both")
     client, user = app.login()
+    if everything:
+        chats = None
+    elif chat is not None:
+        chats = [chat]
+    else:
+        chats = [client.status()["chat"], "@"]
+    seen, position = read_unread(app, client, user, chats)
     if follow:
-        follow_messages(app, client, user, chat)
+        if app.json_output and seen:
+            click.echo(json.dumps({"messages": seen, "next": position}, ensure_ascii=False))
+        follow_messages(app, client, user, chats, position)
         return
-    if chat is not None:
-        page = client.messages(chat=chat, limit=MAX_PAGE)  # no since: nothing marked read
-        if app.json_output:
-            print_json(page)
-            return
-        for message in page["messages"]:
-            click.echo(format_message(message, user))
-        if not page["messages"]:
-            click.echo("No unread messages.")
+    if app.json_output:
+        print_json({"messages": seen, "next": position})
         return
-    # Without since the server starts at the read position; since=X marks up to X read.
+    if not seen:
+        click.echo("No unread messages.")
+    if chats is not None:
+        elsewhere = unread_counts(client.status()["unread"], chats)
+        if elsewhere:
+            click.echo(f"Unread elsewhere: {', '.join(elsewhere)}"
+                       " (read --chat NAME, or read --all)")
+
+
+def read_unread(
+    app: App, client: MessengerClient, user: str, chats: list[str] | None
+) -> tuple[list[Message], int]:
+    """Print the unread messages of the conversations ``chats`` (all if None), marking read
+    what was printed and nothing else; what was printed, and the position to go on from."""
     seen: list[Message] = []
-    page = client.messages()
-    while page["messages"]:
+    while True:
+        page = client.messages(chats=chats, limit=MAX_PAGE)  # no since: the unread ones
+        if not page["messages"]:
+            return seen, page["next"]
         seen += page["messages"]
         if not app.json_output:
             for message in page["messages"]:
                 click.echo(format_message(message, user))
-        page = client.messages(since=page["next"])
-    if app.json_output:
-        print_json({"messages": seen, "next": page["next"]})
-    elif not seen:
-        click.echo("No unread messages.")
+        # Everything unread up to "next" was printed: mark just that, in just those.
+        client.messages(since=page["next"], chats=chats, limit=1)
 
 
-def follow_messages(app: App, client: MessengerClient, user: str, chat: str | None) -> None:
-    """Long-poll and print messages as they come, marking them read, until Ctrl-C.
+def follow_messages(
+    app: App, client: MessengerClient, user: str, chats: list[str] | None, position: int
+) -> None:
+    """Long-poll and print messages as they come after ``position``, until Ctrl-C; each
+    poll marks read what the previous one printed.
 
     While the server is unreachable or answers 502, 503 or 504 (it restarts, or a proxy in
     front cannot reach it), say so once and try again: after RETRY_FIRST seconds, then twice
     as long each time up to RETRY_MAX, or longer if the server asks (``Retry-After``).
     """
-    position: int | None = None
     delay = 0.0  # 0 while the server answers
     while True:
         try:
-            page = client.messages(since=position, wait=FOLLOW_WAIT, chat=chat)
+            page = client.messages(since=position, wait=FOLLOW_WAIT, chats=chats)
         except (ServerUnreachable, ApiError) as exc:
             if isinstance(exc, ApiError) and exc.status not in RETRY_STATUSES:
                 raise
@@ -1291,8 +1359,7 @@ def status(app: App) -> None:
     unread, limits, server = answer["unread"], answer["limits"], answer["server"]
     sessions = plural(answer["sessions"], "session")
     click.echo(f"{answer['user']} on {app.server}, {sessions}, active chat {answer['chat']}")
-    counts = [f"{name} {count}" for name, count in unread["chats"].items() if count]
-    counts += [f"@{name} {count}" for name, count in unread["private"].items() if count]
+    counts = unread_counts(unread)
     details = f" ({', '.join(counts)})" if counts else ""
     click.echo(f"Unread: {unread['total']}{details}")
     click.echo(f"Chats: {', '.join(chat['name'] for chat in answer['chats'])}")

@@ -438,6 +438,15 @@ class Request:
                 params.setdefault(_unquote_query(name), _unquote_query(value))
         return params
 
+    def query_values(self, wanted: str) -> list[str]:
+        """Every value of a query parameter that may be repeated, in order."""
+        values = []
+        for pair in self.query.split("&"):
+            name, _, value = pair.partition("=")
+            if name and _unquote_query(name) == wanted:
+                values.append(_unquote_query(value))
+        return values
+
 
 def _unquote_query(text: str) -> str:
     if "%" not in text and "+" not in text:
@@ -862,6 +871,15 @@ MAX_LIMIT: Final = 1000  # messages (or comments) per answer
 # client that asks a lot and reads nothing cannot make the server hold much for it.
 MAX_ANSWER_TEXT: Final = 256 * 1024
 
+# Conversations: a chat by its name, a private exchange as "@<the other user>", and the
+# user's notices as "@" (which, as a filter, also names every private exchange).
+PRIVATE: Final = "@"
+CONVERSATION_RE: Final = re.compile(r"@(?:[A-Za-z0-9_-]{1,32})?|[A-Za-z0-9_-]{1,64}")
+NOTICE_TYPES: Final = frozenset(
+    {"invited", "request", "approved", "denied", "scheduled_dropped", "banned"}
+)
+NOTICE_KEYS: Final = frozenset({"type", "chat", "user", "scheduled"})
+
 Event = tuple[Any, ...]  # ("kind", *fields): the unit of the journal
 DERIVED: Final = {"derived": True}  # field metadata: rebuilt from the rest, never saved
 
@@ -910,16 +928,29 @@ class UnknownScheduled(NotFound):
 
 
 class Message(NamedTuple):
-    """A message. Immutable: a snapshot can keep a shallow copy while the loop runs on."""
+    """A message. Immutable: a snapshot can keep a shallow copy while the loop runs on.
+    A notice is a private message from nobody (``sender`` None) that says what it is about
+    in ``notice``: its type, and its chat, user or scheduled message."""
 
     id: int
     chat: str | None
     to: str | None
-    sender: str
+    sender: str | None
     text: str
     ts: float
     reply_to: int | None
     file: str | None
+    notice: dict[str, str] | None = None
+
+
+def conversation_of(message: Message, name: str) -> str:
+    """The conversation ``message`` is in for ``name``, one of its audience: the chat's
+    name, ``@`` and the other party of a private message, ``@`` alone for a notice."""
+    if message.chat is not None:
+        return message.chat
+    if message.sender is None:
+        return PRIVATE
+    return PRIVATE + (message.sender if message.to == name else str(message.to))
 
 
 @dataclass(slots=True)
@@ -980,7 +1011,9 @@ class User:
     cost: int
     created: float
     active_chat: str = GENERAL
-    read_pos: int = 0  # every message id up to here has been read
+    read_pos: int = 0  # every message id up to here has been read, in every conversation
+    # Conversation ("@" for every private one) -> read up to there, when beyond read_pos.
+    positions: dict[str, int] = field(default_factory=dict)
     chats: dict[str, int] = field(default_factory=dict)  # chat -> the last id when it joined
     sessions: set[str] = field(default_factory=set, metadata=DERIVED)  # token hashes
     reporters: set[str] = field(default_factory=set)
@@ -990,6 +1023,10 @@ class User:
     reports_made: Window = field(default_factory=Window)
     client_ids: dict[str, tuple[str, int | str, float]] = field(default_factory=dict)
     private: list[int] = field(default_factory=list, metadata=DERIVED)  # ids to or from it
+    # The same ids by private conversation ("@peer"; "@" the notices).
+    conversations: dict[str, list[int]] = field(default_factory=dict, metadata=DERIVED)
+    # The conversations that may hold unread messages; each other one is read to its end.
+    unread: set[str] = field(default_factory=set, metadata=DERIVED)
     owned: int = field(default=0, metadata=DERIVED)  # chats it created
     # Its live messages by conversation (a chat's name, "@" and a recipient): who may report it.
     sent: dict[str, int] = field(default_factory=dict, metadata=DERIVED)
@@ -1009,6 +1046,9 @@ class Chat:
     requests: dict[str, float] = field(default_factory=dict)  # user -> when it asked
     link: str | None = None  # the hash of the current join link's token
     messages: list[int] = field(default_factory=list, metadata=DERIVED)  # live ids, oldest first
+    # The members who have read it to its end: the next message makes it unread for them,
+    # and only them (the others have it in their User.unread already).
+    caught_up: set[str] = field(default_factory=set, metadata=DERIVED)
 
 
 @dataclass(slots=True)
@@ -1060,14 +1100,16 @@ class Draft:
 
 
 class Unread(NamedTuple):
-    """A user's unread messages (from others): by chat, and by private peer."""
+    """A user's unread messages (from others): by chat and by private peer (only those with
+    some), and its unread notices."""
 
     chats: dict[str, int]
     private: dict[str, int]
+    notices: int = 0
 
     @property
     def total(self) -> int:
-        return sum(self.chats.values()) + sum(self.private.values())
+        return sum(self.chats.values()) + sum(self.private.values()) + self.notices
 
 
 @dataclass(frozen=True, slots=True)
@@ -1120,6 +1162,8 @@ class Messenger:
         "message": "_apply_message",
         "deliver": "_apply_deliver",
         "read": "_apply_read",
+        "read_in": "_apply_read_in",
+        "notice": "_apply_notice",
         "join": "_apply_join",
         "leave": "_apply_leave",
         "invite": "_apply_invite",
@@ -1173,8 +1217,9 @@ class Messenger:
             logger.info("%s", describe_event(event))
 
     def _note(self, *event: Any) -> None:
-        """Record what a read did (deliveries, the read position). When the journal refuses
-        it (a full disk), the answer still goes out; the next read tries again."""
+        """Record what a read did (deliveries, read positions), or a notice that follows a
+        change. When the journal refuses it (a full disk), the answer still goes out; the
+        next read tries again."""
         try:
             self._emit(*event)
         except Unavailable:
@@ -1289,7 +1334,9 @@ class Messenger:
     ) -> None:
         """Record and apply a new message: ``counted`` against the general chat's limit,
         delivering the scheduled message ``scheduled_id``."""
-        self._emit("message", *message, client_id, counted, scheduled_id)
+        notice = message[-1]  # the last field: never set here, a notice has its own event
+        assert notice is None
+        self._emit("message", *message[:-1], client_id, counted, scheduled_id)
 
     def _known_client_id(self, user: User, client_id: str | None, now: float) -> SendResult | None:
         """The first answer to a retried send, found by its client_id."""
@@ -1313,6 +1360,8 @@ class Messenger:
             raise InvalidField("give chat or to, not both")
         if draft.reply_to is not None:
             parent = self.visible_message(user.name, draft.reply_to)
+            if parent.notice is not None:
+                raise InvalidField("a notice cannot be answered or commented on")
             if parent.chat is not None:
                 chat, to = parent.chat, None
             else:
@@ -1396,31 +1445,112 @@ class Messenger:
     # Reading ----------------------------------------------------------------
 
     def poll(
-        self, name: str, since: int | None, chat_name: str | None, limit: int
+        self, name: str, since: int | None, keys: list[str] | None, limit: int
     ) -> tuple[list[Message], int]:
-        """Messages the user can see after ``since`` (default: its read position), oldest
-        first, and the position to poll from next. ``since`` also marks everything up to
-        it as read, for every session of the user."""
+        """Messages the user can see, oldest first, and the position to poll from next, in
+        the conversations ``keys`` names (chat names, ``@user``, ``@`` for every private
+        one and the notices; None for all of them).
+
+        Without ``since``, each conversation starts at the user's read position there: the
+        answer is the unread messages, and nothing is marked read. With ``since``, each
+        starts after it, and every conversation named is marked read up to it (no other),
+        for every session of the user. Either way the cost follows the conversations named
+        or with something new, never all the user's conversations (see ``_chats_after``).
+        """
         user = self.users[name]
         self.expire(self.clock())
-        start = user.read_pos if since is None else since
-        chat = None if chat_name is None else self._member_chat(user, chat_name)
-        ids: list[int] = []
-        if start < self.last_id:  # else nothing newer exists: a caught-up long-poll's case
-            if chat is not None:
-                sources = [self._after(chat.messages, max(start, user.chats[chat.name]))]
+        chats, peers, every_private = self._named(user, keys)
+        if since is None:
+            if keys is None:
+                unread = list(user.unread)
             else:
-                sources = [
-                    self._after(self.chats[joined].messages, max(start, position))
-                    for joined, position in user.chats.items()
-                ]
-                sources.append(self._after(user.private, start))
-            ids = list(itertools.islice(heapq.merge(*sources), limit))
+                private = [key for key in user.unread if key.startswith(PRIVATE)]
+                named = [*chats, *(private if every_private else peers)]
+                unread = [key for key in named if key in user.unread]
+            sources = [
+                self._after(self._ids_in(user, key), self._position(user, key))
+                for key in unread
+            ]
+        else:
+            if keys is None:
+                chats = self._chats_after(user, since)
+            sources = [
+                self._after(self.chats[chat].messages, max(since, user.chats[chat]))
+                for chat in chats
+            ]
+            if every_private:
+                sources.append(self._after(user.private, since))
+            else:
+                sources += [self._after(user.conversations.get(key, []), since) for key in peers]
+        ids = list(itertools.islice(heapq.merge(*sources), limit))
         found = self._within_budget(self.messages[message_id] for message_id in ids)
         self._mark_delivered(user, found)
-        if since is not None and min(since, self.last_id) > user.read_pos:
-            self._note("read", name, min(since, self.last_id))
+        if since is not None:
+            self._mark_read(user, keys, [*chats, *peers], min(since, self.last_id))
+        start = self.last_id if since is None else since
         return found, found[-1].id if found else start
+
+    def _named(self, user: User, keys: list[str] | None) -> tuple[list[str], list[str], bool]:
+        """The conversations a filter names: its chats (404 unknown, 403 not a member), its
+        private ones (404 for an unknown user), and whether it names every private one
+        (``@``, which a missing filter does too). Each once. No filter names no chat here:
+        the caller finds those that matter (``_chats_after``, ``User.unread``)."""
+        if keys is None:
+            return [], [], True
+        chats: list[str] = []
+        peers: list[str] = []
+        for key in dict.fromkeys(keys):
+            if not key.startswith(PRIVATE):
+                chats.append(self._member_chat(user, key).name)
+            elif key != PRIVATE:
+                if key[1:] not in self.users:
+                    raise UnknownUser(key[1:])
+                peers.append(key)
+        every_private = PRIVATE in keys
+        return chats, [] if every_private else peers, every_private
+
+    def _chats_after(self, user: User, since: int) -> list[str]:
+        """The user's chats that may hold messages after ``since``. Every other one is read
+        to its end (it is not in ``unread``) at a position no later than ``since`` (its own
+        mark, if any, is not later): so none of its messages is newer. Behind the mark of
+        every conversation (a second client lagging behind the first), every chat."""
+        if since < user.read_pos:
+            return list(user.chats)
+        ahead = [key for key, position in user.positions.items() if position > since]
+        return [key for key in dict.fromkeys([*user.unread, *ahead]) if key in user.chats]
+
+    def _mark_read(
+        self, user: User, keys: list[str] | None, named: list[str], position: int
+    ) -> None:
+        """Mark the conversations a filter named read up to ``position``: all of them
+        (``read``) without a filter, else each one named (``read_in``; ``@`` for every
+        private one)."""
+        if keys is None:
+            if position > user.read_pos:
+                self._note("read", user.name, position)
+            return
+        for key in [*named, *([PRIVATE] if PRIVATE in keys else [])]:
+            if position > max(user.read_pos, user.positions.get(key, 0)):
+                self._note("read_in", user.name, key, position)
+
+    def _position(self, user: User, key: str) -> int:
+        """Where the user has read a conversation up to: its mark there, the mark of every
+        private conversation (for a private one), the mark of everything, and for a chat
+        the last id when the user joined (it sees nothing older in a poll)."""
+        position = max(user.read_pos, user.positions.get(key, 0))
+        if key.startswith(PRIVATE):
+            return max(position, user.positions.get(PRIVATE, 0))
+        return max(position, user.chats.get(key, 0))
+
+    def _ids_in(self, user: User, key: str) -> list[int]:
+        """The live message ids of one of the user's conversations, oldest first."""
+        if key.startswith(PRIVATE):
+            return user.conversations.get(key, [])
+        return self.chats[key].messages
+
+    def _unread_count(self, user: User, key: str) -> int:
+        ids = self._ids_in(user, key)
+        return len(ids) - bisect.bisect_right(ids, self._position(user, key))
 
     @staticmethod
     def _within_budget(messages: Iterable[Message]) -> list[Message]:
@@ -1481,25 +1611,38 @@ class Messenger:
             self._note("deliver", user.name, first_time, self.clock())
 
     def unread(self, name: str) -> Unread:
-        """Unread messages by others after the read position: by chat, and by private peer."""
+        """Unread messages by conversation, of those that may hold some: one's own are never
+        unread, as sending moves one's position."""
         user = self.users[name]
         self.expire(self.clock())
-        by_chat = {chat: self.unread_in(name, chat) for chat in user.chats}
+        by_chat: dict[str, int] = {}
         by_peer: dict[str, int] = {}
-        for message_id in self._after(user.private, user.read_pos):
-            sender = self.messages[message_id].sender
-            if sender != name:
-                by_peer[sender] = by_peer.get(sender, 0) + 1
-        return Unread(by_chat, by_peer)
+        notices = 0
+        for key in sorted(user.unread):
+            count = self._unread_count(user, key)
+            if key == PRIVATE:
+                notices = count
+            elif key.startswith(PRIVATE) and count:
+                by_peer[key[1:]] = count
+            elif count:
+                by_chat[key] = count
+        return Unread(by_chat, by_peer, notices)
 
     def unread_in(self, name: str, chat_name: str) -> int:
-        """Unread messages by others in one chat (0 for a chat the user is not in)."""
+        """Unread messages in one chat (0 for a chat the user is not in)."""
         user = self.users[name]
-        if chat_name not in user.chats:
-            return 0
-        start = max(user.read_pos, user.chats[chat_name])
-        ids = self._after(self.chats[chat_name].messages, start)
-        return sum(1 for i in ids if self.messages[i].sender != name)
+        return self._unread_count(user, chat_name) if chat_name in user.chats else 0
+
+    # Notices ----------------------------------------------------------------
+
+    def _notify(
+        self, to: str, kind: str, text: str, *, chat: str | None = None,
+        about: str | None = None, scheduled_id: str | None = None,
+    ) -> None:
+        """Tell ``to`` of a change that concerns it, as a private message from nobody in its
+        conversation ``@``; it follows the change's own event (see ``_note``)."""
+        self._note("notice", self.last_id + 1, to, kind, chat, about, scheduled_id, text,
+                   self.clock())
 
     # Chats ------------------------------------------------------------------
 
@@ -1568,6 +1711,8 @@ class Messenger:
             raise UnknownUser(guest)
         if guest not in chat.members and guest not in chat.invited:
             self._emit("invite", chat_name, guest)
+            self._notify(guest, "invited", f"{owner} invited you to {chat_name}",
+                         chat=chat_name, about=owner)
         return chat
 
     def make_link(self, owner: str, chat_name: str) -> str:
@@ -1587,6 +1732,9 @@ class Messenger:
             return chat, True
         if name not in chat.requests:
             self._emit("request", chat_name, name, self.clock())
+            if chat.owner is not None:
+                self._notify(chat.owner, "request", f"{name} asks to join {chat_name}",
+                             chat=chat_name, about=name)
         return chat, False
 
     def pending_requests(self, owner: str, chat_name: str) -> dict[str, float]:
@@ -1599,6 +1747,12 @@ class Messenger:
         if approve:
             self._check_memberships(self.users[guest])
         self._emit("decide", chat_name, guest, approve, self.clock())
+        if approve:
+            self._notify(guest, "approved", f"{owner} let you into {chat_name}",
+                         chat=chat_name, about=owner)
+        else:
+            self._notify(guest, "denied", f"{owner} turned down your request to join {chat_name}",
+                         chat=chat_name, about=owner)
         return chat
 
     # Moderation -------------------------------------------------------------
@@ -1621,9 +1775,12 @@ class Messenger:
                 raise RateLimited("too many reports: try again later", reset - now)
             banned_until = user.banned_until
             self._emit("report", reporter, target, reason, now)
-            if user.banned_until != banned_until:
+            if user.banned_until is not None and user.banned_until != banned_until:
                 logger.warning("%r is banned until %s after %d reports",
                                target, user.banned_until, len(user.reporters))
+                until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(user.banned_until))
+                self._notify(target, "banned", f"after reports from other users, you may not "
+                             f"send until {until}")
         return self.standing(target)
 
     def _has_seen_from(self, name: str, target: User) -> bool:
@@ -1748,6 +1905,9 @@ class Messenger:
             logger.info("dropped scheduled message %s of %r: %r",
                         scheduled.id, user.name, exc.message)
             self._emit("cancel", scheduled.id, user.name, now)
+            self._notify(user.name, "scheduled_dropped",
+                         f"your scheduled message {scheduled.id} was not sent: {exc.message}",
+                         chat=scheduled.chat, scheduled_id=scheduled.id)
             return
         message = Message(
             self.last_id + 1, scheduled.chat, scheduled.to, scheduled.sender, scheduled.text,
@@ -1776,22 +1936,26 @@ class Messenger:
     def _remove_messages(self, ids: list[int], now: float) -> None:
         by_chat: dict[str, int] = {}
         by_user: dict[str, list[int]] = {}
+        by_conversation: dict[tuple[str, str], list[int]] = {}
         for message_id in ids:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
-            sender = self.users[message.sender]
-            conversation = _conversation(message)
-            sender.sent[conversation] -= 1
-            if not sender.sent[conversation]:
-                del sender.sent[conversation]
+            sender = None if message.sender is None else self.users[message.sender]
+            if sender is not None:
+                conversation = _conversation(message)
+                sender.sent[conversation] -= 1
+                if not sender.sent[conversation]:
+                    del sender.sent[conversation]
             if message.chat is not None:  # expiring chat messages are a prefix of their chat
                 by_chat[message.chat] = by_chat.get(message.chat, 0) + 1
             else:
-                if self._delivered.pop(message_id, None) is None:
+                if self._delivered.pop(message_id, None) is None and sender is not None:
                     sender.undelivered -= 1
                 for name in {message.sender, message.to}:
                     if name is not None:
                         by_user.setdefault(name, []).append(message_id)
+                        place = (name, conversation_of(message, name))
+                        by_conversation.setdefault(place, []).append(message_id)
             if message.file is not None:
                 stored = self.files[message.file]
                 stored.messages.discard(message_id)
@@ -1800,6 +1964,12 @@ class Messenger:
             del self.chats[chat_name].messages[:count]
         for name, gone in by_user.items():
             _remove_ids(self.users[name].private, gone)
+        for (name, key), gone in by_conversation.items():
+            user = self.users[name]
+            _remove_ids(user.conversations[key], gone)
+            if not user.conversations[key]:
+                del user.conversations[key]
+                self._settle(user, [key])
         self.changes += len(ids)
 
     def _drop_file_if_unused(self, stored: StoredFile, now: float) -> None:
@@ -1857,23 +2027,41 @@ class Messenger:
             self._remember_client_id(user, client_id, "message", message_id, ts)
         if scheduled_id is not None:
             self._remove_scheduled(scheduled_id, ts)
+        self._mark_unread(message)
+        self.on_message(message)
+
+    def _apply_notice(
+        self, message_id: int, to: str, kind: str, chat: str | None, about: str | None,
+        scheduled_id: str | None, text: str, ts: float,
+    ) -> None:
+        """A notice to ``to``: about ``chat``, the user ``about``, or its scheduled message."""
+        fields = {"chat": chat, "user": about, "scheduled": scheduled_id}
+        notice = {"type": kind, **{key: value for key, value in fields.items() if value}}
+        message = Message(message_id, None, to, None, text, ts, None, None, notice)
+        self._add_message(message)
+        self._mark_unread(message)
         self.on_message(message)
 
     def _add_message(self, message: Message) -> None:
         self.messages[message.id] = message
         self.last_id = max(self.last_id, message.id)
-        sender = self.users[message.sender]
-        conversation = _conversation(message)
-        sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
+        sender = None if message.sender is None else self.users[message.sender]  # None: a notice
+        if sender is not None:
+            conversation = _conversation(message)
+            sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
         if message.chat is not None:
             self.chats[message.chat].messages.append(message.id)
             self._chat_expiry.append(message.id)
         else:
             for name in {message.sender, message.to}:
                 if name is not None:
-                    self.users[name].private.append(message.id)
-            sender.undelivered += 1  # until ``_deliver``
+                    user = self.users[name]
+                    user.private.append(message.id)
+                    key = conversation_of(message, name)
+                    user.conversations.setdefault(key, []).append(message.id)
             self._undelivered_expiry.append(message.id)
+            if sender is not None:
+                sender.undelivered += 1  # until ``_deliver``
         if message.reply_to is not None:
             self._replies.setdefault(message.reply_to, []).append(message.id)
         if message.file is not None:
@@ -1888,11 +2076,52 @@ class Messenger:
             if message_id in self.messages and message_id not in self._delivered:
                 self._delivered[message_id] = ts
                 self._private_expiry.append(message_id)
-                self.users[self.messages[message_id].sender].undelivered -= 1
+                sender = self.messages[message_id].sender
+                if sender is not None:  # else a notice
+                    self.users[sender].undelivered -= 1
+
+    def _mark_unread(self, message: Message) -> None:
+        """A new message is unread for its audience, but for its sender: sending moves one's
+        position to it (as Telegram does). Only the chat's members who had read it to its
+        end are told: the others have it among their unread conversations already."""
+        if message.chat is not None:
+            chat = self.chats[message.chat]
+            for name in chat.caught_up:
+                self.users[name].unread.add(chat.name)
+            chat.caught_up.clear()
+        elif message.to is not None:
+            self.users[message.to].unread.add(conversation_of(message, message.to))
+        if message.sender is not None:
+            sender = self.users[message.sender]
+            key = conversation_of(message, sender.name)
+            sender.positions[key] = max(sender.positions.get(key, 0), message.id)
+            self._settle(sender, [key])
+
+    def _settle(self, user: User, keys: Iterable[str]) -> None:
+        """Of the conversations ``keys``, those now read to their end leave the user's
+        unread ones, and a chat counts the user among those to tell of its next message."""
+        for key in keys:
+            if self._position(user, key) >= next(reversed(self._ids_in(user, key)), 0):
+                user.unread.discard(key)
+                if key in user.chats:
+                    self.chats[key].caught_up.add(user.name)
 
     def _apply_read(self, name: str, position: int) -> None:
+        """Every conversation is read up to ``position``."""
         user = self.users[name]
         user.read_pos = max(user.read_pos, position)
+        for key in [key for key, mark in user.positions.items() if mark <= user.read_pos]:
+            del user.positions[key]  # the mark of everything covers it
+        self._settle(user, list(user.unread))
+
+    def _apply_read_in(self, name: str, conversation: str, position: int) -> None:
+        """One conversation is read up to ``position``; ``@``: every private one."""
+        user = self.users[name]
+        user.positions[conversation] = max(user.positions.get(conversation, 0), position)
+        if conversation == PRIVATE:
+            self._settle(user, [key for key in user.unread if key.startswith(PRIVATE)])
+        else:
+            self._settle(user, [conversation])
 
     def _apply_join(self, chat_name: str, name: str, private: bool, ts: float) -> None:
         chat = self.chats.get(chat_name)
@@ -1908,13 +2137,17 @@ class Messenger:
         if name not in chat.members:
             chat.members.add(name)
             self.users[name].chats[chat.name] = self.last_id
+            chat.caught_up.add(name)  # what came before is not the new member's to read
         chat.invited.discard(name)
         chat.requests.pop(name, None)
 
     def _apply_leave(self, chat: str, name: str) -> None:
         user = self.users[name]
         self.chats[chat].members.discard(name)
+        self.chats[chat].caught_up.discard(name)
         user.chats.pop(chat, None)
+        user.unread.discard(chat)
+        user.positions.pop(chat, None)
         if user.active_chat == chat:
             user.active_chat = GENERAL
 
@@ -2072,6 +2305,10 @@ class Messenger:
         for scheduled in load_records(state, "scheduled", Scheduled, self._restorable_scheduled):
             self._add_scheduled(scheduled)
         self._registrations.windows = load_windows(state, "registrations")
+        for user in self.users.values():
+            for key in [*user.chats, *user.conversations]:
+                user.unread.add(key)
+            self._settle(user, list(user.unread))
 
     def _restorable_chat(self, chat: Chat) -> str | None:
         if not CHAT_NAME_RE.fullmatch(chat.name):
@@ -2090,6 +2327,8 @@ class Messenger:
             return f"{user.name!r} is in unknown chats {sorted(unknown)!r}"
         if GENERAL not in user.chats or user.active_chat not in user.chats:
             return f"{user.name!r} is not in {GENERAL} or not in its active chat"
+        if not all(CONVERSATION_RE.fullmatch(key) for key in user.positions):
+            return f"{user.name!r} has a read position in no conversation"
         return None
 
     def _restorable_session(self, session: Session) -> str | None:
@@ -2105,9 +2344,23 @@ class Messenger:
     def _restorable_message(self, message: Message) -> str | None:
         if not self.last_id >= message.id > next(reversed(self.messages), 0):
             return f"message id {message.id} out of order"
-        if message.sender not in self.users:
+        if message.sender is None:
+            return self._restorable_notice(message)
+        if message.sender not in self.users or message.notice is not None:
             return f"message {message.id} is from an unknown user"
         return self._restorable_destination(message.chat, message.to, message.file)
+
+    def _restorable_notice(self, message: Message) -> str | None:
+        notice = message.notice or {}
+        if (
+            message.to not in self.users or message.chat is not None
+            or notice.get("type") not in NOTICE_TYPES or not notice.keys() <= NOTICE_KEYS
+            or notice.get("chat", GENERAL) not in self.chats
+            or notice.get("user", message.to) not in self.users
+            or message.reply_to is not None or message.file is not None
+        ):
+            return f"message {message.id} is from nobody and no notice"
+        return None
 
     def _restorable_scheduled(self, scheduled: Scheduled) -> str | None:
         if not SCHEDULED_ID_RE.fullmatch(scheduled.id) or scheduled.sender not in self.users:
@@ -2348,6 +2601,7 @@ EVENT_REFERENCES: Final = {
     "to": "user", "new_user": "new user", "chat": "chat", "chat_name": "chat name",
     "file_id": "file", "new_file": "new file", "token_hash": "token hash",
     "scheduled_id": "scheduled id", "new_scheduled": "new scheduled", "message_id": "new message",
+    "about": "user", "conversation": "conversation", "kind": "notice type",
 }
 
 
@@ -2373,6 +2627,12 @@ def _names_known(messenger: Messenger, what: str, value: Any) -> bool:
             return SCHEDULED_ID_RE.fullmatch(value) is not None and value not in messenger.scheduled
         case "new message":
             return bool(value > messenger.last_id)
+        case "conversation":
+            if value.startswith(PRIVATE):
+                return value == PRIVATE or value[1:] in messenger.users
+            return value in messenger.chats
+        case "notice type":
+            return value in NOTICE_TYPES
     raise AssertionError(what)
 
 
@@ -2420,10 +2680,13 @@ def _is_named_tuple(cls: type) -> bool:
 
 
 def _tuple_record(cls: type[T], row: Any) -> T:
+    """A NamedTuple from its fields in order; those added later (with a default) may be
+    missing."""
     fields = _record_fields(cls)
-    if type(row) is not tuple or len(row) != len(fields):
+    required = len(fields) - len(getattr(cls, "_field_defaults", {}))
+    if type(row) is not tuple or not required <= len(row) <= len(fields):
         raise BadRecord(f"a {cls.__name__} record is not a tuple of {len(fields)}")
-    for (name, _, check), value in zip(fields, row, strict=True):
+    for (name, _, check), value in zip(fields[: len(row)], row, strict=True):
         if not check(value):
             raise BadRecord(f"{cls.__name__}.{name} has the wrong type")
     return cls(*row)
@@ -2910,7 +3173,7 @@ MAX_REASON: Final = 1024  # characters in a report's reason
 MAX_FILE_NAME: Final = 255  # characters
 DEFAULT_POLL_LIMIT: Final = 100  # messages per answer of GET /messages without limit
 DEFAULT_CHAT_PAGE: Final = 100  # chats per answer of GET /chat without limit
-STATUS_CHATS: Final = 100  # chats in /status, those with unread messages first
+MAX_STATUS_CHATS: Final = 100  # chats in a GET /status answer, those with unread first
 MAX_TIMER_SLEEP: Final = 1.0  # seconds the timer task sleeps at most between looks
 ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # file, scheduled message and link ids
 _DECIMAL_RE: Final = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,18})?")  # a number in a query
@@ -3200,7 +3463,7 @@ class MessengerApp:
         if message.chat is not None:
             self.waiters.wake_among(self.messenger.chats[message.chat].members)
         else:
-            self.waiters.wake({message.sender, message.to or message.sender})
+            self.waiters.wake(name for name in {message.sender, message.to} if name is not None)
 
     async def _json(self, call: Call) -> Fields:
         raw = await call.channel.read(call.request, self.config.max_json_body)
@@ -3235,6 +3498,7 @@ class MessengerApp:
             "ts": message.ts,
             "reply_to": message.reply_to,
             "file": None if stored is None else self._file(stored, with_digest=False),
+            "notice": message.notice,
         }
 
     def _messages(self, messages: Iterable[Message]) -> list[dict[str, Any]]:
@@ -3389,10 +3653,13 @@ class MessengerApp:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
         query = self._query(call)
         since = query.optional_int("since")
-        chat = query.optional_string("chat", pattern=CHAT_NAME_RE)
+        keys = call.request.query_values("chat")
+        if not all(CONVERSATION_RE.fullmatch(key) for key in keys):
+            raise InvalidField("each chat must be a chat name, @user or @")
+        chats = keys or None
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
         wait = min(query.optional_float("wait") or 0.0, self.config.max_wait)
-        found, next_id = self.messenger.poll(call.user, since, chat, limit)
+        found, next_id = self.messenger.poll(call.user, since, chats, limit)
         if not found and wait > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
@@ -3403,7 +3670,7 @@ class MessengerApp:
                 if remaining <= 0:
                     break
                 await self.waiters.wait(call.user, remaining, client_read)
-                found, next_id = self.messenger.poll(call.user, since, chat, limit)
+                found, next_id = self.messenger.poll(call.user, since, chats, limit)
         answer = {"messages": self._messages(found), "next": next_id}
         return await self._durable(Response.json(answer))
 
@@ -3503,10 +3770,11 @@ class MessengerApp:
         standing = messenger.standing(call.user)
         unread = messenger.unread(call.user)
         rate = messenger.rate_status(call.user)
-        unread_first = sorted(user.chats, key=lambda name: (unread.chats[name] == 0, name))
+        read = (name for name in user.chats if name not in unread.chats)
+        unread_first = itertools.chain(unread.chats, read)
         chats = [
-            self._chat(messenger.chats[name], call.user, unread.chats[name])
-            for name in unread_first[:STATUS_CHATS]
+            self._chat(messenger.chats[name], call.user, unread.chats.get(name, 0))
+            for name in itertools.islice(unread_first, MAX_STATUS_CHATS)
         ]
         return Response.json(
             {
@@ -3518,6 +3786,7 @@ class MessengerApp:
                     "total": unread.total,
                     "chats": unread.chats,
                     "private": unread.private,
+                    "notices": unread.notices,
                 },
                 "limits": {
                     "general_left": rate.remaining,
@@ -3668,6 +3937,7 @@ def build_openapi() -> dict[str, Any]:
     natural, positive = {"type": "integer", "minimum": 0}, {"type": "integer", "minimum": 1}
     user_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"}
     chat_name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+    conversation = {"type": "string", "pattern": f"^(?:{CONVERSATION_RE.pattern})$"}
     chat_path = _parameter("name", "path", chat_name, "the chat")
     chat_answer = ("The chat", _object("chat", chat=_ref("Chat")))
     messages = {"type": "array", "items": _ref("Message")}
@@ -3682,9 +3952,15 @@ def build_openapi() -> dict[str, Any]:
             sha256=string,
         ),
         "Message": _object(
-            "id chat to from text ts reply_to file", id=integer, chat=_nullable(chat_name),
-            to=_nullable(user_name), text=string, ts=number, reply_to=_nullable(integer),
-            file=_nullable(_ref("FileRef")), **{"from": user_name},
+            "id chat to from text ts reply_to file notice", id=integer,
+            chat=_nullable(chat_name), to=_nullable(user_name), text=string, ts=number,
+            reply_to=_nullable(integer), file=_nullable(_ref("FileRef")),
+            notice=_nullable(_ref("Notice")),
+            **{"from": {**_nullable(user_name), "description": "null on a notice"}},
+        ),
+        "Notice": _object(
+            "type", type={"type": "string", "enum": sorted(NOTICE_TYPES)}, chat=chat_name,
+            user=user_name, scheduled=string,
         ),
         "Chat": _object(
             "name private owner members unread requests", name=chat_name, private=boolean,
@@ -3700,9 +3976,10 @@ def build_openapi() -> dict[str, Any]:
             "user chat sessions chats unread limits quotas server", user=user_name, chat=chat_name,
             sessions=integer, chats={"type": "array", "items": _ref("Chat")},
             unread=_object(
-                "total chats private", total=integer,
+                "total chats private notices", total=integer,
                 chats={"type": "object", "additionalProperties": integer},
                 private={"type": "object", "additionalProperties": integer},
+                notices=integer,
             ),
             limits=_object(
                 "general_left general_reset reports banned_until", general_left=integer,
@@ -3773,10 +4050,15 @@ def build_openapi() -> dict[str, Any]:
             {200: ("Messages", _object("messages next", messages=messages, next=integer))},
             errors=[400, 403, 404],
             parameters=[
-                _parameter("since", "query", natural, "start after this id; marks it read"),
+                _parameter("since", "query", natural,
+                           "start after this id and mark the conversations named read up to "
+                           "it (without: each at its read position, nothing marked)"),
                 _parameter("wait", "query", {"type": "number", "minimum": 0},
                            "seconds to long-poll (0-60)"),
-                _parameter("chat", "query", chat_name, "only this chat"),
+                {**_parameter("chat", "query", {"type": "array", "items": conversation},
+                              "only these conversations: a chat's name, @user, or @ for "
+                              "every private one and the notices (default: all)"),
+                 "style": "form", "explode": True},
                 _parameter("limit", "query", positive, "at most this many (1-1000)"),
             ],
         )},

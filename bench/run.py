@@ -45,6 +45,8 @@ HOST = "127.0.0.1"
 SERVER_CPU = 0
 CLIENT_CPU = 1
 PASSWORD = "benchmark-password"
+BENCH_USERS = 100_000  # registrations per address the servers allow the load
+HASHES_AT_ONCE = 2  # connects at a time: a one-core server answers 503 to more per address
 PER_ADDRESS = 200  # client connections per source address (127.0.0.2, …): the server allows 256
 WRK_CONNECTIONS = 50
 WARMUP = 1  # seconds of wrk per contender before the measured rounds
@@ -56,6 +58,9 @@ FANOUT_SENDS = 20
 ANSWER_TIMEOUT = 10.0  # seconds a long-poll may take to answer a send before it counts as lost
 PROBE_INTERVAL = 0.002  # seconds between two loop-lag probes
 STATE_CHATS = 10  # the stored messages are spread over this many chats
+FEW_CHATS, MANY_CHATS = 5, 500  # memberships of the two readers of "conversations", general too
+CONVERSATION_POLLERS = 10  # keep-alive connections polling at once in "conversations"
+CONVERSATION_NEWS = 3  # chats with an unread message for the readers of "conversations"
 STATE_MEMBERS = 10  # users per chat
 SERVER_START_TIMEOUT = 60.0  # seconds a server gets to answer its first /health
 SERVER_STOP_TIMEOUT = 120.0  # seconds a server gets to save and exit after SIGTERM
@@ -229,7 +234,7 @@ async def open_sessions(port: int, names: Sequence[str], chat: str | None) -> li
             await connection.call("POST", "/chat", {"chat_name": chat}, answer["token"])
         return Session(names[index], answer["token"], connection)
 
-    return await bounded(one, len(names))
+    return await bounded(one, len(names), HASHES_AT_ONCE)
 
 
 def close_all(sessions: Sequence[Session]) -> None:
@@ -431,7 +436,7 @@ class Bench:
         argv = [
             sys.executable, str(ROOT / "messenger_server.py"), "--port", str(port),
             "--state-dir", str(state_dir), "--password-cost", "4", "--log-level", log_level,
-            *flags,
+            "--registrations-per-ip", str(BENCH_USERS), *flags,
         ]
         return await self._start(name, argv, port, clean_exit=True)
 
@@ -621,6 +626,76 @@ async def scenario_fanout(bench: Bench) -> None:
         bench.figure(scenario, "max ms", f"{max(latencies) * 1000:.1f}")
 
 
+async def poll_rate(port: int, token: str, path: str, seconds: float) -> float:
+    """GET ``path`` over CONVERSATION_POLLERS keep-alive connections for ``seconds``: req/s."""
+    deadline = time.perf_counter() + seconds
+    counts = []
+
+    async def poller(_: int) -> None:
+        connection = await HttpConnection.open(port)
+        done = 0
+        try:
+            while time.perf_counter() < deadline:
+                reply = await connection.request("GET", path, token=token)
+                if reply.status != 200:
+                    raise BenchError(f"GET {path} -> {reply.status} {reply.body[:200]!r}")
+                done += 1
+        finally:
+            connection.close()
+        counts.append(done)
+
+    started = time.perf_counter()
+    await bounded(poller, CONVERSATION_POLLERS)
+    return sum(counts) / (time.perf_counter() - started)
+
+
+async def scenario_conversations(bench: Bench) -> None:
+    """GET /messages for a user in 5 chats and one in 500, a few with unread messages: the
+    cost of a poll must not grow with the chats a user is in."""
+    rounds, duration = bench.sizes.rounds, bench.sizes.duration
+    print(f"\n== conversations: GET /messages, a user in {FEW_CHATS} chats vs {MANY_CHATS}, "
+          f"{CONVERSATION_POLLERS} connections, {rounds} interleaved round(s) × {duration} s")
+    server = await bench.messenger("messenger", "--max-owned-chats", str(MANY_CHATS))
+    writer, few, many = [(await open_sessions(server.port, [name], None))[0]
+                         for name in ("writer", "few", "many")]  # one hash at a time
+    for number in range(1, MANY_CHATS):  # and general: MANY_CHATS memberships
+        room = {"chat_name": f"room{number}"}
+        await writer.connection.call("POST", "/chat", room, writer.token)
+        await many.connection.call("POST", "/chat", room, many.token)
+        if number < FEW_CHATS:
+            await few.connection.call("POST", "/chat", room, few.token)
+    last = 0
+    for number in range(1, CONVERSATION_NEWS + 1):
+        body = {"chat": f"room{number}", "text": "news"}
+        last = (await writer.connection.call("POST", "/send", body, writer.token))["message"]["id"]
+    # News in a chat the readers are not in: the server is not quiet, they are caught up.
+    await writer.connection.call("POST", "/chat", {"chat_name": "elsewhere"}, writer.token)
+    await writer.connection.call("POST", "/send", {"text": "elsewhere"}, writer.token)
+    close_all([writer, few, many])
+    polls = {  # what the client polls: read --follow --all; read --all; read --follow
+        "since (caught up), every chat": f"/messages?since={last}",
+        "unread, every chat": "/messages",
+        "since, active chat and @": f"/messages?since={last}&chat=general&chat=%40",
+    }
+    rates: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for kind, path in polls.items():
+            for reader in (few, many):
+                rate = await poll_rate(server.port, reader.token, path, duration)
+                rates.setdefault((kind, reader.name), []).append(rate)
+    rows = []
+    for kind in polls:
+        few_rate = statistics.median(rates[kind, "few"])
+        many_rate = statistics.median(rates[kind, "many"])
+        ratio = many_rate / few_rate
+        rows.append([kind, f"{few_rate:,.0f}", f"{many_rate:,.0f}", f"{ratio:.2f}"])
+        bench.figure("conversations", f"{kind}: {MANY_CHATS} chats / {FEW_CHATS}",
+                     f"{ratio:.2f}× ({many_rate:,.0f} vs {few_rate:,.0f} req/s)",
+                     "≥ 0.9×", ratio >= 0.9)
+    print(table(["poll", f"{FEW_CHATS} chats req/s", f"{MANY_CHATS} chats req/s", "ratio"],
+                rows))
+
+
 async def scenario_idle(bench: Bench) -> None:
     """N keep-alive connections each served once, held, then each served again; RSS cost."""
     count = bench.sizes.idle_connections
@@ -751,6 +826,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "messages": scenario_messages,
     "fsync": scenario_fsync,
     "fanout": scenario_fanout,
+    "conversations": scenario_conversations,
     "idle": scenario_idle,
     "million": scenario_million,
 }

@@ -27,7 +27,7 @@ from tests.conftest import (
     settle,
 )
 
-MESSAGE_KEYS = {"id", "chat", "to", "from", "text", "ts", "reply_to", "file"}
+MESSAGE_KEYS = {"id", "chat", "to", "from", "text", "ts", "reply_to", "file", "notice"}
 CHAT_KEYS = {"name", "private", "owner", "members", "unread"}
 
 
@@ -292,7 +292,7 @@ async def test_send_to_active_chat(server: ms.MessengerServer, clock: FakeClock)
     assert set(message) == MESSAGE_KEYS
     assert message == {
         "id": message["id"], "chat": "general", "to": None, "from": "alice", "text": "hello",
-        "ts": clock.now, "reply_to": None, "file": None,
+        "ts": clock.now, "reply_to": None, "file": None, "notice": None,
     }
     assert isinstance(message["id"], int)
 
@@ -1013,14 +1013,14 @@ async def test_status_shape_and_counts(server: ms.MessengerServer, clock: FakeCl
     await join(port, alice, "room")
     await join(port, bob, "room")
     await join(port, alice, "general")
+    await send(port, alice, "mine", chat="general")  # one's own messages are not unread
+    await send(port, alice, "mine too", to="bob")
     await send(port, bob, "g1", chat="general")
     await send(port, bob, "g2", chat="general")
     await send(port, bob, "r1", chat="room")
     await send(port, bob, "p1", to="alice")
     await send(port, carol, "p2", to="alice")
     await send(port, carol, "p3", to="alice")
-    await send(port, alice, "mine", chat="general")  # one's own messages are not unread
-    await send(port, alice, "mine too", to="bob")
     clock.advance(5)
     assert await settle(lambda: not server.app.online)  # the connections above have closed
     async with Client(port) as alice_online:
@@ -1038,6 +1038,7 @@ async def test_status_shape_and_counts(server: ms.MessengerServer, clock: FakeCl
         "total": 6,
         "chats": {"general": 2, "room": 1},
         "private": {"bob": 1, "carol": 2},
+        "notices": 0,
     }
     limits = status["limits"]
     assert set(limits) >= {"general_left", "general_reset", "reports", "banned_until"}
@@ -1404,8 +1405,7 @@ async def test_privacy_outsider_reads_nothing(
     status = await status_of(port, eve)
     assert {c["name"] for c in status["chats"]} == {"general"}
     assert status["unread"]["total"] == 0
-    assert status["unread"]["private"] == {}
-    assert set(status["unread"]["chats"]) == {"general"}
+    assert status["unread"]["private"] == status["unread"]["chats"] == {}
 
 
 @pytest.mark.asyncio
@@ -1414,7 +1414,7 @@ async def test_privacy_the_two_parties_see_it_all(
 ) -> None:
     port = server.port
     bob = private_world["bob"]
-    expected = ["secret plan", "dm", "re: dm", "re"]
+    expected = ["alice invited you to secret", "secret plan", "dm", "re: dm", "re"]
     assert await texts(port, "/messages?since=0", bob) == expected
     thread = await get_json(port, f"/messages/{private_world['private']['id']}", bob)
     assert [m["text"] for m in thread["comments"]] == ["re: dm"]

@@ -138,16 +138,30 @@ def test_connect_saves_token_in_a_private_file(cli: Cli, config_dir: Path) -> No
     assert list(config_dir.iterdir()) == [saved]  # no temporary file left behind
 
 
-def test_connect_prints_history_and_unread(cli: Cli) -> None:
-    cli.login("alice")
-    cli.login("bob")
-    cli("send", "first", user="bob")
-    cli("send", "second", user="bob")
-    result = cli("connect", "alice", "--password", PASSWORD)
-    lines = result.stdout.splitlines()
-    history = [line for line in lines if " general bob: " in line]
-    assert [line.rpartition(": ")[2] for line in history] == ["first", "second"]
-    assert "2 unread messages. Show them with: read" in lines
+def test_connect_a_new_account_prints_the_last_messages_of_general(cli: Cli) -> None:
+    for sender in ("bob", "carol"):  # 20 messages each: the most general takes
+        cli.login(sender)
+        for number in range(20):
+            cli("send", f"{sender} {number}", user=sender)
+    lines = cli("connect", "alice", "--password", PASSWORD).stdout.splitlines()
+    assert lines[:2] == [f"Connected to {cli.url} as alice (new account).", "Active chat: general"]
+    assert [line.rpartition(": ")[2] for line in lines[2:-1]] == [
+        f"carol {number}" for number in range(20)
+    ]
+    assert lines[-1] == "No unread messages."  # that history is not unread
+
+
+def test_connect_an_existing_account_prints_unread_counts_not_history(cli: Cli) -> None:
+    bob_posts_in_general_and_books(cli)
+    cli("send", "--to", "alice", "psst", user="bob")
+    cli("send", "--to", "alice", "again", user="bob")
+    lines = cli("connect", "alice", "--password", PASSWORD).stdout.splitlines()
+    assert lines == [
+        f"Connected to {cli.url} as alice.",
+        "Active chat: books",
+        "Unread: books 1, general 1, @bob 2",
+        "Read them with: read (books and private ones), read --chat NAME, or read --all",
+    ]
 
 
 def test_connect_asks_for_the_password_without_echo(cli: Cli) -> None:
@@ -362,12 +376,74 @@ def test_read_chat_shows_only_that_chat(cli: Cli) -> None:
     assert "in books" in shown and "in general" not in shown
 
 
-def test_read_chat_leaves_other_chats_unread(cli: Cli) -> None:
-    """The read position covers all chats: reading one chat must not hide the others."""
+def test_read_chat_marks_that_conversation_only(cli: Cli) -> None:
+    """Each conversation has its read position: reading one must not hide the others."""
     bob_posts_in_general_and_books(cli)
+    cli("send", "--to", "alice", "psst", user="bob")
     cli("read", "--chat", "books", user="alice")
-    shown = cli("read", user="alice").stdout
-    assert "in general" in shown and "in books" in shown
+    assert cli("read", "--chat", "books", user="alice").stdout.splitlines() == [
+        "No unread messages.",
+        "Unread elsewhere: general 1, @bob 1 (read --chat NAME, or read --all)",
+    ]
+    shown = cli("read", "--chat", "@bob", user="alice").stdout.splitlines()
+    assert shown[0].endswith(" @bob bob: psst")
+    assert shown[1] == "Unread elsewhere: general 1 (read --chat NAME, or read --all)"
+    general = cli("read", "--chat", "general", user="alice").stdout
+    assert general.endswith(" general bob: in general\n")
+
+
+def test_read_shows_the_active_chat_and_private_ones_then_one_line_for_the_rest(
+    cli: Cli,
+) -> None:
+    bob_posts_in_general_and_books(cli)  # alice's active chat is books
+    cli("send", "--to", "alice", "psst", user="bob")
+    lines = cli("read", user="alice").stdout.splitlines()
+    assert [line.split(" ", 2)[2] for line in lines[:2]] == [
+        "books bob: in books", "@bob bob: psst"
+    ]
+    assert lines[2:] == ["Unread elsewhere: general 1 (read --chat NAME, or read --all)"]
+    assert cli("read", user="alice").stdout.splitlines()[1:] == [
+        "Unread elsewhere: general 1 (read --chat NAME, or read --all)"
+    ]
+    assert cli("read", "--all", user="alice").stdout.endswith(" general bob: in general\n")
+    assert cli("read", "--all", user="alice").stdout == "No unread messages.\n"
+    both = cli("read", "--all", "--chat", "books", user="alice", code=2).output
+    assert "give --chat or --all, not both" in both
+
+
+def test_read_never_shows_ones_own_messages(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("send", "hello", user="bob")
+    cli("send", "mine", user="alice")  # moves alice's position in general past bob's too
+    cli("send", "--to", "bob", "to bob", user="alice")
+    assert cli("read", "--all", user="alice").stdout == "No unread messages.\n"
+
+
+def test_read_prints_notices_with_the_command_that_acts_on_them(cli: Cli) -> None:
+    cli.login("alice")
+    cli.login("bob")
+    cli("join", "--private", "plans", user="alice")
+    cli("invite", "plans", "bob", user="alice")
+    invited = cli("read", user="bob").stdout
+    assert re.fullmatch(r"#\d+ \d\d:\d\d notice: alice invited you to plans: join plans\n", invited)
+    cli("join", "plans", user="bob")
+    cli("leave", "plans", user="bob")
+    cli("request", cli("link", "plans", user="alice").stdout.strip(), user="bob")
+    asks = cli("read", user="alice").stdout
+    assert asks.endswith(" notice: bob asks to join plans: approve plans bob\n")
+    cli("deny", "plans", "bob", user="alice")
+    denied = cli("read", "--chat", "@", user="bob").stdout
+    assert denied.endswith(" notice: alice turned down your request to join plans\n")
+
+
+def test_join_prints_the_recent_history_once(cli: Cli) -> None:
+    bob_posts_in_general_and_books(cli)
+    cli("join", "general", user="alice")
+    lines = cli("join", "books", user="alice").stdout.splitlines()
+    assert lines[0] == "Joined public chat books; it is now your active chat."
+    assert lines[1].endswith(" books bob: in books")
+    assert cli("read", user="alice").stdout.splitlines()[0] == "No unread messages."
 
 
 def test_send_private_comment_and_show(cli: Cli) -> None:
@@ -680,6 +756,7 @@ class Follower:
     def __init__(self, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
         self.cli = cli
         self.errors: queue.Queue[mc.ClientError] = queue.Queue()  # how polls failed
+        self.options: list[str] = []  # of read --follow
         self.stopping = threading.Event()
         self.results: list[Result] = []
         original = mc.MessengerClient.messages
@@ -705,7 +782,9 @@ class Follower:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        self.results.append(self.cli("read", "--follow", user="alice", code=mc.INTERRUPTED))
+        self.results.append(
+            self.cli("read", "--follow", *self.options, user="alice", code=mc.INTERRUPTED)
+        )
 
     def result(self) -> Result:
         self.thread.join(timeout=20)
@@ -744,6 +823,32 @@ def test_read_follow_prints_a_message_sent_while_waiting(cli: Cli, follower: Fol
     assert result.stderr == "\n"  # Ctrl-C: the shell's prompt on a line of its own
     assert result.stdout.endswith(" @bob bob: are you there?\n")
     assert cli.json("status", user="alice")["unread"]["total"] == 0  # marked read
+
+
+def test_read_follow_shows_ones_own_messages_from_another_client(
+    cli: Cli, follower: Follower
+) -> None:
+    phone = mc.MessengerClient(cli.url, cli.login("alice"))
+    bob = mc.MessengerClient(cli.url, cli.login("bob"))
+    follower.thread.start()
+    wait_until_parked(bob)
+    phone.send("from my phone")
+    assert follower.result().stdout.endswith(" general alice: from my phone\n")
+
+
+def test_read_follow_chat_prints_and_marks_that_chat_only(cli: Cli, follower: Follower) -> None:
+    cli.login("alice")
+    cli("join", "books", user="alice")
+    cli("join", "general", user="alice")
+    bob = mc.MessengerClient(cli.url, cli.login("bob"))
+    bob.join("books")
+    follower.options = ["--chat", "books"]
+    follower.thread.start()
+    wait_until_parked(bob)
+    bob.send("in general", chat="general")
+    bob.send("in books", chat="books")
+    assert follower.result().stdout.splitlines()[-1].endswith(" books bob: in books")
+    assert cli.json("status", user="alice")["unread"]["chats"] == {"general": 1}
 
 
 def test_read_follow_reconnects_after_a_server_restart(
@@ -834,7 +939,7 @@ def test_ctrl_c_at_the_password_prompt_exits_130(cli: Cli) -> None:
 def a_message(moment: dt.datetime) -> mc.Message:
     return {
         "id": 7, "chat": "general", "to": None, "from": "bob", "text": "hi",
-        "ts": moment.timestamp(), "reply_to": None, "file": None,
+        "ts": moment.timestamp(), "reply_to": None, "file": None, "notice": None,
     }
 
 
@@ -1109,6 +1214,7 @@ def test_read_follow_waits_through_502_503_504_with_capped_backoff(
     ]
     message = a_message(dt.datetime.now())
     answers: list[BaseException | mc.MessagesPage] = [
+        {"messages": [], "next": 6},  # nothing unread: then it follows
         *failures, {"messages": [message], "next": 7},
         mc.ApiError(503, "unavailable", "busy", retry_after=3), {"messages": [], "next": 7},
         KeyboardInterrupt(),
@@ -1123,7 +1229,7 @@ def test_read_follow_waits_through_502_503_504_with_capped_backoff(
     pauses: list[float] = []
     monkeypatch.setattr(mc.MessengerClient, "messages", messages)
     monkeypatch.setattr(time, "sleep", pauses.append)
-    result = Cli(down_url)("read", "--follow", code=mc.INTERRUPTED)
+    result = Cli(down_url)("read", "--follow", "--all", code=mc.INTERRUPTED)
     assert pauses == [0.5, 1, 2, 4, 8, 15, 15, 3]
     assert result.stderr.splitlines() == [
         "the server answered 502: a proxy...; waiting for it (Ctrl-C to stop)",

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,9 +51,10 @@ def ids(messages: list[ms.Message]) -> list[int]:
 
 
 def poll_ids(
-    messenger: ms.Messenger, name: str, since: int | None = 0, chat: str | None = None
+    messenger: ms.Messenger, name: str, since: int | None = 0, *chats: str
 ) -> list[int]:
-    return ids(messenger.poll(name, since, chat, 1000)[0])
+    """What ``name`` polls after ``since`` in the conversations ``chats`` (all without)."""
+    return ids(messenger.poll(name, since, list(chats) or None, 1000)[0])
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def test_poll_chat_messages_only_to_members_since_they_joined(messenger: ms.Mess
     messenger.join("carol", "club", None)
     after = post(messenger, "alice", "after carol", chat="club")
     assert poll_ids(messenger, "carol") == [after.id]
-    assert poll_ids(messenger, "carol", chat="club") == [after.id]
+    assert poll_ids(messenger, "carol", 0, "club") == [after.id]
     assert poll_ids(messenger, "bob") == [before.id, after.id]
 
 
@@ -91,7 +93,7 @@ def test_poll_non_members_see_no_chat_messages(messenger: ms.Messenger) -> None:
     message = post(messenger, "alice", chat="club")
     assert poll_ids(messenger, "carol") == []
     with pytest.raises(ms.NotAMember):
-        messenger.poll("carol", 0, "club", 100)
+        messenger.poll("carol", 0, ["club"], 100)
     with pytest.raises(ms.UnknownMessage):
         messenger.thread("carol", message.id)
 
@@ -175,7 +177,7 @@ def test_read_position_is_shared_by_all_sessions(messenger: ms.Messenger) -> Non
     messenger.poll(first.name, 1, None, 100)
     assert second is first
     assert messenger.poll(second.name, None, None, 100) == ([], 1)
-    assert messenger.unread(second.name) == ({"general": 0, "club": 0}, {})
+    assert messenger.unread(second.name) == ({}, {}, 0)
 
 
 # Unread #####################################################################
@@ -187,8 +189,8 @@ def test_unread_excludes_own_messages(messenger: ms.Messenger) -> None:
     post(messenger, "alice", "yours", chat="club")
     post(messenger, "alice", "to bob", to="bob")
     post(messenger, "alice", "again", to="bob")
-    assert messenger.unread("bob") == ({"general": 0, "club": 1}, {"alice": 2})
-    assert messenger.unread("alice") == ({"general": 0, "club": 1}, {"bob": 1})
+    assert messenger.unread("bob") == ({"club": 1}, {"alice": 2}, 0)
+    assert messenger.unread("alice") == ({}, {}, 0)  # her sends moved her positions
 
 
 def test_unread_counts_only_after_joining_and_read_position(messenger: ms.Messenger) -> None:
@@ -196,9 +198,167 @@ def test_unread_counts_only_after_joining_and_read_position(messenger: ms.Messen
     messenger.join("carol", "club", None)
     post(messenger, "alice", "after", chat="club")
     last = post(messenger, "bob", "later", chat="general")
-    assert messenger.unread("carol") == ({"general": 1, "club": 1}, {})
+    assert messenger.unread("carol") == ({"general": 1, "club": 1}, {}, 0)
     messenger.poll("carol", last.id, None, 100)
-    assert messenger.unread("carol") == ({"general": 0, "club": 0}, {})
+    assert messenger.unread("carol") == ({}, {}, 0)
+
+
+# Conversations ##############################################################
+
+
+def unread_news(messenger: ms.Messenger) -> tuple[int, int, int]:
+    """Bob's unread: alice's message in general, in club, and privately (ids 1-3)."""
+    return (post(messenger, "alice", "g", chat="general").id,
+            post(messenger, "alice", "c", chat="club").id,
+            post(messenger, "alice", "p", to="bob").id)
+
+
+def test_since_marks_only_the_conversations_named(messenger: ms.Messenger) -> None:
+    general, club, private = unread_news(messenger)
+    assert poll_ids(messenger, "bob", club, "club") == []
+    assert messenger.unread("bob") == ({"general": 1}, {"alice": 1}, 0)
+    assert poll_ids(messenger, "bob", None) == [general, private]
+    assert poll_ids(messenger, "bob", private, "@") == []
+    assert messenger.unread("bob") == ({"general": 1}, {}, 0)
+    assert messenger.users["bob"].positions == {"club": club, "@": private}
+
+
+def test_without_since_each_conversation_starts_at_its_own_position(
+    messenger: ms.Messenger,
+) -> None:
+    general, club, private = unread_news(messenger)
+    assert poll_ids(messenger, "bob", None, "club") == [club]
+    assert poll_ids(messenger, "bob", None, "@alice") == [private]
+    assert poll_ids(messenger, "bob", None, "@alice", "@", "general") == [general, private]
+    messenger.poll("bob", club, ["club"], 100)
+    later = post(messenger, "alice", "c2", chat="club").id
+    assert poll_ids(messenger, "bob", None) == [general, private, later]
+    assert messenger.poll("bob", None, ["club"], 1) == ([messenger.messages[later]], later)
+    assert messenger.poll("carol", None, None, 100) == ([messenger.messages[general]], general)
+    messenger.poll("carol", general, None, 100)
+    assert messenger.poll("carol", None, None, 100) == ([], messenger.last_id)
+
+
+def test_sending_moves_ones_position_in_that_conversation_only(messenger: ms.Messenger) -> None:
+    general = unread_news(messenger)[0]
+    mine = post(messenger, "bob", "me too", chat="club").id
+    reply = post(messenger, "bob", "ok", to="alice").id
+    assert messenger.unread("bob") == ({"general": 1}, {}, 0)
+    assert poll_ids(messenger, "bob", None) == [general]
+    assert messenger.unread("alice") == ({"club": 1}, {"bob": 1}, 0)
+    assert poll_ids(messenger, "alice", None) == [mine, reply]
+
+
+def test_since_sees_what_was_read_elsewhere_and_ones_own(messenger: ms.Messenger) -> None:
+    """A poll after ``since`` answers every message after it, read or not: a second client
+    of bob's shows what the first read and what it sent."""
+    general, club, private = unread_news(messenger)
+    messenger.poll("bob", 0, None, 100)  # everything read up to 0: nothing
+    messenger.poll("bob", messenger.last_id, ["club"], 100)
+    mine = post(messenger, "bob", "mine", chat="club").id
+    assert poll_ids(messenger, "bob", 0) == [general, club, private, mine]
+    assert poll_ids(messenger, "bob", general) == [club, private, mine]
+    assert poll_ids(messenger, "bob", private, "club") == [mine]
+
+
+def test_a_poll_looks_only_at_conversations_with_news(clock: FakeClock) -> None:
+    """A user in many chats polls at the cost of the few where something happened."""
+    messenger, _ = make_messenger(clock, max_owned_chats=300)
+    register(messenger, "alice", "bob")
+    chats = [f"room{n}" for n in range(300)]
+    for chat in chats:
+        messenger.join("alice", chat, None)
+        messenger.join("bob", chat, None)
+    bob = messenger.users["bob"]
+    assert bob.unread == set()
+    post(messenger, "alice", "1", chat="room7")
+    post(messenger, "alice", "2", chat="room9")
+    assert bob.unread == {"room7", "room9"}
+    assert sorted(messenger._chats_after(bob, 0)) == ["room7", "room9"]
+    assert chats[0] not in messenger._chats_after(bob, 0)
+    messenger.poll("bob", messenger.last_id, None, 100)
+    assert bob.unread == set() and messenger._chats_after(bob, messenger.last_id) == []
+    mine = post(messenger, "bob", "3", chat="room3").id
+    assert messenger._chats_after(bob, mine - 1) == ["room3"]
+    assert poll_ids(messenger, "bob", mine - 1) == [mine]
+    assert len(messenger.chats["room7"].caught_up) == 2
+
+
+def test_leaving_forgets_the_chats_position(messenger: ms.Messenger) -> None:
+    post(messenger, "alice", chat="club")
+    messenger.poll("bob", 1, ["club"], 100)
+    messenger.leave("bob", "club")
+    assert messenger.users["bob"].positions == {} and messenger.users["bob"].unread == set()
+    messenger.invite("alice", "club", "bob")
+    messenger.join("bob", "club", None)
+    assert messenger.unread("bob").chats == {}
+    assert poll_ids(messenger, "bob", 0, "club") == []
+
+
+# Notices ####################################################################
+
+
+def notices_of(messenger: ms.Messenger, name: str) -> list[tuple[dict[str, str] | None, str]]:
+    found, _ = messenger.poll(name, None, ["@"], 100)
+    return [(m.notice, m.text) for m in found if m.sender is None]
+
+
+def test_notices_tell_of_invitations_requests_and_decisions(messenger: ms.Messenger) -> None:
+    messenger.join("alice", "den", True)
+    messenger.invite("alice", "den", "bob")
+    link = messenger.make_link("alice", "den")
+    messenger.request_join("carol", link)
+    assert notices_of(messenger, "bob") == [
+        ({"type": "invited", "chat": "den", "user": "alice"}, "alice invited you to den")]
+    assert notices_of(messenger, "alice") == [
+        ({"type": "request", "chat": "den", "user": "carol"}, "carol asks to join den")]
+    messenger.decide("alice", "den", "carol", True)
+    messenger.request_join("bob", link)
+    messenger.decide("alice", "den", "bob", False)
+    assert notices_of(messenger, "carol") == [
+        ({"type": "approved", "chat": "den", "user": "alice"}, "alice let you into den")]
+    assert notices_of(messenger, "bob")[1:] == [
+        ({"type": "denied", "chat": "den", "user": "alice"},
+         "alice turned down your request to join den")]
+    assert messenger.unread("bob") == ({}, {}, 2)
+    assert messenger.unread("alice") == ({}, {}, 2)
+    message = messenger.messages[messenger.last_id]
+    assert (message.chat, message.to, message.sender) == (None, "bob", None)
+
+
+def test_a_ban_is_noticed_with_its_end(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock, ban_threshold=2)
+    register(messenger, "x", "a", "b")
+    post(messenger, "x", "spam", chat="general")  # a message to report
+    messenger.report("a", "x", "")
+    assert notices_of(messenger, "x") == []
+    messenger.report("b", "x", "")
+    until = clock.now + messenger.rules.ban_duration
+    end = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    assert notices_of(messenger, "x") == [
+        ({"type": "banned"}, f"after reports from other users, you may not send until {end}")]
+
+
+def test_a_notice_cannot_be_answered(messenger: ms.Messenger) -> None:
+    messenger.invite("alice", "club", "carol")
+    notice = messenger.last_id
+    with pytest.raises(ms.InvalidField):
+        messenger.send("carol", ms.Draft("thanks", reply_to=notice))
+    with pytest.raises(ms.UnknownMessage):
+        messenger.send("bob", ms.Draft("hm", reply_to=notice))
+    assert messenger.thread("carol", notice)[1] == []
+
+
+def test_notices_expire_like_private_messages(messenger: ms.Messenger, clock: FakeClock) -> None:
+    messenger.invite("alice", "club", "carol")
+    clock.advance(2 * TTL)
+    messenger.tick()
+    assert messenger.unread("carol").notices == 1  # nobody received it: it waits
+    assert len(notices_of(messenger, "carol")) == 1
+    clock.advance(TTL)
+    messenger.tick()
+    assert notices_of(messenger, "carol") == [] and messenger.unread("carol") == ({}, {}, 0)
+    assert messenger.users["carol"].conversations == {}
 
 
 # Comments ###################################################################
@@ -493,8 +653,11 @@ def test_tick_drops_a_scheduled_message_whose_sender_may_no_longer_send(
     clock.advance(60)
     messenger.tick()
     assert messenger.chats["club"].messages == [] and messenger.scheduled_of("x") == []
-    assert events[-1] == ("cancel", later.id, "x", clock.now)
+    assert events[-2] == ("cancel", later.id, "x", clock.now)
     assert f"dropped scheduled message {later.id}" in caplog.text
+    notice = messenger.messages[messenger.last_id]
+    assert notice.notice == {"type": "scheduled_dropped", "chat": "club", "scheduled": later.id}
+    assert (notice.to, notice.sender) == ("x", None) and later.id in notice.text
 
 
 @pytest.mark.parametrize(
@@ -907,7 +1070,11 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
     ("comment over the limit", lambda w: w.messenger.send(
         "eve", ms.Draft("x", reply_to=w.general)), ms.RateLimited),
     ("poll a chat one is not in", lambda w: w.messenger.poll(
-        "carol", 0, "secret", 10), ms.NotAMember),
+        "carol", 0, ["secret"], 10), ms.NotAMember),
+    ("poll a chat one is not in among others", lambda w: w.messenger.poll(
+        "carol", 0, ["general", "@", "secret"], 10), ms.NotAMember),
+    ("poll an unknown user's conversation", lambda w: w.messenger.poll(
+        "carol", 0, ["@nobody"], 10), ms.UnknownUser),
     ("history of a chat one is not in", lambda w: w.messenger.history(
         "carol", "secret", None, 10), ms.NotAMember),
     ("thread of a hidden private message", lambda w: w.messenger.thread(
@@ -1030,6 +1197,7 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     messenger.tick()
     messenger.poll("carol", 0, None, 100)  # delivers the private message
     messenger.poll("bob", 3, None, 100)
+    messenger.poll("alice", messenger.last_id, ["club", "@carol", "@"], 100)
     messenger.thread("carol", private.id)
     clock.advance(TTL - 100)
     messenger.tick()  # the first messages and the unused file expire
@@ -1059,6 +1227,8 @@ def test_export_restore_gives_the_same_export(clock: FakeClock) -> None:
     restored = ms.Messenger(ms.Rules(), clock)
     restored.restore(state, [tuple(message) for message in messages])
     assert restored.export() == messenger.export()
+    for name in messenger.users:
+        assert restored.unread(name) == messenger.unread(name)
     clock.advance(2 * TTL)  # and they keep evolving alike
     for one in (messenger, restored):
         one.tick()
@@ -1128,7 +1298,8 @@ def test_replay_of_random_operations_rebuilds_the_same_state(
             "t", chat=rng.choice(chats), file=rng.choice([*files, "none"]))),
         lambda u: messenger.send(u, ms.Draft(
             "t", to=rng.choice(names), send_at=clock.now + rng.uniform(1, 300))),
-        lambda u: messenger.poll(u, rng.choice([None, some_id()]), rng.choice([None, *chats]), 5),
+        lambda u: messenger.poll(u, rng.choice([None, some_id()]), rng.choice(
+            [None, [rng.choice(chats)], ["@"], [f"@{rng.choice(names)}", rng.choice(chats)]]), 5),
         lambda u: messenger.thread(u, some_id()),
         lambda u: messenger.history(u, rng.choice(chats), None, 5),
         lambda u: messenger.join(u, rng.choice(chats), rng.choice([None, True, False])),
@@ -1157,6 +1328,27 @@ def test_replay_of_random_operations_rebuilds_the_same_state(
     restored = ms.Messenger(messenger.rules, clock)
     restored.restore(state, [tuple(message) for message in messages])
     assert restored.export() == messenger.export()
+    for other in (replayed, restored):  # the unread conversations are rebuilt, not saved
+        for name in names:
+            assert other.unread(name) == messenger.unread(name) == slow_unread(messenger, name)
+            assert other.poll(name, None, None, 1000) == messenger.poll(name, None, None, 1000)
+
+
+def slow_unread(messenger: ms.Messenger, name: str) -> ms.Unread:
+    """Unread counts the slow way: every live message after its conversation's position."""
+    user = messenger.users[name]
+    counts: dict[str, int] = {}
+    for message in messenger.messages.values():
+        if message.chat is not None and message.chat not in user.chats:
+            continue
+        if message.chat is None and name not in (message.sender, message.to):
+            continue
+        key = ms.conversation_of(message, name)
+        if message.id > messenger._position(user, key):
+            counts[key] = counts.get(key, 0) + 1
+    chats = {key: n for key, n in sorted(counts.items()) if not key.startswith("@")}
+    peers = {key[1:]: n for key, n in sorted(counts.items()) if key.startswith("@") and key != "@"}
+    return ms.Unread(chats, peers, counts.get("@", 0))
 
 
 def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
@@ -1165,9 +1357,9 @@ def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
     long_text = "x" * ms.MAX_TEXT
     per_answer = ms.MAX_ANSWER_TEXT // ms.MAX_TEXT
     sent = [post(messenger, "bob", long_text, chat="club") for _ in range(per_answer + 5)]
-    first, next_id = messenger.poll("alice", 0, "club", 1000)
+    first, next_id = messenger.poll("alice", 0, ["club"], 1000)
     assert [m.id for m in first] == [m.id for m in sent[:per_answer]] and next_id == first[-1].id
-    rest, _ = messenger.poll("alice", next_id, "club", 1000)
+    rest, _ = messenger.poll("alice", next_id, ["club"], 1000)
     assert [m.id for m in rest] == [m.id for m in sent[per_answer:]]
     newest = messenger.history("alice", "club", None, 1000)
     assert [m.id for m in newest] == [m.id for m in sent[-per_answer:]]

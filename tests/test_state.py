@@ -159,6 +159,14 @@ BAD_EVENTS: list[tuple[str, Any]] = [
     ("unknown file on a message", ("message", 9, "general", None, "alice", "x", 1.0, None,
                                    "../victim.txt", None, False, None)),
     ("bad token hash", ("session", "../../x", "alice", 1.0)),
+    ("read in an unknown conversation", ("read_in", "alice", "@nobody", 1)),
+    ("read in an unknown chat", ("read_in", "alice", "nowhere", 1)),
+    ("a notice of an unknown type", ("notice", 9, "alice", "promoted", None, None, None,
+                                     "x", 1.0)),
+    ("a notice to nobody", ("notice", 9, "nobody", "banned", None, None, None, "x", 1.0)),
+    ("a notice with an old id", ("notice", 1, "alice", "banned", None, None, None, "x", 1.0)),
+    ("a notice about an unknown chat", ("notice", 9, "alice", "invited", "nowhere", "alice",
+                                        None, "x", 1.0)),
 ]
 
 
@@ -248,8 +256,15 @@ def test_restore_skips_a_bad_snapshot_record_and_keeps_the_rest(
     [("x", None), (1, "general", None, "alice", "short"),
      (10**6, "general", None, "alice", "t", 1.0, None, None),
      (999, "nowhere", None, "alice", "t", 1.0, None, None),
-     (999, "general", None, "alice", "t", 1.0, None, fid("no such file"))],
-    ids=["wrong types", "too short", "id beyond last_id", "unknown chat", "unknown file"],
+     (999, "general", None, "alice", "t", 1.0, None, fid("no such file")),
+     (999, None, "alice", None, "t", 1.0, None, None),
+     (999, None, "alice", None, "t", 1.0, None, None, {"type": "knighted"}),
+     (999, None, "alice", "bob", "t", 1.0, None, None, {"type": "banned"}),
+     (999, None, "alice", None, "t", 1.0, None, None, {"type": "banned", "admin": "yes"}),
+     (999, None, "alice", None, "t", 1.0, None, None, {"type": "banned"}, "extra")],
+    ids=["wrong types", "too short", "id beyond last_id", "unknown chat", "unknown file",
+         "from nobody, no notice", "unknown notice type", "a notice from someone",
+         "a notice with an unknown field", "too long"],
 )
 def test_restore_skips_a_bad_message_row(
     clock: FakeClock, caplog: pytest.LogCaptureFixture, row: tuple[Any, ...]
@@ -417,9 +432,14 @@ async def test_every_route_that_changes_state_logs_one_quoted_info_line(
              [f"file_id={file_id!r}", "to='bob'"]),
             ("POST", "/disconnect", None, carol, "revoke", ["name='carol'"]),
         ]
+        noticed = {"invite": "invited", "request": "request", "decide": "approved"}
         for method, path, body, token, kind, shown in steps:
             status, lines = await logged_changes(caplog, port, method, path, body, token)
             assert status < 300, (method, path, status)
+            if kind in noticed:  # then the notice to whom it concerns: its own event and line
+                notice = lines.pop()
+                assert notice.startswith("notice message_id=") and "text" not in notice
+                assert f"kind={noticed[kind]!r}" in notice, notice
             assert len(lines) == 1, (method, path, lines)
             assert lines[0].split()[0] == kind, lines
             for part in shown:
