@@ -403,8 +403,10 @@ _CHUNK_SIZE_RE: Final = re.compile(
     + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
 )
 
+# RFC 9110's methods, and QUERY (httpbis' safe method with a body): a path that does not take
+# one answers 405 with Allow, as clients of those methods expect; any other token is a 501.
 STANDARD_METHODS: Final = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE"}
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "QUERY"}
 )
 # Fields a request may carry once only: two of them make the request ambiguous.
 _SINGLETON_FIELDS: Final = frozenset({"host", "content-length", "authorization"})
@@ -3176,7 +3178,8 @@ DEFAULT_CHAT_PAGE: Final = 100  # chats per answer of GET /chat without limit
 MAX_STATUS_CHATS: Final = 100  # chats in a GET /status answer, those with unread first
 MAX_TIMER_SLEEP: Final = 1.0  # seconds the timer task sleeps at most between looks
 ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # file, scheduled message and link ids
-_DECIMAL_RE: Final = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,18})?")  # a number in a query
+# A number in a query: digits, a fraction, an exponent (``1e2``), a sign.
+_DECIMAL_RE: Final = re.compile(r"[-+]?[0-9]{1,18}(?:\.[0-9]{1,18})?(?:[eE][-+]?[0-9]{1,3})?")
 _MEDIA_TYPE_RE: Final = re.compile(
     r"[-!#$%&'*+.^_`|~0-9A-Za-z]+/[-!#$%&'*+.^_`|~0-9A-Za-z]+"
     r"""(?:[ \t]*;[ \t]*[-!#$%&'*+.^_`|~0-9A-Za-z]+=(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+|"[^"\\]*"))*"""
@@ -3267,7 +3270,10 @@ class Fields:
             raise InvalidField(f"{name} must be an integer of at least {minimum}")
         return value
 
-    def optional_float(self, name: str, *, minimum: float = 0.0) -> float | None:
+    def optional_float(
+        self, name: str, *, minimum: float = 0.0, clamp_to: float = math.inf
+    ) -> float | None:
+        """A number of at least ``minimum``; one above ``clamp_to`` is taken as ``clamp_to``."""
         value = self._values.get(name)
         if value is None:
             return None
@@ -3280,8 +3286,10 @@ class Fields:
         except OverflowError as exc:
             raise InvalidField(f"{name} is too large") from exc
         if not math.isfinite(number) or number < minimum:
-            raise InvalidField(f"{name} must be a finite number of at least {minimum}")
-        return number
+            if math.isinf(clamp_to):
+                raise InvalidField(f"{name} must be a finite number of at least {minimum:g}")
+            raise InvalidField(f"{name} must be between {minimum:g} and {clamp_to:g}")
+        return min(number, clamp_to)
 
     def optional_bool(self, name: str) -> bool | None:
         value = self._values.get(name)
@@ -3658,7 +3666,7 @@ class MessengerApp:
             raise InvalidField("each chat must be a chat name, @user or @")
         chats = keys or None
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
-        wait = min(query.optional_float("wait") or 0.0, self.config.max_wait)
+        wait = query.optional_float("wait", clamp_to=self.config.max_wait) or 0.0
         found, next_id = self.messenger.poll(call.user, since, chats, limit)
         if not found and wait > 0:
             loop = asyncio.get_running_loop()
@@ -4023,6 +4031,10 @@ def build_openapi() -> dict[str, Any]:
         send_at=_nullable(number), file=_nullable(string),
         client_id=_nullable({"type": "string", "maxLength": 64}),
     )
+    send_body["anyOf"] = [  # a text, or a file with an empty or no text
+        {"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+        {"required": ["file"], "properties": {"file": {"type": "string"}}},
+    ]
     sent = _object("message", message=_ref("Message"))
     scheduled = _object("scheduled", scheduled=_ref("Scheduled"))
     paths = {
@@ -4054,7 +4066,7 @@ def build_openapi() -> dict[str, Any]:
                            "start after this id and mark the conversations named read up to "
                            "it (without: each at its read position, nothing marked)"),
                 _parameter("wait", "query", {"type": "number", "minimum": 0},
-                           "seconds to long-poll (0-60)"),
+                           "seconds to long-poll (0-60; larger is clamped)"),
                 {**_parameter("chat", "query", {"type": "array", "items": conversation},
                               "only these conversations: a chat's name, @user, or @ for "
                               "every private one and the notices (default: all)"),

@@ -1490,3 +1490,32 @@ async def test_connect_method_follows_the_route_checks(server: ms.MessengerServe
     assert_error(known, 405, "method_not_allowed")
     assert known.headers["allow"] == "GET, HEAD"
     assert_error(await call(server.port, "CONNECT", "/nowhere"), 404, "not_found")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [("wait=-1", "wait must be between 0 and 60"), ("wait=abc", "wait must be a number"),
+     ("wait=1e400", "wait must be between 0 and 60")],
+)
+async def test_messages_wait_out_of_range_says_what_is_wrong(
+    server: ms.MessengerServer, query: str, message: str
+) -> None:
+    alice = await connect(server.port, "alice")
+    refused = await call(server.port, "GET", f"/messages?{query}", token=alice)
+    assert assert_error(refused, 400, "invalid_field")["message"] == message
+
+
+@pytest.mark.asyncio
+async def test_messages_wait_in_exponent_form_is_a_number(server: ms.MessengerServer) -> None:
+    alice = await connect(server.port, "alice")
+    await send(server.port, alice, "one")
+    answer = await get_json(server.port, "/messages?since=0&wait=1e2", alice)
+    assert [m["text"] for m in answer["messages"]] == ["one"]
+
+
+@pytest.mark.asyncio
+async def test_query_method_on_a_known_path_is_405_with_allow(server: ms.MessengerServer) -> None:
+    answer = await call(server.port, "QUERY", "/messages", b"{}")
+    assert "QUERY" in assert_error(answer, 405, "method_not_allowed")["message"]
+    assert answer.headers["allow"] == "GET, HEAD"
