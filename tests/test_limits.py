@@ -533,3 +533,44 @@ async def test_refused_large_upload_is_answered_before_its_body(
             refused = await client.response()
             assert_error(refused, 401, "unauthorized")
             assert refused.headers["connection"] == "close"
+
+
+@pytest.mark.asyncio
+async def test_connection_cap_behind_a_proxy_counts_each_client_address(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Was: behind nginx, 256 long-polls of one client took every place of the proxy's address."""
+    config = make_config(
+        tmp_path, max_connections_per_ip=2, forwarded_allow_ips=ms.parse_networks("127.0.0.1")
+    )
+    async with ms.MessengerServer(config, clock) as server:
+        held = [Client(server.port), Client(server.port)]
+        for client in held:
+            await client.__aenter__()
+            answer = await client.request("GET", "/health", headers=forwarded("10.0.0.1"))
+            assert answer.status == 200
+        try:
+            async with Client(server.port) as third:
+                refused = await third.request("GET", "/health", headers=forwarded("10.0.0.1"))
+                assert "your address" in assert_error(refused, 503, "unavailable")["message"]
+            async with Client(server.port) as other:
+                answer = await other.request("GET", "/health", headers=forwarded("10.0.0.2"))
+                assert answer.status == 200, "another client behind the same proxy"
+        finally:
+            for client in held:
+                await client.__aexit__(None, None, None)
+
+
+@pytest.mark.asyncio
+async def test_max_connections_in_all_refuses_the_next_one(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, max_connections=2)
+    async with ms.MessengerServer(config, clock) as server:
+        async with SourceClient(server.port, "127.0.0.2") as first, SourceClient(
+            server.port, "127.0.0.3"
+        ) as second:
+            for client in (first, second):  # the last ones allowed, from two addresses
+                assert (await client.request("GET", "/health")).status == 200
+            async with SourceClient(server.port, "127.0.0.4") as third:
+                assert_error(await third.response(), 503, "unavailable")
