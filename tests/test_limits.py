@@ -566,11 +566,12 @@ async def test_max_connections_in_all_refuses_the_next_one(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     config = make_config(tmp_path, max_connections=2)
-    async with ms.MessengerServer(config, clock) as server:
-        async with SourceClient(server.port, "127.0.0.2") as first, SourceClient(
-            server.port, "127.0.0.3"
-        ) as second:
-            for client in (first, second):  # the last ones allowed, from two addresses
-                assert (await client.request("GET", "/health")).status == 200
-            async with SourceClient(server.port, "127.0.0.4") as third:
-                assert_error(await third.response(), 503, "unavailable")
+    async with (
+        ms.MessengerServer(config, clock) as server,
+        SourceClient(server.port, "127.0.0.2") as first,
+        SourceClient(server.port, "127.0.0.3") as second,
+    ):
+        for client in (first, second):  # the last ones allowed, from two addresses
+            assert (await client.request("GET", "/health")).status == 200
+        async with SourceClient(server.port, "127.0.0.4") as third:
+            assert_error(await third.response(), 503, "unavailable")
