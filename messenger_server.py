@@ -796,6 +796,7 @@ class Route:
     handler: Handler
     auth: bool  # it needs a bearer token
     body: bool  # its handler reads the request body
+    durable: bool  # it changes state (read positions too): answered once it is journaled
 
 
 class Router:
@@ -812,7 +813,14 @@ class Router:
         self._patterns: dict[str, dict[str, Route]] = {}
 
     def add(
-        self, method: str, pattern: str, handler: Handler, *, auth: bool, body: bool
+        self,
+        method: str,
+        pattern: str,
+        handler: Handler,
+        *,
+        auth: bool,
+        body: bool,
+        durable: bool = False,
     ) -> None:
         methods = self._patterns.get(pattern)
         if methods is None:
@@ -822,7 +830,7 @@ class Router:
                 self._dynamic.append((re.compile(regex), methods))
             else:
                 self._static[pattern] = methods
-        methods[method] = Route(handler, auth, body)
+        methods[method] = Route(handler, auth, body, durable)
 
     def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
         params: tuple[str, ...] = ()
@@ -3373,33 +3381,33 @@ class MessengerApp:
         self._hashes_by: dict[str, int] = {}  # hashes waiting or running, by client address
         messenger.on_message = self._on_message
         self.router = Router()
-        routes: list[tuple[str, str, Handler, bool, bool]] = [
-            # method   path                              handler             token  reads body
-            ("GET",    "/health",                        self.health,        False, False),
-            ("GET",    "/openapi.json",                  self.openapi,       False, False),
-            ("POST",   "/connect",                       self.connect,       False, True),
-            ("POST",   "/disconnect",                    self.disconnect,    True,  False),
-            ("POST",   "/send",                          self.send,          True,  True),
-            ("GET",    "/messages",                      self.poll,          True,  False),
-            ("GET",    "/messages/{id}",                 self.thread,        True,  False),
-            ("GET",    "/history",                       self.history,       True,  False),
-            ("GET",    "/scheduled",                     self.scheduled,     True,  False),
-            ("DELETE", "/scheduled/{id}",                self.cancel,        True,  False),
-            ("GET",    "/chat",                          self.chats,         True,  False),
-            ("POST",   "/chat",                          self.join,          True,  True),
-            ("POST",   "/chat/{name}/leave",             self.leave,         True,  False),
-            ("POST",   "/chat/{name}/invite",            self.invite,        True,  True),
-            ("POST",   "/chat/{name}/link",              self.link,          True,  False),
-            ("GET",    "/chat/{name}/requests",          self.requests,      True,  False),
-            ("POST",   "/chat/{name}/requests/{user}",   self.decide,        True,  True),
-            ("POST",   "/join/{token}",                  self.request_join,  True,  False),
-            ("GET",    "/status",                        self.status,        True,  False),
-            ("POST",   "/report",                        self.report,        True,  True),
-            ("POST",   "/files",                         self.upload,        True,  True),
-            ("GET",    "/files/{id}",                    self.download,      True,  False),
+        routes: list[tuple[str, str, Handler, bool, bool, bool]] = [
+            # method   path                              handler             token  body   durable
+            ("GET",    "/health",                        self.health,        False, False, False),
+            ("GET",    "/openapi.json",                  self.openapi,       False, False, False),
+            ("POST",   "/connect",                       self.connect,       False, True,  True),
+            ("POST",   "/disconnect",                    self.disconnect,    True,  False, True),
+            ("POST",   "/send",                          self.send,          True,  True,  True),
+            ("GET",    "/messages",                      self.poll,          True,  False, True),
+            ("GET",    "/messages/{id}",                 self.thread,        True,  False, True),
+            ("GET",    "/history",                       self.history,       True,  False, False),
+            ("GET",    "/scheduled",                     self.scheduled,     True,  False, False),
+            ("DELETE", "/scheduled/{id}",                self.cancel,        True,  False, True),
+            ("GET",    "/chat",                          self.chats,         True,  False, False),
+            ("POST",   "/chat",                          self.join,          True,  True,  True),
+            ("POST",   "/chat/{name}/leave",             self.leave,         True,  False, True),
+            ("POST",   "/chat/{name}/invite",            self.invite,        True,  True,  True),
+            ("POST",   "/chat/{name}/link",              self.link,          True,  False, True),
+            ("GET",    "/chat/{name}/requests",          self.requests,      True,  False, False),
+            ("POST",   "/chat/{name}/requests/{user}",   self.decide,        True,  True,  True),
+            ("POST",   "/join/{token}",                  self.request_join,  True,  False, True),
+            ("GET",    "/status",                        self.status,        True,  False, False),
+            ("POST",   "/report",                        self.report,        True,  True,  True),
+            ("POST",   "/files",                         self.upload,        True,  True,  True),
+            ("GET",    "/files/{id}",                    self.download,      True,  False, False),
         ]
-        for method, path, handler, auth, body in routes:
-            self.router.add(method, path, handler, auth=auth, body=body)
+        for method, path, handler, auth, body, durable in routes:
+            self.router.add(method, path, handler, auth=auth, body=body, durable=durable)
 
     # Dispatch ---------------------------------------------------------------
 
@@ -3419,7 +3427,12 @@ class MessengerApp:
                 self._authenticate(call)
             if request.has_body and not route.body:
                 await channel.discard(request)  # a malformed body fails before any change
-            return await route.handler(call)
+            answer = await route.handler(call)
+            if route.durable:
+                # The answer to a change waits until the journal holds the change as
+                # --fsync says; it is shaped before: what happens meanwhile cannot change it.
+                await self.journal.durable()
+            return answer
         except MessengerError as exc:
             logger.info("%s %r from %r -> %d %r", request.method, request.path, channel.address,
                         exc.status, exc.message)
@@ -3478,12 +3491,6 @@ class MessengerApp:
     @staticmethod
     def _query(call: Call) -> Fields:
         return Fields(call.request.query_params(), from_query=True)
-
-    async def _durable(self, answer: Response) -> Response:
-        """The answer to a change, once the journal holds the change as ``--fsync`` says.
-        The answer is shaped before the wait: what happens meanwhile cannot change it."""
-        await self.journal.durable()
-        return answer
 
     # JSON shapes ------------------------------------------------------------
 
@@ -3563,7 +3570,7 @@ class MessengerApp:
             "history": self._messages(history),
             "unread": self.messenger.unread(name).total,
         }
-        return await self._durable(Response.json(answer, status))
+        return Response.json(answer, status)
 
     async def _register(self, name: str, password: str, token: str, address: str) -> User | None:
         """A new user with its first session; None when the name is taken."""
@@ -3622,7 +3629,7 @@ class MessengerApp:
     async def disconnect(self, call: Call) -> Response:
         self.messenger.disconnect(call.token_hash)
         self.forget(call.channel)  # the connection no longer makes its user online
-        return await self._durable(Response(HTTPStatus.NO_CONTENT))
+        return Response(HTTPStatus.NO_CONTENT)
 
     async def send(self, call: Call) -> Response:
         body = await self._json(call)
@@ -3647,7 +3654,7 @@ class MessengerApp:
             assert result.message is not None
             status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
             answer = {"message": self._message(result.message)}
-        return await self._durable(Response.json(answer, status, headers))
+        return Response.json(answer, status, headers)
 
     async def poll(self, call: Call) -> Response:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
@@ -3672,7 +3679,7 @@ class MessengerApp:
                 await self.waiters.wait(call.user, remaining, client_read)
                 found, next_id = self.messenger.poll(call.user, since, chats, limit)
         answer = {"messages": self._messages(found), "next": next_id}
-        return await self._durable(Response.json(answer))
+        return Response.json(answer)
 
     async def thread(self, call: Call) -> Response:
         message_id = call.params[0]
@@ -3683,7 +3690,7 @@ class MessengerApp:
         limit = min(query.optional_int("limit", minimum=1) or MAX_LIMIT, MAX_LIMIT)
         message, comments = self.messenger.thread(call.user, int(message_id), after, limit)
         answer = {"message": self._message(message), "comments": self._messages(comments)}
-        return await self._durable(Response.json(answer))
+        return Response.json(answer)
 
     async def history(self, call: Call) -> Response:
         query = self._query(call)
@@ -3700,7 +3707,7 @@ class MessengerApp:
 
     async def cancel(self, call: Call) -> Response:
         self.messenger.cancel(call.user, call.params[0])
-        return await self._durable(Response(HTTPStatus.NO_CONTENT))
+        return Response(HTTPStatus.NO_CONTENT)
 
     async def chats(self, call: Call) -> Response:
         """A page of the chats the caller can see, by name."""
@@ -3720,7 +3727,7 @@ class MessengerApp:
         history = self.messenger.history(call.user, name, None, self.config.rules.history)
         answer = {"chat": self._chat(chat, call.user), "history": self._messages(history)}
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
-        return await self._durable(Response.json(answer, status))
+        return Response.json(answer, status)
 
     def _chat_param(self, call: Call) -> str:
         name = call.params[0]
@@ -3730,26 +3737,23 @@ class MessengerApp:
 
     async def leave(self, call: Call) -> Response:
         chat = self.messenger.leave(call.user, self._chat_param(call))
-        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
+        return Response.json({"chat": self._chat(chat, call.user)})
 
     async def invite(self, call: Call) -> Response:
         name = self._chat_param(call)
         guest = (await self._json(call)).string("user", pattern=USER_NAME_RE, max_length=32)
         chat = self.messenger.invite(call.user, name, guest)
-        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
+        return Response.json({"chat": self._chat(chat, call.user)})
 
     async def link(self, call: Call) -> Response:
         token = self.messenger.make_link(call.user, self._chat_param(call))
-        answer = Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
-        return await self._durable(answer)
+        return Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
 
     async def request_join(self, call: Call) -> Response:
         chat, member = self.messenger.request_join(call.user, call.params[0])
         if member:
-            answer = Response.json({"status": "member", "chat": chat.name})
-        else:
-            answer = Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
-        return await self._durable(answer)
+            return Response.json({"status": "member", "chat": chat.name})
+        return Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
 
     async def requests(self, call: Call) -> Response:
         pending = self.messenger.pending_requests(call.user, self._chat_param(call))
@@ -3762,7 +3766,7 @@ class MessengerApp:
         if approve is None:
             raise InvalidField("approve is required: true or false")
         chat = self.messenger.decide(call.user, name, call.params[1], approve)
-        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
+        return Response.json({"chat": self._chat(chat, call.user)})
 
     async def status(self, call: Call) -> Response:
         messenger = self.messenger
@@ -3812,7 +3816,7 @@ class MessengerApp:
         answer = {
             "user": target, "reports": standing.reports, "banned_until": standing.banned_until
         }
-        return await self._durable(Response.json(answer))
+        return Response.json(answer)
 
     async def upload(self, call: Call) -> Response:
         """Store the raw body as a file of the caller's, under a name the server makes."""
@@ -3846,8 +3850,7 @@ class MessengerApp:
         except MessengerError:  # over the quota once a chunked body is counted; a full journal
             self.store.remove_file(file_id)
             raise
-        answer = Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
-        return await self._durable(answer)
+        return Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
 
     async def download(self, call: Call) -> Response:
         file_id = call.params[0]
