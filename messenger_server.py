@@ -786,6 +786,55 @@ def encode_json(data: object) -> bytes:
     return _json_encoder.encode(data).encode("utf-8")
 
 
+class Body(enum.Enum):
+    """How much of the current request's body is still in the stream."""
+
+    NONE = "none: the request had none, or it was read to its end"
+    UNREAD = "all of it, untouched (no 100 Continue sent): it can be skipped"
+    READING = "some: reading began and did not end, so the next request's start is unknown"
+    REFUSED = "all of it, refused unread: larger than its route takes"
+
+
+class NextStep(enum.Enum):
+    """What a connection does once a request has its answer."""
+
+    KEEP_ALIVE = "send the answer, then read the next request"
+    CLOSE = "send the answer, then close"
+    SKIP_BODY = "read past the body, then decide again"
+    LINGER = "send the answer, then close, taking in what the client still sends"
+    TOO_LARGE = "send a 413 instead of the answer, then close as for LINGER"
+
+
+def next_step(
+    request: Request, body: Body, status: HTTPStatus, *, closing: bool, largest_body: int
+) -> NextStep:
+    """What follows the answer ``status`` to ``request`` while its body is as ``body``
+    says, when the server is ``closing`` or not and no route takes over ``largest_body``.
+
+    A body answered before it was read is skipped to keep the connection, unless the
+    client waits for a 100 Continue or the body is large (a proxy does not pass Expect
+    on): then the answer goes at once and the connection closes. A body too large for
+    any route makes the answer a 413. A body left in the stream, or only partly read,
+    ends the connection.
+    """
+    if body is Body.UNREAD:  # the answer came before the body
+        length = request.content_length or 0
+        if request.expect_continue:
+            return NextStep.LINGER
+        if length > largest_body:
+            if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                return NextStep.LINGER
+            return NextStep.TOO_LARGE
+        if length > SKIP_LIMIT:  # answer now, not after the whole upload
+            return NextStep.LINGER
+        return NextStep.SKIP_BODY
+    if body is not Body.NONE:
+        return NextStep.LINGER
+    if not request.keep_alive or closing:
+        return NextStep.CLOSE
+    return NextStep.KEEP_ALIVE
+
+
 # Routing ###################################################################
 
 Handler = Callable[["Call"], Awaitable[Response]]
@@ -4233,9 +4282,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self.phase = Phase.IDLE
         self.deadline = self._loop.time() + self._config.idle_timeout
-        self._body_left = False  # a request body that is still (partly) in the stream
-        self._continued = False  # 100 Continue sent for the current request
-        self._broken = False  # the stream position is in doubt: answer, then close
+        self._body = Body.NONE  # the current request's body
         self.cut_off = False  # the server ended it (a deadline, shutdown): say no more
         self.user: str | None = None  # whose token the connection used last
         self._next_read: asyncio.Future[bytes] | None = None  # a read begun by a handler
@@ -4252,17 +4299,15 @@ class Connection:
                 response = await self._server.app.dispatch(request, self)
                 if self.cut_off:
                     return
-                close = not request.keep_alive or self._server.closing
-                if self._body_left and not self._broken:  # the answer came before the body
-                    response, close = await self._skip_body(request, response, close)
-                close = close or self._broken
+                response, step = await self._settle_body(request, response)
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "%s %s %s -> %d", self.peer, request.method, request.target, response.status
                     )
+                close = step is not NextStep.KEEP_ALIVE
                 await self._send(request, response, close)
                 if close:
-                    await self._close(linger=self._body_left)
+                    await self._close(linger=step is not NextStep.CLOSE)
                     return
                 self.phase = Phase.IDLE
                 self.deadline = self._loop.time() + self._config.idle_timeout
@@ -4294,29 +4339,30 @@ class Connection:
             raise Unavailable("too many open connections from your address")
         self.address = address
 
-    async def _skip_body(
-        self, request: Request, response: Response, close: bool
-    ) -> tuple[Response, bool]:
-        """The body of a request answered without reading it (an error, say): skip it to
-        keep the connection; or close after the answer when the client waits for a 100
-        Continue, or when the body is large (a proxy does not pass Expect on). A body too
-        large to read, or malformed, makes the answer a 413 (unless it is one) or a 400."""
-        if request.expect_continue and not self._continued:
-            return response, True
-        already_413 = response.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-        length, largest = request.content_length or 0, self._config.largest_body
-        if length > largest and not already_413:
+    async def _settle_body(
+        self, request: Request, response: Response
+    ) -> tuple[Response, NextStep]:
+        """The answer to send and what follows it (see ``next_step``). A body answered
+        before it was read is skipped if it can be; one larger than any route takes turns
+        the answer into a 413, and so does one found too large while skipped (chunked),
+        unless the answer is one; one found malformed turns it into a 400."""
+        closing, largest = self._server.closing, self._config.largest_body
+        step = next_step(request, self._body, response.status, closing=closing,
+                         largest_body=largest)
+        if step is NextStep.TOO_LARGE:
             too_large = PayloadTooLarge(f"the body is larger than {largest} bytes")
-            return Response.error(too_large), True
-        if length > SKIP_LIMIT:  # answer now, not after the whole upload
-            return response, True
-        try:
-            await self.discard(request)
-        except PayloadTooLarge as exc:
-            return (response if already_413 else Response.error(exc)), True
-        except MessengerError as exc:
-            return Response.error(exc), True
-        return response, close
+            return Response.error(too_large), step
+        if step is NextStep.SKIP_BODY:
+            try:
+                await self.discard(request)
+            except PayloadTooLarge as exc:
+                if response.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                    response = Response.error(exc)
+            except MessengerError as exc:
+                response = Response.error(exc)
+            step = next_step(request, self._body, response.status, closing=closing,
+                             largest_body=largest)
+        return response, step
 
     async def _close(self, *, linger: bool) -> None:
         """Close after the last answer. If the client may still be sending (a body we did
@@ -4372,8 +4418,7 @@ class Connection:
         head = bytes(buffer[:end])
         del buffer[: end + 4]
         request = parse_head(head, self._config.http)
-        self._body_left = request.has_body
-        self._continued = False
+        self._body = Body.UNREAD if request.has_body else Body.NONE
         return request
 
     def _skip_empty_lines(self) -> None:
@@ -4390,17 +4435,16 @@ class Connection:
 
     async def stream(self, request: Request, limit: int) -> AsyncIterator[bytes]:
         """The body of ``request`` as it arrives, in chunks; 413 beyond ``limit`` bytes."""
-        if not self._body_left:
+        if self._body is Body.NONE:
             return
         if request.content_length is not None and request.content_length > limit:
-            self._broken = True
+            self._body = Body.REFUSED
             raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-        if request.expect_continue and not self._continued:
-            self._continued = True
+        if request.expect_continue and self._body is Body.UNREAD:
             self._writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.phase = Phase.BODY
         self.deadline = self._loop.time() + self._config.body_timeout
-        self._broken = True  # until the body has been read to its end
+        self._body = Body.READING  # until the body has been read to its end
         if request.content_length is not None:
             remaining = request.content_length
             while remaining:
@@ -4423,8 +4467,7 @@ class Connection:
                     break
                 if not await self._fill():
                     raise BadRequest("the connection ended in the middle of a body")
-        self._broken = False
-        self._body_left = False
+        self._body = Body.NONE
         self.phase, self.deadline = Phase.HANDLER, float("inf")
 
     async def discard(self, request: Request) -> None:
