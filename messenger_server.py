@@ -1202,6 +1202,104 @@ def _ignore(*args: Any) -> None:
     """The default hook: the domain runs alone in unit tests."""
 
 
+class Deadlines:
+    """What falls due with time in a messenger, first due first: messages and files to
+    expire, scheduled messages to send. Expiries are queues of ids in the order of their
+    deadlines, read against the messenger's ``messages``, ``delivered`` and ``files``; the
+    ids of what went another way (a message delivered, a file gone with its last message)
+    are skipped when they come first."""
+
+    def __init__(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+        self._chat: deque[int] = deque()  # chat messages, oldest first
+        self._private: deque[int] = deque()  # private messages, first delivered first
+        self._undelivered: deque[int] = deque()  # private messages, oldest first
+        self._file: deque[str] = deque()  # files, oldest first
+        self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
+        self._scheduled_count = 0  # orders scheduled messages due at the same time
+
+    def add_message(self, message: Message) -> None:
+        if message.chat is not None:
+            self._chat.append(message.id)
+        else:
+            self._undelivered.append(message.id)
+
+    def add_delivered(self, message_id: int) -> None:
+        """A private message was received: its time to live starts."""
+        self._private.append(message_id)
+
+    def add_file(self, file_id: str) -> None:
+        self._file.append(file_id)
+
+    def schedule(self, scheduled: Scheduled) -> None:
+        self._scheduled_count += 1
+        heapq.heappush(self._due, (scheduled.send_at, self._scheduled_count, scheduled.id))
+
+    def next_deadline(self) -> float | None:
+        """The first deadline: a scheduled message's, or an expiry."""
+        messenger = self._messenger
+        ttl = messenger.rules.message_ttl
+        candidates = []
+        if self._due:
+            candidates.append(self._due[0][0])
+        if self._chat:
+            candidates.append(messenger.messages[self._chat[0]].ts + ttl)
+        if self._private:
+            candidates.append(messenger.delivered[self._private[0]] + ttl)
+        oldest = self._oldest_undelivered()
+        if oldest is not None:
+            candidates.append(messenger.messages[oldest].ts + messenger.rules.undelivered_ttl)
+        oldest_file = self._oldest_file()
+        if oldest_file is not None:
+            candidates.append(oldest_file.ts + ttl)
+        return min(candidates, default=None)
+
+    def expired_messages(self, now: float) -> list[int]:
+        """Take out the ids of the messages whose time is over; costs O(what expires)."""
+        messenger = self._messenger
+        ttl = messenger.rules.message_ttl
+        expired: list[int] = []
+        while self._chat and messenger.messages[self._chat[0]].ts + ttl <= now:
+            expired.append(self._chat.popleft())
+        while self._private and messenger.delivered[self._private[0]] + ttl <= now:
+            expired.append(self._private.popleft())
+        while (oldest := self._oldest_undelivered()) is not None:
+            if messenger.messages[oldest].ts + messenger.rules.undelivered_ttl > now:
+                break
+            expired.append(self._undelivered.popleft())
+        return expired
+
+    def expired_file(self, now: float) -> StoredFile | None:
+        """Take out the oldest file if its time is over."""
+        oldest = self._oldest_file()
+        if oldest is None or oldest.ts + self._messenger.rules.message_ttl > now:
+            return None
+        self._file.popleft()
+        return oldest
+
+    def first_due(self, now: float) -> str | None:
+        """The id of the scheduled message due first, if it is due by ``now``: it stays
+        first until ``pop_due``."""
+        return self._due[0][2] if self._due and self._due[0][0] <= now else None
+
+    def pop_due(self) -> None:
+        heapq.heappop(self._due)
+
+    def _oldest_undelivered(self) -> int | None:
+        """The oldest private message nobody received (delivered or gone ones are skipped)."""
+        messenger, queue = self._messenger, self._undelivered
+        while queue and (queue[0] not in messenger.messages or queue[0] in messenger.delivered):
+            queue.popleft()
+        return queue[0] if queue else None
+
+    def _oldest_file(self) -> StoredFile | None:
+        """The oldest file still kept (files gone with their last message are skipped)."""
+        files = self._messenger.files
+        while self._file and self._file[0] not in files:
+            self._file.popleft()
+        return files[self._file[0]] if self._file else None
+
+
 class Messenger:
     """The messenger's state and rules, with no I/O and no HTTP.
 
@@ -1253,15 +1351,10 @@ class Messenger:
         self.scheduled: dict[str, Scheduled] = {}
         self.last_id = 0
         self.changes = 0  # events applied and messages expired; snapshots watch it
-        self._delivered: dict[int, float] = {}  # private message id -> first received
+        self.delivered: dict[int, float] = {}  # private message id -> first received
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
         self._links: dict[str, str] = {}  # link token hash -> chat
-        self._chat_expiry: deque[int] = deque()  # chat messages, oldest first
-        self._private_expiry: deque[int] = deque()  # private messages, first delivered first
-        self._undelivered_expiry: deque[int] = deque()  # private messages, oldest first
-        self._file_expiry: deque[str] = deque()  # files, oldest first
-        self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
-        self._scheduled_count = 0  # orders scheduled messages due at the same time
+        self._deadlines = Deadlines(self)
         self._login_failures = WindowsByKey(self.rules.login_window)  # by (name, address)
         self._registrations = WindowsByKey(self.rules.registration_window)  # by address
 
@@ -1662,7 +1755,7 @@ class Messenger:
         """Private messages reaching their recipient start to age (their TTL starts)."""
         first_time = [
             m.id for m in messages
-            if m.to == user.name and m.chat is None and m.id not in self._delivered
+            if m.to == user.name and m.chat is None and m.id not in self.delivered
         ]
         if first_time:
             self._note("deliver", user.name, first_time, self.clock())
@@ -1900,21 +1993,7 @@ class Messenger:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` has something to do next: a scheduled message or an expiry."""
-        ttl = self.rules.message_ttl
-        candidates = []
-        if self._due:
-            candidates.append(self._due[0][0])
-        if self._chat_expiry:
-            candidates.append(self.messages[self._chat_expiry[0]].ts + ttl)
-        if self._private_expiry:
-            candidates.append(self._delivered[self._private_expiry[0]] + ttl)
-        oldest = self._oldest_undelivered()
-        if oldest is not None:
-            candidates.append(self.messages[oldest].ts + self.rules.undelivered_ttl)
-        oldest_file = self._oldest_file()
-        if oldest_file is not None:
-            candidates.append(oldest_file.ts + ttl)
-        return min(candidates, default=None)
+        return self._deadlines.next_deadline()
 
     def _expire_sessions(self, now: float) -> None:
         """Revoke the sessions unused for the session TTL (the least recently used first)."""
@@ -1924,29 +2003,16 @@ class Messenger:
                 break
             self._emit("revoke", session.token_hash, session.user)
 
-    def _oldest_undelivered(self) -> int | None:
-        """The oldest private message nobody received (delivered or gone ones are skipped)."""
-        expiry = self._undelivered_expiry
-        while expiry and (expiry[0] not in self.messages or expiry[0] in self._delivered):
-            expiry.popleft()
-        return expiry[0] if expiry else None
-
-    def _oldest_file(self) -> StoredFile | None:
-        """The oldest file still kept (files gone with their last message are skipped)."""
-        while self._file_expiry and self._file_expiry[0] not in self.files:
-            self._file_expiry.popleft()
-        return self.files[self._file_expiry[0]] if self._file_expiry else None
-
     def tick(self) -> None:
         """Send the scheduled messages now due, in due order, and drop expired data."""
         now = self.clock()
         self.expire(now)
         self._expire_sessions(now)
-        while self._due and self._due[0][0] <= now:
-            scheduled = self.scheduled.get(self._due[0][2])
+        while (scheduled_id := self._deadlines.first_due(now)) is not None:
+            scheduled = self.scheduled.get(scheduled_id)
             if scheduled is not None:
                 self._send_scheduled(scheduled, now)  # if the journal fails, it stays due
-            heapq.heappop(self._due)
+            self._deadlines.pop_due()
 
     def _send_scheduled(self, scheduled: Scheduled, now: float) -> None:
         """Check a due message again: a banned sender or a lost membership drops it."""
@@ -1974,21 +2040,11 @@ class Messenger:
 
     def expire(self, now: float) -> None:
         """Drop the messages and files whose time is over; costs O(what expires)."""
-        ttl = self.rules.message_ttl
-        expired: list[int] = []
-        while self._chat_expiry and self.messages[self._chat_expiry[0]].ts + ttl <= now:
-            expired.append(self._chat_expiry.popleft())
-        while self._private_expiry and self._delivered[self._private_expiry[0]] + ttl <= now:
-            expired.append(self._private_expiry.popleft())
-        while (oldest := self._oldest_undelivered()) is not None:
-            if self.messages[oldest].ts + self.rules.undelivered_ttl > now:
-                break
-            expired.append(self._undelivered_expiry.popleft())
+        expired = self._deadlines.expired_messages(now)
         if expired:
             self._remove_messages(expired, now)
-        while (oldest_file := self._oldest_file()) is not None and oldest_file.ts + ttl <= now:
-            self._file_expiry.popleft()
-            self._drop_file_if_unused(oldest_file, now)
+        while (stored := self._deadlines.expired_file(now)) is not None:
+            self._drop_file_if_unused(stored, now)
 
     def _remove_messages(self, ids: list[int], now: float) -> None:
         by_chat: dict[str, int] = {}
@@ -2006,7 +2062,7 @@ class Messenger:
             if message.chat is not None:  # expiring chat messages are a prefix of their chat
                 by_chat[message.chat] = by_chat.get(message.chat, 0) + 1
             else:
-                if self._delivered.pop(message_id, None) is None and sender is not None:
+                if self.delivered.pop(message_id, None) is None and sender is not None:
                     sender.undelivered -= 1
                 for name in {message.sender, message.to}:
                     if name is not None:
@@ -2101,6 +2157,7 @@ class Messenger:
 
     def _add_message(self, message: Message) -> None:
         self.messages[message.id] = message
+        self._deadlines.add_message(message)
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
         if sender is not None:
@@ -2108,7 +2165,6 @@ class Messenger:
             sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
         if message.chat is not None:
             self.chats[message.chat].messages.append(message.id)
-            self._chat_expiry.append(message.id)
         else:
             for name in {message.sender, message.to}:
                 if name is not None:
@@ -2116,7 +2172,6 @@ class Messenger:
                     user.private.append(message.id)
                     key = conversation_of(message, name)
                     user.conversations.setdefault(key, []).append(message.id)
-            self._undelivered_expiry.append(message.id)
             if sender is not None:
                 sender.undelivered += 1  # until ``_deliver``
         if message.reply_to is not None:
@@ -2130,9 +2185,9 @@ class Messenger:
 
     def _deliver(self, ids: list[int], ts: float) -> None:
         for message_id in ids:
-            if message_id in self.messages and message_id not in self._delivered:
-                self._delivered[message_id] = ts
-                self._private_expiry.append(message_id)
+            if message_id in self.messages and message_id not in self.delivered:
+                self.delivered[message_id] = ts
+                self._deadlines.add_delivered(message_id)
                 sender = self.messages[message_id].sender
                 if sender is not None:  # else a notice
                     self.users[sender].undelivered -= 1
@@ -2248,7 +2303,7 @@ class Messenger:
     def _add_file(self, stored: StoredFile) -> None:
         self.files[stored.id] = stored
         self.users[stored.owner].stored += stored.size
-        self._file_expiry.append(stored.id)
+        self._deadlines.add_file(stored.id)
 
     def _remove_file(self, stored: StoredFile) -> None:
         del self.files[stored.id]
@@ -2288,8 +2343,7 @@ class Messenger:
     def _add_scheduled(self, scheduled: Scheduled) -> None:
         self.scheduled[scheduled.id] = scheduled
         self.users[scheduled.sender].scheduled.add(scheduled.id)
-        self._scheduled_count += 1
-        heapq.heappush(self._due, (scheduled.send_at, self._scheduled_count, scheduled.id))
+        self._deadlines.schedule(scheduled)
         if scheduled.file is not None:
             self.files[scheduled.file].scheduled += 1
 
@@ -2321,7 +2375,7 @@ class Messenger:
             "sessions": [to_plain(session) for session in self.sessions.values()],
             "files": [to_plain(stored) for stored in self.files.values()],
             "scheduled": [to_plain(scheduled) for scheduled in self.scheduled.values()],
-            "delivered": list(self._delivered.items()),
+            "delivered": list(self.delivered.items()),
             "registrations": {
                 address: to_plain(window)
                 for address, window in self._registrations.windows.items()
@@ -4243,7 +4297,7 @@ OPENAPI: Final = build_openapi()
 _OPENAPI_BODY: Final = encode_json(OPENAPI)
 
 
-# Server lifecycle ##########################################################
+# Connection I/O ############################################################
 
 class Phase(enum.Enum):
     """Where a connection is in a request's life: its deadline depends on it."""
@@ -4552,6 +4606,8 @@ class Connection:
         else:
             self._writer.close()
 
+
+# Server lifecycle ##########################################################
 
 def _freeze_loaded_state() -> None:
     """Keep the state loaded at start out of the cyclic garbage collector's sight.
