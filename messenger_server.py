@@ -788,6 +788,55 @@ def encode_json(data: object) -> bytes:
     return _json_encoder.encode(data).encode("utf-8")
 
 
+class Body(enum.Enum):
+    """How much of the current request's body is still in the stream."""
+
+    NONE = "none: the request had none, or it was read to its end"
+    UNREAD = "all of it, untouched (no 100 Continue sent): it can be skipped"
+    READING = "some: reading began and did not end, so the next request's start is unknown"
+    REFUSED = "all of it, refused unread: larger than its route takes"
+
+
+class NextStep(enum.Enum):
+    """What a connection does once a request has its answer."""
+
+    KEEP_ALIVE = "send the answer, then read the next request"
+    CLOSE = "send the answer, then close"
+    SKIP_BODY = "read past the body, then decide again"
+    LINGER = "send the answer, then close, taking in what the client still sends"
+    TOO_LARGE = "send a 413 instead of the answer, then close as for LINGER"
+
+
+def next_step(
+    request: Request, body: Body, status: HTTPStatus, *, closing: bool, largest_body: int
+) -> NextStep:
+    """What follows the answer ``status`` to ``request`` while its body is as ``body``
+    says, when the server is ``closing`` or not and no route takes over ``largest_body``.
+
+    A body answered before it was read is skipped to keep the connection, unless the
+    client waits for a 100 Continue or the body is large (a proxy does not pass Expect
+    on): then the answer goes at once and the connection closes. A body too large for
+    any route makes the answer a 413. A body left in the stream, or only partly read,
+    ends the connection.
+    """
+    if body is Body.UNREAD:  # the answer came before the body
+        length = request.content_length or 0
+        if request.expect_continue:
+            return NextStep.LINGER
+        if length > largest_body:
+            if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                return NextStep.LINGER
+            return NextStep.TOO_LARGE
+        if length > SKIP_LIMIT:  # answer now, not after the whole upload
+            return NextStep.LINGER
+        return NextStep.SKIP_BODY
+    if body is not Body.NONE:
+        return NextStep.LINGER
+    if not request.keep_alive or closing:
+        return NextStep.CLOSE
+    return NextStep.KEEP_ALIVE
+
+
 # Routing ###################################################################
 
 Handler = Callable[["Call"], Awaitable[Response]]
@@ -798,6 +847,7 @@ class Route:
     handler: Handler
     auth: bool  # it needs a bearer token
     body: bool  # its handler reads the request body
+    durable: bool  # it changes state (read positions too): answered once it is journaled
 
 
 class Router:
@@ -814,7 +864,14 @@ class Router:
         self._patterns: dict[str, dict[str, Route]] = {}
 
     def add(
-        self, method: str, pattern: str, handler: Handler, *, auth: bool, body: bool
+        self,
+        method: str,
+        pattern: str,
+        handler: Handler,
+        *,
+        auth: bool,
+        body: bool,
+        durable: bool = False,
     ) -> None:
         methods = self._patterns.get(pattern)
         if methods is None:
@@ -824,7 +881,7 @@ class Router:
                 self._dynamic.append((re.compile(regex), methods))
             else:
                 self._static[pattern] = methods
-        methods[method] = Route(handler, auth, body)
+        methods[method] = Route(handler, auth, body, durable)
 
     def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
         params: tuple[str, ...] = ()
@@ -1147,6 +1204,104 @@ def _ignore(*args: Any) -> None:
     """The default hook: the domain runs alone in unit tests."""
 
 
+class Deadlines:
+    """What falls due with time in a messenger, first due first: messages and files to
+    expire, scheduled messages to send. Expiries are queues of ids in the order of their
+    deadlines, read against the messenger's ``messages``, ``delivered`` and ``files``; the
+    ids of what went another way (a message delivered, a file gone with its last message)
+    are skipped when they come first."""
+
+    def __init__(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+        self._chat: deque[int] = deque()  # chat messages, oldest first
+        self._private: deque[int] = deque()  # private messages, first delivered first
+        self._undelivered: deque[int] = deque()  # private messages, oldest first
+        self._file: deque[str] = deque()  # files, oldest first
+        self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
+        self._scheduled_count = 0  # orders scheduled messages due at the same time
+
+    def add_message(self, message: Message) -> None:
+        if message.chat is not None:
+            self._chat.append(message.id)
+        else:
+            self._undelivered.append(message.id)
+
+    def add_delivered(self, message_id: int) -> None:
+        """A private message was received: its time to live starts."""
+        self._private.append(message_id)
+
+    def add_file(self, file_id: str) -> None:
+        self._file.append(file_id)
+
+    def schedule(self, scheduled: Scheduled) -> None:
+        self._scheduled_count += 1
+        heapq.heappush(self._due, (scheduled.send_at, self._scheduled_count, scheduled.id))
+
+    def next_deadline(self) -> float | None:
+        """The first deadline: a scheduled message's, or an expiry."""
+        messenger = self._messenger
+        ttl = messenger.rules.message_ttl
+        candidates = []
+        if self._due:
+            candidates.append(self._due[0][0])
+        if self._chat:
+            candidates.append(messenger.messages[self._chat[0]].ts + ttl)
+        if self._private:
+            candidates.append(messenger.delivered[self._private[0]] + ttl)
+        oldest = self._oldest_undelivered()
+        if oldest is not None:
+            candidates.append(messenger.messages[oldest].ts + messenger.rules.undelivered_ttl)
+        oldest_file = self._oldest_file()
+        if oldest_file is not None:
+            candidates.append(oldest_file.ts + ttl)
+        return min(candidates, default=None)
+
+    def expired_messages(self, now: float) -> list[int]:
+        """Take out the ids of the messages whose time is over; costs O(what expires)."""
+        messenger = self._messenger
+        ttl = messenger.rules.message_ttl
+        expired: list[int] = []
+        while self._chat and messenger.messages[self._chat[0]].ts + ttl <= now:
+            expired.append(self._chat.popleft())
+        while self._private and messenger.delivered[self._private[0]] + ttl <= now:
+            expired.append(self._private.popleft())
+        while (oldest := self._oldest_undelivered()) is not None:
+            if messenger.messages[oldest].ts + messenger.rules.undelivered_ttl > now:
+                break
+            expired.append(self._undelivered.popleft())
+        return expired
+
+    def expired_file(self, now: float) -> StoredFile | None:
+        """Take out the oldest file if its time is over."""
+        oldest = self._oldest_file()
+        if oldest is None or oldest.ts + self._messenger.rules.message_ttl > now:
+            return None
+        self._file.popleft()
+        return oldest
+
+    def first_due(self, now: float) -> str | None:
+        """The id of the scheduled message due first, if it is due by ``now``: it stays
+        first until ``pop_due``."""
+        return self._due[0][2] if self._due and self._due[0][0] <= now else None
+
+    def pop_due(self) -> None:
+        heapq.heappop(self._due)
+
+    def _oldest_undelivered(self) -> int | None:
+        """The oldest private message nobody received (delivered or gone ones are skipped)."""
+        messenger, queue = self._messenger, self._undelivered
+        while queue and (queue[0] not in messenger.messages or queue[0] in messenger.delivered):
+            queue.popleft()
+        return queue[0] if queue else None
+
+    def _oldest_file(self) -> StoredFile | None:
+        """The oldest file still kept (files gone with their last message are skipped)."""
+        files = self._messenger.files
+        while self._file and self._file[0] not in files:
+            self._file.popleft()
+        return files[self._file[0]] if self._file else None
+
+
 class Messenger:
     """The messenger's state and rules, with no I/O and no HTTP.
 
@@ -1198,15 +1353,10 @@ class Messenger:
         self.scheduled: dict[str, Scheduled] = {}
         self.last_id = 0
         self.changes = 0  # events applied and messages expired; snapshots watch it
-        self._delivered: dict[int, float] = {}  # private message id -> first received
+        self.delivered: dict[int, float] = {}  # private message id -> first received
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
         self._links: dict[str, str] = {}  # link token hash -> chat
-        self._chat_expiry: deque[int] = deque()  # chat messages, oldest first
-        self._private_expiry: deque[int] = deque()  # private messages, first delivered first
-        self._undelivered_expiry: deque[int] = deque()  # private messages, oldest first
-        self._file_expiry: deque[str] = deque()  # files, oldest first
-        self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
-        self._scheduled_count = 0  # orders scheduled messages due at the same time
+        self._deadlines = Deadlines(self)
         self._login_failures = WindowsByKey(self.rules.login_window)  # by (name, address)
         self._registrations = WindowsByKey(self.rules.registration_window)  # by address
 
@@ -1607,7 +1757,7 @@ class Messenger:
         """Private messages reaching their recipient start to age (their TTL starts)."""
         first_time = [
             m.id for m in messages
-            if m.to == user.name and m.chat is None and m.id not in self._delivered
+            if m.to == user.name and m.chat is None and m.id not in self.delivered
         ]
         if first_time:
             self._note("deliver", user.name, first_time, self.clock())
@@ -1845,21 +1995,7 @@ class Messenger:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` has something to do next: a scheduled message or an expiry."""
-        ttl = self.rules.message_ttl
-        candidates = []
-        if self._due:
-            candidates.append(self._due[0][0])
-        if self._chat_expiry:
-            candidates.append(self.messages[self._chat_expiry[0]].ts + ttl)
-        if self._private_expiry:
-            candidates.append(self._delivered[self._private_expiry[0]] + ttl)
-        oldest = self._oldest_undelivered()
-        if oldest is not None:
-            candidates.append(self.messages[oldest].ts + self.rules.undelivered_ttl)
-        oldest_file = self._oldest_file()
-        if oldest_file is not None:
-            candidates.append(oldest_file.ts + ttl)
-        return min(candidates, default=None)
+        return self._deadlines.next_deadline()
 
     def _expire_sessions(self, now: float) -> None:
         """Revoke the sessions unused for the session TTL (the least recently used first)."""
@@ -1869,29 +2005,16 @@ class Messenger:
                 break
             self._emit("revoke", session.token_hash, session.user)
 
-    def _oldest_undelivered(self) -> int | None:
-        """The oldest private message nobody received (delivered or gone ones are skipped)."""
-        expiry = self._undelivered_expiry
-        while expiry and (expiry[0] not in self.messages or expiry[0] in self._delivered):
-            expiry.popleft()
-        return expiry[0] if expiry else None
-
-    def _oldest_file(self) -> StoredFile | None:
-        """The oldest file still kept (files gone with their last message are skipped)."""
-        while self._file_expiry and self._file_expiry[0] not in self.files:
-            self._file_expiry.popleft()
-        return self.files[self._file_expiry[0]] if self._file_expiry else None
-
     def tick(self) -> None:
         """Send the scheduled messages now due, in due order, and drop expired data."""
         now = self.clock()
         self.expire(now)
         self._expire_sessions(now)
-        while self._due and self._due[0][0] <= now:
-            scheduled = self.scheduled.get(self._due[0][2])
+        while (scheduled_id := self._deadlines.first_due(now)) is not None:
+            scheduled = self.scheduled.get(scheduled_id)
             if scheduled is not None:
                 self._send_scheduled(scheduled, now)  # if the journal fails, it stays due
-            heapq.heappop(self._due)
+            self._deadlines.pop_due()
 
     def _send_scheduled(self, scheduled: Scheduled, now: float) -> None:
         """Check a due message again: a banned sender or a lost membership drops it."""
@@ -1919,21 +2042,11 @@ class Messenger:
 
     def expire(self, now: float) -> None:
         """Drop the messages and files whose time is over; costs O(what expires)."""
-        ttl = self.rules.message_ttl
-        expired: list[int] = []
-        while self._chat_expiry and self.messages[self._chat_expiry[0]].ts + ttl <= now:
-            expired.append(self._chat_expiry.popleft())
-        while self._private_expiry and self._delivered[self._private_expiry[0]] + ttl <= now:
-            expired.append(self._private_expiry.popleft())
-        while (oldest := self._oldest_undelivered()) is not None:
-            if self.messages[oldest].ts + self.rules.undelivered_ttl > now:
-                break
-            expired.append(self._undelivered_expiry.popleft())
+        expired = self._deadlines.expired_messages(now)
         if expired:
             self._remove_messages(expired, now)
-        while (oldest_file := self._oldest_file()) is not None and oldest_file.ts + ttl <= now:
-            self._file_expiry.popleft()
-            self._drop_file_if_unused(oldest_file, now)
+        while (stored := self._deadlines.expired_file(now)) is not None:
+            self._drop_file_if_unused(stored, now)
 
     def _remove_messages(self, ids: list[int], now: float) -> None:
         by_chat: dict[str, int] = {}
@@ -1951,7 +2064,7 @@ class Messenger:
             if message.chat is not None:  # expiring chat messages are a prefix of their chat
                 by_chat[message.chat] = by_chat.get(message.chat, 0) + 1
             else:
-                if self._delivered.pop(message_id, None) is None and sender is not None:
+                if self.delivered.pop(message_id, None) is None and sender is not None:
                     sender.undelivered -= 1
                 for name in {message.sender, message.to}:
                     if name is not None:
@@ -2046,6 +2159,7 @@ class Messenger:
 
     def _add_message(self, message: Message) -> None:
         self.messages[message.id] = message
+        self._deadlines.add_message(message)
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
         if sender is not None:
@@ -2053,7 +2167,6 @@ class Messenger:
             sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
         if message.chat is not None:
             self.chats[message.chat].messages.append(message.id)
-            self._chat_expiry.append(message.id)
         else:
             for name in {message.sender, message.to}:
                 if name is not None:
@@ -2061,7 +2174,6 @@ class Messenger:
                     user.private.append(message.id)
                     key = conversation_of(message, name)
                     user.conversations.setdefault(key, []).append(message.id)
-            self._undelivered_expiry.append(message.id)
             if sender is not None:
                 sender.undelivered += 1  # until ``_deliver``
         if message.reply_to is not None:
@@ -2075,9 +2187,9 @@ class Messenger:
 
     def _deliver(self, ids: list[int], ts: float) -> None:
         for message_id in ids:
-            if message_id in self.messages and message_id not in self._delivered:
-                self._delivered[message_id] = ts
-                self._private_expiry.append(message_id)
+            if message_id in self.messages and message_id not in self.delivered:
+                self.delivered[message_id] = ts
+                self._deadlines.add_delivered(message_id)
                 sender = self.messages[message_id].sender
                 if sender is not None:  # else a notice
                     self.users[sender].undelivered -= 1
@@ -2193,7 +2305,7 @@ class Messenger:
     def _add_file(self, stored: StoredFile) -> None:
         self.files[stored.id] = stored
         self.users[stored.owner].stored += stored.size
-        self._file_expiry.append(stored.id)
+        self._deadlines.add_file(stored.id)
 
     def _remove_file(self, stored: StoredFile) -> None:
         del self.files[stored.id]
@@ -2233,8 +2345,7 @@ class Messenger:
     def _add_scheduled(self, scheduled: Scheduled) -> None:
         self.scheduled[scheduled.id] = scheduled
         self.users[scheduled.sender].scheduled.add(scheduled.id)
-        self._scheduled_count += 1
-        heapq.heappush(self._due, (scheduled.send_at, self._scheduled_count, scheduled.id))
+        self._deadlines.schedule(scheduled)
         if scheduled.file is not None:
             self.files[scheduled.file].scheduled += 1
 
@@ -2266,7 +2377,7 @@ class Messenger:
             "sessions": [to_plain(session) for session in self.sessions.values()],
             "files": [to_plain(stored) for stored in self.files.values()],
             "scheduled": [to_plain(scheduled) for scheduled in self.scheduled.values()],
-            "delivered": list(self._delivered.items()),
+            "delivered": list(self.delivered.items()),
             "registrations": {
                 address: to_plain(window)
                 for address, window in self._registrations.windows.items()
@@ -3381,33 +3492,33 @@ class MessengerApp:
         self._hashes_by: dict[str, int] = {}  # hashes waiting or running, by client address
         messenger.on_message = self._on_message
         self.router = Router()
-        routes: list[tuple[str, str, Handler, bool, bool]] = [
-            # method   path                              handler             token  reads body
-            ("GET",    "/health",                        self.health,        False, False),
-            ("GET",    "/openapi.json",                  self.openapi,       False, False),
-            ("POST",   "/connect",                       self.connect,       False, True),
-            ("POST",   "/disconnect",                    self.disconnect,    True,  False),
-            ("POST",   "/send",                          self.send,          True,  True),
-            ("GET",    "/messages",                      self.poll,          True,  False),
-            ("GET",    "/messages/{id}",                 self.thread,        True,  False),
-            ("GET",    "/history",                       self.history,       True,  False),
-            ("GET",    "/scheduled",                     self.scheduled,     True,  False),
-            ("DELETE", "/scheduled/{id}",                self.cancel,        True,  False),
-            ("GET",    "/chat",                          self.chats,         True,  False),
-            ("POST",   "/chat",                          self.join,          True,  True),
-            ("POST",   "/chat/{name}/leave",             self.leave,         True,  False),
-            ("POST",   "/chat/{name}/invite",            self.invite,        True,  True),
-            ("POST",   "/chat/{name}/link",              self.link,          True,  False),
-            ("GET",    "/chat/{name}/requests",          self.requests,      True,  False),
-            ("POST",   "/chat/{name}/requests/{user}",   self.decide,        True,  True),
-            ("POST",   "/join/{token}",                  self.request_join,  True,  False),
-            ("GET",    "/status",                        self.status,        True,  False),
-            ("POST",   "/report",                        self.report,        True,  True),
-            ("POST",   "/files",                         self.upload,        True,  True),
-            ("GET",    "/files/{id}",                    self.download,      True,  False),
+        routes: list[tuple[str, str, Handler, bool, bool, bool]] = [
+            # method   path                              handler             token  body   durable
+            ("GET",    "/health",                        self.health,        False, False, False),
+            ("GET",    "/openapi.json",                  self.openapi,       False, False, False),
+            ("POST",   "/connect",                       self.connect,       False, True,  True),
+            ("POST",   "/disconnect",                    self.disconnect,    True,  False, True),
+            ("POST",   "/send",                          self.send,          True,  True,  True),
+            ("GET",    "/messages",                      self.poll,          True,  False, True),
+            ("GET",    "/messages/{id}",                 self.thread,        True,  False, True),
+            ("GET",    "/history",                       self.history,       True,  False, False),
+            ("GET",    "/scheduled",                     self.scheduled,     True,  False, False),
+            ("DELETE", "/scheduled/{id}",                self.cancel,        True,  False, True),
+            ("GET",    "/chat",                          self.chats,         True,  False, False),
+            ("POST",   "/chat",                          self.join,          True,  True,  True),
+            ("POST",   "/chat/{name}/leave",             self.leave,         True,  False, True),
+            ("POST",   "/chat/{name}/invite",            self.invite,        True,  True,  True),
+            ("POST",   "/chat/{name}/link",              self.link,          True,  False, True),
+            ("GET",    "/chat/{name}/requests",          self.requests,      True,  False, False),
+            ("POST",   "/chat/{name}/requests/{user}",   self.decide,        True,  True,  True),
+            ("POST",   "/join/{token}",                  self.request_join,  True,  False, True),
+            ("GET",    "/status",                        self.status,        True,  False, False),
+            ("POST",   "/report",                        self.report,        True,  True,  True),
+            ("POST",   "/files",                         self.upload,        True,  True,  True),
+            ("GET",    "/files/{id}",                    self.download,      True,  False, False),
         ]
-        for method, path, handler, auth, body in routes:
-            self.router.add(method, path, handler, auth=auth, body=body)
+        for method, path, handler, auth, body, durable in routes:
+            self.router.add(method, path, handler, auth=auth, body=body, durable=durable)
 
     # Dispatch ---------------------------------------------------------------
 
@@ -3427,7 +3538,12 @@ class MessengerApp:
                 self._authenticate(call)
             if request.has_body and not route.body:
                 await channel.discard(request)  # a malformed body fails before any change
-            return await route.handler(call)
+            answer = await route.handler(call)
+            if route.durable:
+                # The answer to a change waits until the journal holds the change as
+                # --fsync says; it is shaped before: what happens meanwhile cannot change it.
+                await self.journal.durable()
+            return answer
         except MessengerError as exc:
             logger.info("%s %r from %r -> %d %r", request.method, request.path, channel.address,
                         exc.status, exc.message)
@@ -3486,12 +3602,6 @@ class MessengerApp:
     @staticmethod
     def _query(call: Call) -> Fields:
         return Fields(call.request.query_params(), from_query=True)
-
-    async def _durable(self, answer: Response) -> Response:
-        """The answer to a change, once the journal holds the change as ``--fsync`` says.
-        The answer is shaped before the wait: what happens meanwhile cannot change it."""
-        await self.journal.durable()
-        return answer
 
     # JSON shapes ------------------------------------------------------------
 
@@ -3571,7 +3681,7 @@ class MessengerApp:
             "history": self._messages(history),
             "unread": self.messenger.unread(name).total,
         }
-        return await self._durable(Response.json(answer, status))
+        return Response.json(answer, status)
 
     async def _register(self, name: str, password: str, token: str, address: str) -> User | None:
         """A new user with its first session; None when the name is taken."""
@@ -3630,7 +3740,7 @@ class MessengerApp:
     async def disconnect(self, call: Call) -> Response:
         self.messenger.disconnect(call.token_hash)
         self.forget(call.channel)  # the connection no longer makes its user online
-        return await self._durable(Response(HTTPStatus.NO_CONTENT))
+        return Response(HTTPStatus.NO_CONTENT)
 
     async def send(self, call: Call) -> Response:
         body = await self._json(call)
@@ -3655,7 +3765,7 @@ class MessengerApp:
             assert result.message is not None
             status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
             answer = {"message": self._message(result.message)}
-        return await self._durable(Response.json(answer, status, headers))
+        return Response.json(answer, status, headers)
 
     async def poll(self, call: Call) -> Response:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
@@ -3680,7 +3790,7 @@ class MessengerApp:
                 await self.waiters.wait(call.user, remaining, client_read)
                 found, next_id = self.messenger.poll(call.user, since, chats, limit)
         answer = {"messages": self._messages(found), "next": next_id}
-        return await self._durable(Response.json(answer))
+        return Response.json(answer)
 
     async def thread(self, call: Call) -> Response:
         message_id = call.params[0]
@@ -3691,7 +3801,7 @@ class MessengerApp:
         limit = min(query.optional_int("limit", minimum=1) or MAX_LIMIT, MAX_LIMIT)
         message, comments = self.messenger.thread(call.user, int(message_id), after, limit)
         answer = {"message": self._message(message), "comments": self._messages(comments)}
-        return await self._durable(Response.json(answer))
+        return Response.json(answer)
 
     async def history(self, call: Call) -> Response:
         query = self._query(call)
@@ -3708,7 +3818,7 @@ class MessengerApp:
 
     async def cancel(self, call: Call) -> Response:
         self.messenger.cancel(call.user, call.params[0])
-        return await self._durable(Response(HTTPStatus.NO_CONTENT))
+        return Response(HTTPStatus.NO_CONTENT)
 
     async def chats(self, call: Call) -> Response:
         """A page of the chats the caller can see, by name."""
@@ -3728,7 +3838,7 @@ class MessengerApp:
         history = self.messenger.history(call.user, name, None, self.config.rules.history)
         answer = {"chat": self._chat(chat, call.user), "history": self._messages(history)}
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
-        return await self._durable(Response.json(answer, status))
+        return Response.json(answer, status)
 
     def _chat_param(self, call: Call) -> str:
         name = call.params[0]
@@ -3738,26 +3848,23 @@ class MessengerApp:
 
     async def leave(self, call: Call) -> Response:
         chat = self.messenger.leave(call.user, self._chat_param(call))
-        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
+        return Response.json({"chat": self._chat(chat, call.user)})
 
     async def invite(self, call: Call) -> Response:
         name = self._chat_param(call)
         guest = (await self._json(call)).string("user", pattern=USER_NAME_RE, max_length=32)
         chat = self.messenger.invite(call.user, name, guest)
-        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
+        return Response.json({"chat": self._chat(chat, call.user)})
 
     async def link(self, call: Call) -> Response:
         token = self.messenger.make_link(call.user, self._chat_param(call))
-        answer = Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
-        return await self._durable(answer)
+        return Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
 
     async def request_join(self, call: Call) -> Response:
         chat, member = self.messenger.request_join(call.user, call.params[0])
         if member:
-            answer = Response.json({"status": "member", "chat": chat.name})
-        else:
-            answer = Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
-        return await self._durable(answer)
+            return Response.json({"status": "member", "chat": chat.name})
+        return Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
 
     async def requests(self, call: Call) -> Response:
         pending = self.messenger.pending_requests(call.user, self._chat_param(call))
@@ -3770,7 +3877,7 @@ class MessengerApp:
         if approve is None:
             raise InvalidField("approve is required: true or false")
         chat = self.messenger.decide(call.user, name, call.params[1], approve)
-        return await self._durable(Response.json({"chat": self._chat(chat, call.user)}))
+        return Response.json({"chat": self._chat(chat, call.user)})
 
     async def status(self, call: Call) -> Response:
         messenger = self.messenger
@@ -3820,7 +3927,7 @@ class MessengerApp:
         answer = {
             "user": target, "reports": standing.reports, "banned_until": standing.banned_until
         }
-        return await self._durable(Response.json(answer))
+        return Response.json(answer)
 
     async def upload(self, call: Call) -> Response:
         """Store the raw body as a file of the caller's, under a name the server makes."""
@@ -3854,8 +3961,7 @@ class MessengerApp:
         except MessengerError:  # over the quota once a chunked body is counted; a full journal
             self.store.remove_file(file_id)
             raise
-        answer = Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
-        return await self._durable(answer)
+        return Response.json({"file": self._file(stored)}, HTTPStatus.CREATED)
 
     async def download(self, call: Call) -> Response:
         file_id = call.params[0]
@@ -4203,7 +4309,7 @@ OPENAPI: Final = build_openapi()
 _OPENAPI_BODY: Final = encode_json(OPENAPI)
 
 
-# Server lifecycle ##########################################################
+# Connection I/O ############################################################
 
 class Phase(enum.Enum):
     """Where a connection is in a request's life: its deadline depends on it."""
@@ -4242,9 +4348,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self.phase = Phase.IDLE
         self.deadline = self._loop.time() + self._config.idle_timeout
-        self._body_left = False  # a request body that is still (partly) in the stream
-        self._continued = False  # 100 Continue sent for the current request
-        self._broken = False  # the stream position is in doubt: answer, then close
+        self._body = Body.NONE  # the current request's body
         self.cut_off = False  # the server ended it (a deadline, shutdown): say no more
         self.user: str | None = None  # whose token the connection used last
         self._next_read: asyncio.Future[bytes] | None = None  # a read begun by a handler
@@ -4261,17 +4365,15 @@ class Connection:
                 response = await self._server.app.dispatch(request, self)
                 if self.cut_off:
                     return
-                close = not request.keep_alive or self._server.closing
-                if self._body_left and not self._broken:  # the answer came before the body
-                    response, close = await self._skip_body(request, response, close)
-                close = close or self._broken
+                response, step = await self._settle_body(request, response)
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "%s %s %s -> %d", self.peer, request.method, request.target, response.status
                     )
+                close = step is not NextStep.KEEP_ALIVE
                 await self._send(request, response, close)
                 if close:
-                    await self._close(linger=self._body_left)
+                    await self._close(linger=step is not NextStep.CLOSE)
                     return
                 self.phase = Phase.IDLE
                 self.deadline = self._loop.time() + self._config.idle_timeout
@@ -4303,29 +4405,30 @@ class Connection:
             raise Unavailable("too many open connections from your address")
         self.address = address
 
-    async def _skip_body(
-        self, request: Request, response: Response, close: bool
-    ) -> tuple[Response, bool]:
-        """The body of a request answered without reading it (an error, say): skip it to
-        keep the connection; or close after the answer when the client waits for a 100
-        Continue, or when the body is large (a proxy does not pass Expect on). A body too
-        large to read, or malformed, makes the answer a 413 (unless it is one) or a 400."""
-        if request.expect_continue and not self._continued:
-            return response, True
-        already_413 = response.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-        length, largest = request.content_length or 0, self._config.largest_body
-        if length > largest and not already_413:
+    async def _settle_body(
+        self, request: Request, response: Response
+    ) -> tuple[Response, NextStep]:
+        """The answer to send and what follows it (see ``next_step``). A body answered
+        before it was read is skipped if it can be; one larger than any route takes turns
+        the answer into a 413, and so does one found too large while skipped (chunked),
+        unless the answer is one; one found malformed turns it into a 400."""
+        closing, largest = self._server.closing, self._config.largest_body
+        step = next_step(request, self._body, response.status, closing=closing,
+                         largest_body=largest)
+        if step is NextStep.TOO_LARGE:
             too_large = PayloadTooLarge(f"the body is larger than {largest} bytes")
-            return Response.error(too_large), True
-        if length > SKIP_LIMIT:  # answer now, not after the whole upload
-            return response, True
-        try:
-            await self.discard(request)
-        except PayloadTooLarge as exc:
-            return (response if already_413 else Response.error(exc)), True
-        except MessengerError as exc:
-            return Response.error(exc), True
-        return response, close
+            return Response.error(too_large), step
+        if step is NextStep.SKIP_BODY:
+            try:
+                await self.discard(request)
+            except PayloadTooLarge as exc:
+                if response.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                    response = Response.error(exc)
+            except MessengerError as exc:
+                response = Response.error(exc)
+            step = next_step(request, self._body, response.status, closing=closing,
+                             largest_body=largest)
+        return response, step
 
     async def _close(self, *, linger: bool) -> None:
         """Close after the last answer. If the client may still be sending (a body we did
@@ -4381,8 +4484,7 @@ class Connection:
         head = bytes(buffer[:end])
         del buffer[: end + 4]
         request = parse_head(head, self._config.http)
-        self._body_left = request.has_body
-        self._continued = False
+        self._body = Body.UNREAD if request.has_body else Body.NONE
         return request
 
     def _skip_empty_lines(self) -> None:
@@ -4399,17 +4501,16 @@ class Connection:
 
     async def stream(self, request: Request, limit: int) -> AsyncIterator[bytes]:
         """The body of ``request`` as it arrives, in chunks; 413 beyond ``limit`` bytes."""
-        if not self._body_left:
+        if self._body is Body.NONE:
             return
         if request.content_length is not None and request.content_length > limit:
-            self._broken = True
+            self._body = Body.REFUSED
             raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-        if request.expect_continue and not self._continued:
-            self._continued = True
+        if request.expect_continue and self._body is Body.UNREAD:
             self._writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.phase = Phase.BODY
         self.deadline = self._loop.time() + self._config.body_timeout
-        self._broken = True  # until the body has been read to its end
+        self._body = Body.READING  # until the body has been read to its end
         if request.content_length is not None:
             remaining = request.content_length
             while remaining:
@@ -4432,8 +4533,7 @@ class Connection:
                     break
                 if not await self._fill():
                     raise BadRequest("the connection ended in the middle of a body")
-        self._broken = False
-        self._body_left = False
+        self._body = Body.NONE
         self.phase, self.deadline = Phase.HANDLER, float("inf")
 
     async def discard(self, request: Request) -> None:
@@ -4518,6 +4618,8 @@ class Connection:
         else:
             self._writer.close()
 
+
+# Server lifecycle ##########################################################
 
 def _freeze_loaded_state() -> None:
     """Keep the state loaded at start out of the cyclic garbage collector's sight.

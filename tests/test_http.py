@@ -367,6 +367,55 @@ def test_error_response_is_the_contract_json() -> None:
     assert response.body == b'{"error":"method_not_allowed","message":"no"}'
 
 
+# After the answer: keep, skip the body, or close ###########################
+
+LARGEST = 2 * ms.SKIP_LIMIT  # the largest body any route takes
+GET, GET_1_0 = ["GET / HTTP/1.1", "Host: a"], ["GET / HTTP/1.0"]
+GET_1_0_KEEP, GET_CLOSE = [*GET_1_0, "Connection: keep-alive"], [*GET, "Connection: close"]
+POST = ["POST /send HTTP/1.1", "Host: a"]
+SMALL, CHUNKED = ["Content-Length: 9"], ["Transfer-Encoding: chunked"]
+LARGE, HUGE = [f"Content-Length: {ms.SKIP_LIMIT + 1}"], [f"Content-Length: {LARGEST + 1}"]
+EXPECT = ["Expect: 100-continue"]
+NONE, UNREAD, READING, REFUSED = ms.Body.NONE, ms.Body.UNREAD, ms.Body.READING, ms.Body.REFUSED
+KEEP, CLOSE, SKIP = ms.NextStep.KEEP_ALIVE, ms.NextStep.CLOSE, ms.NextStep.SKIP_BODY
+LINGER, TOO_LARGE = ms.NextStep.LINGER, ms.NextStep.TOO_LARGE
+
+NEXT_STEPS = [
+    # rule                              request head           body     answer closing next
+    ("no body: keep alive",             GET,                   NONE,    200,   False,  KEEP),
+    ("body read: keep alive",           POST + SMALL,          NONE,    200,   False,  KEEP),
+    ("HTTP/1.0 closes",                 GET_1_0,               NONE,    200,   False,  CLOSE),
+    ("HTTP/1.0 keep-alive",             GET_1_0_KEEP,          NONE,    200,   False,  KEEP),
+    ("Connection: close",               GET_CLOSE,             NONE,    200,   False,  CLOSE),
+    ("shutdown closes",                 GET,                   NONE,    200,   True,   CLOSE),
+    ("unread body: skip it",            POST + SMALL,          UNREAD,  401,   False,  SKIP),
+    ("unread chunked body: skip it",    POST + CHUNKED,        UNREAD,  401,   False,  SKIP),
+    ("skip it, closing after",          POST + SMALL,          UNREAD,  401,   True,   SKIP),
+    ("no 100 Continue sent: close",     POST + SMALL + EXPECT, UNREAD,  401,   False,  LINGER),
+    ("100 Continue sent, body read",    POST + SMALL + EXPECT, NONE,    201,   False,  KEEP),
+    ("large unread body: answer now",   POST + LARGE,          UNREAD,  401,   False,  LINGER),
+    ("body no route takes: 413",        POST + HUGE,           UNREAD,  404,   False,  TOO_LARGE),
+    ("body no route takes, was a 413",  POST + HUGE,           UNREAD,  413,   False,  LINGER),
+    ("body partly read",                POST + SMALL,          READING, 400,   False,  LINGER),
+    ("body refused unread",             POST + SMALL,          REFUSED, 413,   False,  LINGER),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rule", "lines", "body", "status", "closing", "step"),
+    NEXT_STEPS,
+    ids=[case[0] for case in NEXT_STEPS],
+)
+def test_next_step(
+    rule: str, lines: list[str], body: ms.Body, status: int, closing: bool, step: ms.NextStep
+) -> None:
+    request = ms.parse_head(head(*lines), LIMITS)
+    found = ms.next_step(
+        request, body, HTTPStatus(status), closing=closing, largest_body=LARGEST
+    )
+    assert found is step
+
+
 # Router ####################################################################
 
 

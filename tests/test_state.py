@@ -4,6 +4,7 @@ planted records, symlinks and traversal ids refused, and a log line per change."
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -123,6 +124,13 @@ async def test_start_with_a_bad_flag_touches_no_folder(tmp_path: Path) -> None:
     assert code == 2
     assert "invalid int value" in lines[-1]
     assert not (tmp_path / "state").exists()
+
+
+def test_making_a_server_touches_no_folder_and_no_collector(tmp_path: Path) -> None:
+    frozen = gc.get_freeze_count()
+    ms.MessengerServer(make_config(tmp_path))
+    assert not (tmp_path / "state").exists()
+    assert gc.get_freeze_count() == frozen  # start freezes the loaded state, not __init__
 
 
 # Records checked like input #################################################
