@@ -104,6 +104,7 @@ HASH_QUEUE: Final = 4  # password hashes waiting per core; 503 above
 MAX_WAIT: Final = 60.0  # seconds a long-poll may wait
 SNAPSHOT_INTERVAL: Final = 30.0  # seconds between snapshots (when something changed)
 JOURNAL_ROOM: Final = 64 * 1024  # bytes free before a disk found full takes changes again
+FILE_BLOCK: Final = 4096  # bytes a stored file counts against the upload quota, at least
 MIN_FREE_DISK: Final = 64 * 1024 * 1024  # bytes free on the state's disk; no upload below
 
 JSON_TYPE: Final = "application/json; charset=utf-8"
@@ -713,7 +714,10 @@ def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[IpNet
             return peer
         if not any(address in network for network in trusted):
             return str(address)
-    return str(ipaddress.ip_address(entries[0])) if entries else peer
+    if not entries:
+        return peer
+    # Every entry (each one parsed above) is a trusted proxy: the leftmost is the client.
+    return str(ipaddress.ip_address(entries[0].removeprefix("[").removesuffix("]")))
 
 
 def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
@@ -1439,7 +1443,10 @@ class Messenger:
         return self.users[session.user], token_hash
 
     def disconnect(self, token_hash: str) -> None:
-        self._emit("revoke", token_hash, self.sessions[token_hash].user)
+        session = self.sessions.get(token_hash)
+        if session is None:  # revoked by another request while this one's body came
+            raise Unauthorized("unknown or revoked token: connect again")
+        self._emit("revoke", token_hash, session.user)
 
     # Sending ----------------------------------------------------------------
 
@@ -1954,7 +1961,7 @@ class Messenger:
     def check_upload(self, owner: str, size: int) -> None:
         """403 when ``size`` more bytes would take the user past its upload quota."""
         stored = self.users[owner].stored
-        if stored + size > self.rules.upload_quota:
+        if stored + _charged(size) > self.rules.upload_quota:
             raise QuotaExceeded(
                 f"your stored files may total at most {self.rules.upload_quota} bytes "
                 f"({stored} used)"
@@ -2304,12 +2311,12 @@ class Messenger:
 
     def _add_file(self, stored: StoredFile) -> None:
         self.files[stored.id] = stored
-        self.users[stored.owner].stored += stored.size
+        self.users[stored.owner].stored += _charged(stored.size)
         self._deadlines.add_file(stored.id)
 
     def _remove_file(self, stored: StoredFile) -> None:
         del self.files[stored.id]
-        self.users[stored.owner].stored -= stored.size
+        self.users[stored.owner].stored -= _charged(stored.size)
 
     def _apply_schedule(
         self, new_scheduled: str, sender: str, send_at: float, text: str, chat: str | None,
@@ -2494,9 +2501,23 @@ class Messenger:
         return None
 
     def forget_file(self, file_id: str) -> None:
-        """Drop a file whose bytes are gone from the state folder (found at start)."""
-        if file_id in self.files:
-            self._remove_file(self.files[file_id])
+        """Drop a file whose bytes are gone from the state folder (found at start: a crash
+        after the file expired, before a snapshot said so). What carried it stays, without it."""
+        stored = self.files.get(file_id)
+        if stored is None:
+            return
+        for message_id in stored.messages:
+            self.messages[message_id] = self.messages[message_id]._replace(file=None)
+        for scheduled in self.scheduled.values():
+            if scheduled.file == file_id:
+                scheduled.file = None
+        self._remove_file(stored)
+
+
+def _charged(size: int) -> int:
+    """What a file of ``size`` bytes counts against its owner's upload quota: at least a disk
+    block, so that empty files are not free to make by the thousand."""
+    return max(size, FILE_BLOCK)
 
 
 def _conversation(message: Message) -> str:

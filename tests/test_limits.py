@@ -222,18 +222,18 @@ def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
 
 
 def test_upload_quota_counts_stored_files_until_they_go(clock: FakeClock) -> None:
-    messenger, _ = make_messenger(clock, upload_quota=100, message_ttl=HOUR)
+    messenger, _ = make_messenger(clock, upload_quota=10_000, message_ttl=HOUR)
     register(messenger, "a", "b")
-    messenger.add_file("a", "a" * 32, "one", 60, "text/plain", "0" * 64)
-    messenger.check_upload("a", 40)  # exactly the quota
+    messenger.add_file("a", "a" * 32, "one", 5_000, "text/plain", "0" * 64)
+    messenger.check_upload("a", 5_000)  # exactly the quota
     with pytest.raises(ms.QuotaExceeded) as refused:
-        messenger.add_file("a", "b" * 32, "two", 41, "text/plain", "0" * 64)
-    assert "100 bytes" in refused.value.message
-    messenger.check_upload("b", 100)  # per user
-    assert messenger.quotas_left("a")["upload_left"] == 40
+        messenger.add_file("a", "b" * 32, "two", 5_001, "text/plain", "0" * 64)
+    assert "10000 bytes" in refused.value.message
+    messenger.check_upload("b", 10_000)  # per user
+    assert messenger.quotas_left("a")["upload_left"] == 5_000
     clock.advance(HOUR)
     messenger.tick()
-    messenger.check_upload("a", 100)
+    messenger.check_upload("a", 10_000)
 
 
 # Pages of chats ###############################################################
@@ -302,11 +302,11 @@ async def test_status_lists_at_most_100_chats_those_with_unread_first(
 async def test_upload_over_the_quota_is_refused_before_its_body(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    config = make_config(tmp_path, rules=ms.Rules(upload_quota=1000), min_free_disk=0)
+    config = make_config(tmp_path, rules=ms.Rules(upload_quota=10_000), min_free_disk=0)
     async with ms.MessengerServer(config, clock) as server:
         alice = await connect(server.port, "alice")
         headers = {"Content-Type": "application/octet-stream"}
-        kept = await call(server.port, "POST", "/files?name=a", b"x" * 1000, token=alice,
+        kept = await call(server.port, "POST", "/files?name=a", b"x" * 10_000, token=alice,
                           headers=headers)
         assert kept.status == 201, kept.body
         head = (
@@ -316,7 +316,7 @@ async def test_upload_over_the_quota_is_refused_before_its_body(
         async with Client(server.port) as client:
             await client.send_raw(head.encode())  # no body: the answer comes without it
             refused = await client.response()
-        assert "1000 bytes" in assert_error(refused, 403, "quota_exceeded")["message"]
+        assert "10000 bytes" in assert_error(refused, 403, "quota_exceeded")["message"]
         assert len(list(server.store.files.iterdir())) == 1
 
 
@@ -575,3 +575,46 @@ async def test_max_connections_in_all_refuses_the_next_one(
             assert (await client.request("GET", "/health")).status == 200
         async with SourceClient(server.port, "127.0.0.4") as third:
             assert_error(await third.response(), 503, "unavailable")
+
+
+def test_client_address_takes_bracketed_ipv6_entries() -> None:
+    trusted = ms.parse_networks("*")
+    assert ms.client_address("127.0.0.1", "[::1]", trusted) == "::1"
+    assert ms.client_address("127.0.0.1", "[::1], 1.2.3.4", trusted) == "::1"
+
+
+def test_a_file_gone_from_the_folder_leaves_its_messages_without_it(clock: FakeClock) -> None:
+    """Found by review: after a kill -9 the file of an expired message may be gone while the
+    state loaded still holds the message; its expiry then crashed every start."""
+    messenger, _ = make_messenger(clock, message_ttl=HOUR)
+    register(messenger, "a")
+    messenger.add_file("a", "a" * 32, "f", 4, "text/plain", "0" * 64)
+    sent = send(messenger, "a", "with a file", file="a" * 32).message
+    later = send(messenger, "a", "later", file="a" * 32, send_at=clock.now + 60).scheduled
+    assert sent is not None and later is not None
+    messenger.forget_file("a" * 32)
+    assert messenger.messages[sent.id].file is None and later.file is None
+    clock.advance(60)
+    messenger.tick()  # sends the scheduled one
+    clock.advance(HOUR)
+    messenger.tick()  # both expire, with no file to let go of
+    assert messenger.messages == {} and messenger.files == {}
+
+
+def test_disconnect_of_a_session_revoked_meanwhile_is_401(clock: FakeClock) -> None:
+    messenger, _ = make_messenger(clock)
+    register(messenger, "a")
+    token_hash = ms.hash_token("token-a")
+    messenger.disconnect(token_hash)
+    with pytest.raises(ms.Unauthorized):
+        messenger.disconnect(token_hash)
+
+
+def test_empty_files_count_a_block_against_the_upload_quota(clock: FakeClock) -> None:
+    """Found by review: empty uploads were free, 4,913 of them in 5 s."""
+    messenger, _ = make_messenger(clock, upload_quota=2 * ms.FILE_BLOCK)
+    register(messenger, "a")
+    messenger.add_file("a", "a" * 32, "empty", 0, "text/plain", "0" * 64)
+    messenger.add_file("a", "b" * 32, "empty", 0, "text/plain", "0" * 64)  # the last allowed
+    with pytest.raises(ms.QuotaExceeded):
+        messenger.add_file("a", "c" * 32, "empty", 0, "text/plain", "0" * 64)
