@@ -4,7 +4,6 @@ the first one refused), in the domain without I/O and through real sockets."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -24,20 +23,9 @@ from tests.conftest import (
 )
 from tests.proxy import needs_nginx, nginx_in_front
 from tests.servers import Spawn
+from tests.test_domain import make_messenger, register
 
 HOUR = 3600.0
-
-
-def make_messenger(clock: FakeClock, **rules: Any) -> tuple[ms.Messenger, list[ms.Event]]:
-    messenger = ms.Messenger(dataclasses.replace(ms.Rules(), **rules), clock)
-    events: list[ms.Event] = []
-    messenger.record = events.append
-    return messenger, events
-
-
-def register(messenger: ms.Messenger, *names: str) -> None:
-    for name in names:
-        messenger.register(name, b"hash", b"salt", 4, f"token-{name}", f"address-{name}")
 
 
 def send(messenger: ms.Messenger, name: str, text: str = "hi", **fields: Any) -> ms.SendResult:
