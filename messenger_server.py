@@ -3504,6 +3504,7 @@ class MessengerApp:
         self.store = store
         self.waiters = Waiters()
         self.online: dict[str, int] = {}  # user -> open connections that used its token
+        self.uploading: dict[str, int] = {}  # user -> bytes of its uploads under way
         self.closing = False
         self.wake_timer: Callable[[], None] = _ignore
         self.started = messenger.clock()
@@ -3964,12 +3965,16 @@ class MessengerApp:
         media_type = request.headers.get("content-type", "application/octet-stream")
         if not _MEDIA_TYPE_RE.fullmatch(media_type):
             raise InvalidField("Content-Type must be a media type such as image/png")
-        self.messenger.check_upload(call.user, request.content_length or 0)
+        # Uploads under way count as stored already, for the quota and for the disk.
         expected = limit if request.content_length is None else request.content_length
-        if self.store.free_bytes() - expected < self.config.min_free_disk:
+        under_way = self.uploading.get(call.user, 0)
+        self.messenger.check_upload(call.user, under_way + (request.content_length or 0))
+        free = self.store.free_bytes() - sum(self.uploading.values())
+        if free - expected < self.config.min_free_disk:
             logger.warning("upload of %r refused: the state folder's disk is nearly full",
                            call.user)
             raise Unavailable("the server's disk is nearly full: no uploads for now", 60)
+        self.uploading[call.user] = under_way + expected
         try:
             file_id, sha256, size = await self.store.save_upload(
                 call.channel.stream(request, limit)
@@ -3977,6 +3982,10 @@ class MessengerApp:
         except OSError as exc:
             logger.error("could not store an upload: %s", exc)
             raise Unavailable("the file cannot be stored now") from exc
+        finally:
+            self.uploading[call.user] -= expected
+            if not self.uploading[call.user]:
+                del self.uploading[call.user]
         try:
             stored = self.messenger.add_file(call.user, file_id, name, size, media_type, sha256)
         except MessengerError:  # over the quota once a chunked body is counted; a full journal

@@ -20,6 +20,7 @@ from tests.conftest import (
     call,
     connect,
     make_config,
+    settle,
 )
 from tests.proxy import needs_nginx, nginx_in_front
 from tests.servers import Spawn
@@ -606,3 +607,24 @@ def test_empty_files_count_a_block_against_the_upload_quota(clock: FakeClock) ->
     messenger.add_file("a", "b" * 32, "empty", 0, "text/plain", "0" * 64)  # the last allowed
     with pytest.raises(ms.QuotaExceeded):
         messenger.add_file("a", "c" * 32, "empty", 0, "text/plain", "0" * 64)
+
+
+@pytest.mark.asyncio
+async def test_uploads_under_way_count_against_the_quota(tmp_path: Path, clock: FakeClock) -> None:
+    """Found by review: eight uploads at once held 7 times the quota on disk meanwhile."""
+    config = make_config(tmp_path, rules=ms.Rules(upload_quota=10_000), min_free_disk=0)
+    async with ms.MessengerServer(config, clock) as server:
+        alice = await connect(server.port, "alice")
+        head = (
+            "POST /files?name=slow HTTP/1.1\r\nHost: t\r\n"
+            f"Authorization: Bearer {alice}\r\nContent-Length: 8000\r\n\r\n"
+        )
+        async with Client(server.port) as slow:
+            await slow.send_raw(head.encode() + b"x" * 100)  # under way, the rest to come
+            assert await settle(lambda: "alice" in server.app.uploading)
+            refused = await call(server.port, "POST", "/files?name=other", b"y" * 8000,
+                                 token=alice)
+            assert_error(refused, 403, "quota_exceeded")
+            await slow.send_raw(b"x" * 7900)
+            assert (await slow.response()).status == 201
+        assert server.app.uploading == {}
