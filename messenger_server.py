@@ -725,6 +725,8 @@ def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 proxy
     return any(ip in network for network in trusted)
 
 
@@ -3306,6 +3308,7 @@ MAX_PASSWORD: Final = 1024  # characters
 MAX_REASON: Final = 1024  # characters in a report's reason
 MAX_FILE_NAME: Final = 255  # characters
 DEFAULT_POLL_LIMIT: Final = 100  # messages per answer of GET /messages without limit
+MAX_CONVERSATIONS: Final = 100  # chat= values in one GET /messages
 DEFAULT_CHAT_PAGE: Final = 100  # chats per answer of GET /chat without limit
 MAX_STATUS_CHATS: Final = 100  # chats in a GET /status answer, those with unread first
 MAX_TIMER_SLEEP: Final = 1.0  # seconds the timer task sleeps at most between looks
@@ -3796,6 +3799,8 @@ class MessengerApp:
         keys = call.request.query_values("chat")
         if not all(CONVERSATION_RE.fullmatch(key) for key in keys):
             raise InvalidField("each chat must be a chat name, @user or @")
+        if len(set(keys)) > MAX_CONVERSATIONS:  # each one named may be a read event
+            raise InvalidField(f"at most {MAX_CONVERSATIONS} chat values in one request")
         chats = keys or None
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
         wait = query.optional_float("wait", clamp_to=self.config.max_wait) or 0.0

@@ -628,3 +628,22 @@ async def test_uploads_under_way_count_against_the_quota(tmp_path: Path, clock: 
             await slow.send_raw(b"x" * 7900)
             assert (await slow.response()).status == 201
         assert server.app.uploading == {}
+
+
+def test_a_trusted_ipv4_proxy_seen_by_a_dual_stack_socket_is_trusted() -> None:
+    trusted = ms.parse_networks("127.0.0.1")
+    assert ms.client_address("::ffff:127.0.0.1", "1.2.3.4", trusted) == "1.2.3.4"
+    assert ms.client_address("::ffff:127.0.0.2", "1.2.3.4", trusted) == "::ffff:127.0.0.2"
+
+
+@pytest.mark.asyncio
+async def test_messages_names_at_most_100_conversations(tmp_path: Path, clock: FakeClock) -> None:
+    """Found by review: each conversation named with since is a journal record and a log line."""
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        alice = await connect(server.port, "alice")
+        many = "&".join(f"chat=%40u{n}" for n in range(101))
+        refused = await call(server.port, "GET", f"/messages?since=0&{many}", token=alice)
+        assert "at most 100" in assert_error(refused, 400, "invalid_field")["message"]
+        allowed = "&".join(f"chat=%40u{n}" for n in range(100))
+        answer = await call(server.port, "GET", f"/messages?since=0&{allowed}", token=alice)
+        assert_error(answer, 404, "not_found")  # the limit passed: now the names are checked
