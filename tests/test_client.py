@@ -758,6 +758,7 @@ class Follower:
         self.errors: queue.Queue[mc.ClientError] = queue.Queue()  # how polls failed
         self.options: list[str] = []  # of read --follow
         self.stopping = threading.Event()
+        self.following = threading.Event()  # the long polls have begun
         self.results: list[Result] = []
         original = mc.MessengerClient.messages
 
@@ -766,6 +767,8 @@ class Follower:
                 with contextlib.suppress(mc.ServerUnreachable):
                     original(client, **{**query, "wait": 0})
                 raise KeyboardInterrupt
+            if query.get("wait"):
+                self.following.set()
             try:
                 page = original(client, **query)
             except mc.ClientError as exc:
@@ -797,10 +800,14 @@ class Follower:
         self.thread.join(timeout=20)
 
 
-def wait_until_parked(watcher: mc.MessengerClient) -> None:
+def wait_until_parked(watcher: mc.MessengerClient, follower: Follower | None = None) -> None:
     """Until the follower's long poll waits in the server: /status then counts 2 users online,
-    the watcher (during its own request) and the follower (whose poll is parked)."""
+    the watcher (during its own request) and the follower (whose poll is parked). With the
+    ``follower`` watched, its first reads (unread ones, /status) are over first: they too
+    count it online."""
     deadline = time.monotonic() + 10
+    if follower is not None:
+        assert follower.following.wait(10), "read --follow never began to long-poll"
     while watcher.status()["server"]["online"] < 2:
         assert time.monotonic() < deadline, "read --follow never started waiting"
         time.sleep(0.01)
@@ -817,7 +824,7 @@ def test_read_follow_prints_a_message_sent_while_waiting(cli: Cli, follower: Fol
     cli.login("alice")
     bob = mc.MessengerClient(cli.url, cli.login("bob"))
     follower.thread.start()
-    wait_until_parked(bob)
+    wait_until_parked(bob, follower)
     bob.send("are you there?", to="alice")
     result = follower.result()
     assert result.stderr == "\n"  # Ctrl-C: the shell's prompt on a line of its own
@@ -831,7 +838,7 @@ def test_read_follow_shows_ones_own_messages_from_another_client(
     phone = mc.MessengerClient(cli.url, cli.login("alice"))
     bob = mc.MessengerClient(cli.url, cli.login("bob"))
     follower.thread.start()
-    wait_until_parked(bob)
+    wait_until_parked(bob, follower)
     phone.send("from my phone")
     assert follower.result().stdout.endswith(" general alice: from my phone\n")
 
@@ -844,7 +851,7 @@ def test_read_follow_chat_prints_and_marks_that_chat_only(cli: Cli, follower: Fo
     bob.join("books")
     follower.options = ["--chat", "books"]
     follower.thread.start()
-    wait_until_parked(bob)
+    wait_until_parked(bob, follower)
     bob.send("in general", chat="general")
     bob.send("in books", chat="books")
     assert follower.result().stdout.splitlines()[-1].endswith(" books bob: in books")
@@ -857,7 +864,7 @@ def test_read_follow_reconnects_after_a_server_restart(
     cli.login("alice")
     bob = mc.MessengerClient(cli.url, cli.login("bob"))
     follower.thread.start()
-    wait_until_parked(bob)
+    wait_until_parked(bob, follower)
     live_server.stop()
     follower.errors.get(timeout=10)
     live_server.start_again()
@@ -1273,7 +1280,7 @@ def test_read_follow_through_nginx_waits_through_its_502(
     follower = Follower(proxied, monkeypatch)
     try:
         follower.thread.start()
-        wait_until_parked(bob)
+        wait_until_parked(bob, follower)
         live_server.stop()
         while getattr(follower.errors.get(timeout=10), "status", None) != 502:
             pass  # until nginx answers 502: it cannot reach the server
