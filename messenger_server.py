@@ -2066,7 +2066,7 @@ class Messenger:
             self._replies.pop(message_id, None)
             sender = None if message.sender is None else self.users[message.sender]
             if sender is not None:
-                conversation = _conversation(message)
+                conversation = conversation_of(message, sender.name)
                 sender.sent[conversation] -= 1
                 if not sender.sent[conversation]:
                     del sender.sent[conversation]
@@ -2172,7 +2172,7 @@ class Messenger:
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
         if sender is not None:
-            conversation = _conversation(message)
+            conversation = conversation_of(message, sender.name)
             sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
         if message.chat is not None:
             self.chats[message.chat].messages.append(message.id)
@@ -2520,11 +2520,6 @@ def _charged(size: int) -> int:
     """What a file of ``size`` bytes counts against its owner's upload quota: at least a disk
     block, so that empty files are not free to make by the thousand."""
     return max(size, FILE_BLOCK)
-
-
-def _conversation(message: Message) -> str:
-    """Where a message is: its chat's name, or "@" and its recipient's."""
-    return message.chat if message.chat is not None else f"@{message.to}"
 
 
 def _ban_ended(user: User, now: float) -> bool:

@@ -271,3 +271,26 @@ def fill_up(folder: Path) -> Path:
                 while True:
                     out.write(b"\0" * size)
     return filler
+
+
+class Restarter:
+    """A server on a state folder of its own, stopped and started again on demand."""
+
+    def __init__(self, config: ms.ServerConfig, clock: FakeClock) -> None:
+        self.config = config
+        self.clock = clock
+        self.server = opened(config, clock)
+
+    async def restart(self) -> ms.MessengerServer:
+        await self.server.stop()
+        self.server = opened(self.config, self.clock)
+        await self.server.start()
+        return self.server
+
+
+@pytest_asyncio.fixture
+async def restartable(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Restarter]:
+    restarter = Restarter(make_config(tmp_path), clock)
+    await restarter.server.start()
+    yield restarter
+    await restarter.server.stop()

@@ -5,7 +5,6 @@ from the ``FakeClock`` and scheduled messages fall due by ``tick()``; nothing sl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,16 @@ import pytest
 import pytest_asyncio
 
 import messenger_server as ms
-from tests.conftest import FakeClock, assert_error, call, connect, make_config, settle
+from tests.conftest import (
+    FakeClock,
+    Restarter,
+    assert_error,
+    call,
+    connect,
+    make_config,
+    settle,
+)
 from tests.test_api import get_json, join, send, status_of, waiting
-from tests.test_features import Restarter
 
 
 async def poll(port: int, token: str, query: str = "") -> list[dict[str, Any]]:
@@ -33,14 +39,6 @@ async def texts(port: int, token: str, query: str = "") -> list[str]:
 async def unread(port: int, token: str) -> dict[str, Any]:
     counts: dict[str, Any] = (await status_of(port, token))["unread"]
     return counts
-
-
-@pytest_asyncio.fixture
-async def restartable(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Restarter]:
-    restarter = Restarter(make_config(tmp_path), clock)
-    await restarter.server.start()
-    yield restarter
-    await restarter.server.stop()
 
 
 @pytest_asyncio.fixture

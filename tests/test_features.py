@@ -24,11 +24,11 @@ from tests.conftest import (
     Client,
     FakeClock,
     RawResponse,
+    Restarter,
     assert_error,
     call,
     connect,
     make_config,
-    opened,
 )
 
 T0 = 1_800_000_000.0  # where the FakeClock starts
@@ -1303,29 +1303,6 @@ async def test_send_with_a_file_not_uploaded_by_the_sender_is_404(
 
 
 # Restart ###################################################################
-
-
-@pytest_asyncio.fixture
-async def restartable(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Restarter]:
-    restarter = Restarter(make_config(tmp_path), clock)
-    await restarter.server.start()
-    yield restarter
-    await restarter.server.stop()
-
-
-class Restarter:
-    """A server on a state folder of its own, stopped and started again on demand."""
-
-    def __init__(self, config: ms.ServerConfig, clock: FakeClock) -> None:
-        self.config = config
-        self.clock = clock
-        self.server = opened(config, clock)
-
-    async def restart(self) -> ms.MessengerServer:
-        await self.server.stop()
-        self.server = opened(self.config, self.clock)
-        await self.server.start()
-        return self.server
 
 
 @pytest.mark.asyncio

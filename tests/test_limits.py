@@ -29,6 +29,12 @@ from tests.test_domain import make_messenger, register
 HOUR = 3600.0
 
 
+def upload_head(token: str, *fields: str) -> bytes:
+    """The head of a raw ``POST /files`` with ``fields`` (its framing, Expect...)."""
+    lines = ["POST /files?name=f HTTP/1.1", "Host: t", f"Authorization: Bearer {token}", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 def send(messenger: ms.Messenger, name: str, text: str = "hi", **fields: Any) -> ms.SendResult:
     return messenger.send(name, ms.Draft(text, **fields))
 
@@ -298,12 +304,9 @@ async def test_upload_over_the_quota_is_refused_before_its_body(
         kept = await call(server.port, "POST", "/files?name=a", b"x" * 10_000, token=alice,
                           headers=headers)
         assert kept.status == 201, kept.body
-        head = (
-            "POST /files?name=b HTTP/1.1\r\nHost: t\r\n"
-            f"Authorization: Bearer {alice}\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n"
-        )
+        head = upload_head(alice, "Content-Length: 1", "Expect: 100-continue")
         async with Client(server.port) as client:
-            await client.send_raw(head.encode())  # no body: the answer comes without it
+            await client.send_raw(head)  # no body: the answer comes without it
             refused = await client.response()
         assert "10000 bytes" in assert_error(refused, 403, "quota_exceeded")["message"]
         assert len(list(server.store.files.iterdir())) == 1
@@ -316,12 +319,9 @@ async def test_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(
     config = make_config(tmp_path, max_file_size=10, min_free_disk=0)
     async with ms.MessengerServer(config, clock) as server:
         alice = await connect(server.port, "alice")
-        head = (
-            "POST /files?name=big HTTP/1.1\r\nHost: t\r\n"
-            f"Authorization: Bearer {alice}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
+        head = upload_head(alice, "Transfer-Encoding: chunked")
         async with Client(server.port) as client:
-            await client.send_raw(head.encode() + b"8\r\n12345678\r\n8\r\n")  # 16 bytes said
+            await client.send_raw(head + b"8\r\n12345678\r\n8\r\n")  # 16 bytes said
             refused = await client.response()
             assert "10 bytes" in assert_error(refused, 413, "too_large")["message"]
             assert await client.closed()
@@ -513,12 +513,9 @@ async def test_refused_large_upload_is_answered_before_its_body(
 ) -> None:
     """A proxy answers 100 Continue itself: the server must not wait for 5 MiB it refuses."""
     async with ms.MessengerServer(make_config(tmp_path), clock) as server:
-        head = (
-            "POST /files?name=big HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer nope\r\n"
-            f"Content-Length: {5 * 1024 * 1024}\r\n\r\n"
-        )
+        head = upload_head("nope", f"Content-Length: {5 * 1024 * 1024}")
         async with Client(server.port) as client:
-            await client.send_raw(head.encode() + b"x" * 1000)  # the rest never comes
+            await client.send_raw(head + b"x" * 1000)  # the rest never comes
             refused = await client.response()
             assert_error(refused, 401, "unauthorized")
             assert refused.headers["connection"] == "close"
@@ -615,12 +612,9 @@ async def test_uploads_under_way_count_against_the_quota(tmp_path: Path, clock: 
     config = make_config(tmp_path, rules=ms.Rules(upload_quota=10_000), min_free_disk=0)
     async with ms.MessengerServer(config, clock) as server:
         alice = await connect(server.port, "alice")
-        head = (
-            "POST /files?name=slow HTTP/1.1\r\nHost: t\r\n"
-            f"Authorization: Bearer {alice}\r\nContent-Length: 8000\r\n\r\n"
-        )
+        head = upload_head(alice, "Content-Length: 8000")
         async with Client(server.port) as slow:
-            await slow.send_raw(head.encode() + b"x" * 100)  # under way, the rest to come
+            await slow.send_raw(head + b"x" * 100)  # under way, the rest to come
             assert await settle(lambda: "alice" in server.app.uploading)
             refused = await call(server.port, "POST", "/files?name=other", b"y" * 8000,
                                  token=alice)
