@@ -1308,20 +1308,133 @@ class Deadlines:
         return files[self._file[0]] if self._file else None
 
 
+class Accounts:
+    """Who may act: registrations, bearer sessions and the login windows. A part of the
+    ``Messenger``: its changes are the messenger's events (``user``, ``session``,
+    ``touch``, ``revoke``), recorded by the messenger and applied here."""
+
+    APPLIERS: ClassVar[dict[str, str]] = {
+        "session": "_apply_session",
+        "touch": "_apply_touch",
+        "revoke": "_apply_revoke",
+    }
+
+    def __init__(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+        self._users = messenger.users
+        self._rules = messenger.rules
+        self.sessions: dict[str, Session] = {}  # by token hash, least recently used first
+        self.login_failures = WindowsByKey(self._rules.login_window)  # by (name, address)
+        self.registrations = WindowsByKey(self._rules.registration_window)  # by address
+
+    def check_login_allowed(self, name: str, address: str) -> None:
+        """429 while a name has had too many wrong passwords from an address in the login
+        window (other addresses may still log in: the owner is not locked out)."""
+        now = self._messenger.clock()
+        if self.login_failures.used((name, address), now) >= self._rules.login_failures:
+            reset = self.login_failures.reset_at((name, address), now)
+            raise RateLimited("too many wrong passwords: try again later", reset - now)
+
+    def login_failed(self, name: str, address: str) -> None:
+        self.login_failures.add((name, address), self._messenger.clock())
+
+    def check_registration_allowed(self, address: str) -> None:
+        """429 when an address has registered its share of users in the window."""
+        now = self._messenger.clock()
+        if self.registrations.used(address, now) >= self._rules.registrations_per_ip:
+            raise RateLimited(
+                f"at most {self._rules.registrations_per_ip} new users per address "
+                "and registration window: try again later",
+                self.registrations.reset_at(address, now) - now,
+            )
+
+    def register(
+        self, name: str, password: bytes, salt: bytes, cost: int, token: str, address: str
+    ) -> User:
+        if name in self._users:
+            raise Conflict(f"the name {name} was taken a moment ago")
+        self.check_registration_allowed(address)
+        self._messenger.emit(
+            "user", name, password, salt, cost, hash_token(token), address,
+            self._messenger.clock(),
+        )
+        return self._users[name]
+
+    def open_session(self, name: str, token: str) -> User:
+        """A new session; at the most a user may hold, its least recently used goes."""
+        user = self._users[name]
+        if len(user.sessions) >= self._rules.max_sessions:
+            oldest = min(user.sessions, key=lambda token_hash: self.sessions[token_hash].used)
+            self._messenger.emit("revoke", oldest, name)
+        self._messenger.emit("session", hash_token(token), name, self._messenger.clock())
+        return user
+
+    def authenticate(self, token: str) -> tuple[User, str]:
+        """The user a bearer token belongs to, and the token's hash; 401 if none or if it
+        went unused for the session TTL. A use is recorded about once an hour."""
+        token_hash = hash_token(token)
+        session = self.sessions.get(token_hash)
+        if session is None:
+            raise Unauthorized("unknown or revoked token: connect again")
+        now = self._messenger.clock()
+        if session.used + self._rules.session_ttl <= now:
+            self._messenger.note("revoke", token_hash, session.user)
+            raise Unauthorized("the session expired unused: connect again")
+        if now - session.used >= min(SESSION_TOUCH, self._rules.session_ttl / 10):
+            self._messenger.note("touch", token_hash, session.user, now)
+        return self._users[session.user], token_hash
+
+    def disconnect(self, token_hash: str) -> None:
+        session = self.sessions.get(token_hash)
+        if session is None:  # revoked by another request while this one's body came
+            raise Unauthorized("unknown or revoked token: connect again")
+        self._messenger.emit("revoke", token_hash, session.user)
+
+    def expire_sessions(self, now: float) -> None:
+        """Revoke the sessions unused for the session TTL (the least recently used first)."""
+        while self.sessions:
+            session = next(iter(self.sessions.values()))
+            if session.used + self._rules.session_ttl > now:
+                break
+            self._messenger.emit("revoke", session.token_hash, session.user)
+
+    # Applying events --------------------------------------------------------
+
+    def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
+        self.add_session(Session(token_hash, name, ts, ts))
+
+    def add_session(self, session: Session) -> None:
+        """Sessions are kept least recently used first: the TTL sweep starts there."""
+        self.sessions[session.token_hash] = session
+        self._users[session.user].sessions.add(session.token_hash)
+
+    def _apply_touch(self, token_hash: str, name: str, ts: float) -> None:
+        session = self.sessions.pop(token_hash, None)
+        if session is not None:
+            session.used = ts
+            self.add_session(session)
+
+    def _apply_revoke(self, token_hash: str, name: str) -> None:
+        session = self.sessions.pop(token_hash, None)
+        if session is not None:
+            self._users[session.user].sessions.discard(token_hash)
+
+
 class Messenger:
     """The messenger's state and rules, with no I/O and no HTTP.
 
     Time comes from ``clock``. Every change is an event: ``record`` (the journal) takes it
     first, then it is applied, so a replay of the journal rebuilds the same state. Methods
     check everything before they record anything: a refused request changes nothing.
+
+    Two parts hold their own concerns: ``accounts`` (registrations, sessions, login
+    windows: ``Accounts``) and the deadlines of what falls due with time (``Deadlines``).
     """
 
-    # The applier of each kind of event (its parameters are the event's fields).
+    # The applier of each kind of event but those of the accounts (its parameters are the
+    # event's fields).
     APPLIERS: ClassVar[dict[str, str]] = {
         "user": "_apply_user",
-        "session": "_apply_session",
-        "revoke": "_apply_revoke",
-        "touch": "_apply_touch",
         "message": "_apply_message",
         "deliver": "_apply_deliver",
         "read": "_apply_read",
@@ -1345,13 +1458,11 @@ class Messenger:
         self.record: Callable[[Event], None] = _ignore
         self.on_message: Callable[[Message], None] = _ignore
         self.on_file_gone: Callable[[str], None] = _ignore
-        self._apply = {kind: getattr(self, name) for kind, name in self.APPLIERS.items()}
         self.clear()
 
     def clear(self) -> None:
         """Empty: no user, no message, only the general chat."""
         self.users: dict[str, User] = {}
-        self.sessions: dict[str, Session] = {}
         self.chats: dict[str, Chat] = {GENERAL: Chat(GENERAL, False, None, 0.0)}
         self._public_names = [GENERAL]  # sorted, for pages of chats
         self.messages: dict[int, Message] = {}
@@ -1363,23 +1474,27 @@ class Messenger:
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
         self._links: dict[str, str] = {}  # link token hash -> chat
         self._deadlines = Deadlines(self)
-        self._login_failures = WindowsByKey(self.rules.login_window)  # by (name, address)
-        self._registrations = WindowsByKey(self.rules.registration_window)  # by address
+        self.accounts = Accounts(self)
+        self._apply = {kind: getattr(self, name) for kind, name in self.APPLIERS.items()}
+        self._apply.update(
+            (kind, getattr(self.accounts, name)) for kind, name in Accounts.APPLIERS.items()
+        )
 
     # Events -----------------------------------------------------------------
 
-    def _emit(self, *event: Any) -> None:
+    def emit(self, *event: Any) -> None:
+        """Record an event, then apply it."""
         self.record(event)
         self.replay(event)
         if logger.isEnabledFor(logging.INFO):
             logger.info("%s", describe_event(event))
 
-    def _note(self, *event: Any) -> None:
+    def note(self, *event: Any) -> None:
         """Record what a read did (deliveries, read positions), or a notice that follows a
         change. When the journal refuses it (a full disk), the answer still goes out; the
         next read tries again."""
         try:
-            self._emit(*event)
+            self.emit(*event)
         except Unavailable:
             logger.warning("could not record a %s event: the state cannot be written", event[0])
 
@@ -1387,68 +1502,6 @@ class Messenger:
         """Apply one event, recorded now or read back from the journal."""
         self._apply[event[0]](*event[1:])
         self.changes += 1
-
-    # Identity ---------------------------------------------------------------
-
-    def check_login_allowed(self, name: str, address: str) -> None:
-        """429 while a name has had too many wrong passwords from an address in the login
-        window (other addresses may still log in: the owner is not locked out)."""
-        now = self.clock()
-        if self._login_failures.used((name, address), now) >= self.rules.login_failures:
-            reset = self._login_failures.reset_at((name, address), now)
-            raise RateLimited("too many wrong passwords: try again later", reset - now)
-
-    def login_failed(self, name: str, address: str) -> None:
-        self._login_failures.add((name, address), self.clock())
-
-    def check_registration_allowed(self, address: str) -> None:
-        """429 when an address has registered its share of users in the window."""
-        now = self.clock()
-        if self._registrations.used(address, now) >= self.rules.registrations_per_ip:
-            raise RateLimited(
-                f"at most {self.rules.registrations_per_ip} new users per address "
-                "and registration window: try again later",
-                self._registrations.reset_at(address, now) - now,
-            )
-
-    def register(
-        self, name: str, password: bytes, salt: bytes, cost: int, token: str, address: str
-    ) -> User:
-        if name in self.users:
-            raise Conflict(f"the name {name} was taken a moment ago")
-        self.check_registration_allowed(address)
-        self._emit("user", name, password, salt, cost, hash_token(token), address, self.clock())
-        return self.users[name]
-
-    def open_session(self, name: str, token: str) -> User:
-        """A new session; at the most a user may hold, its least recently used goes."""
-        user = self.users[name]
-        if len(user.sessions) >= self.rules.max_sessions:
-            oldest = min(user.sessions, key=lambda token_hash: self.sessions[token_hash].used)
-            self._emit("revoke", oldest, name)
-        self._emit("session", hash_token(token), name, self.clock())
-        return user
-
-    def authenticate(self, token: str) -> tuple[User, str]:
-        """The user a bearer token belongs to, and the token's hash; 401 if none or if it
-        went unused for the session TTL. A use is recorded about once an hour."""
-        token_hash = hash_token(token)
-        session = self.sessions.get(token_hash)
-        if session is None:
-            raise Unauthorized("unknown or revoked token: connect again")
-        now = self.clock()
-        if session.used + self.rules.session_ttl <= now:
-            self._note("revoke", token_hash, session.user)
-            raise Unauthorized("the session expired unused: connect again")
-        if now - session.used >= min(SESSION_TOUCH, self.rules.session_ttl / 10):
-            self._note("touch", token_hash, session.user, now)
-        return self.users[session.user], token_hash
-
-    def disconnect(self, token_hash: str) -> None:
-        session = self.sessions.get(token_hash)
-        if session is None:  # revoked by another request while this one's body came
-            raise Unauthorized("unknown or revoked token: connect again")
-        self._emit("revoke", token_hash, session.user)
 
     # Sending ----------------------------------------------------------------
 
@@ -1475,7 +1528,7 @@ class Messenger:
                     f"at most {self.rules.max_scheduled} scheduled messages may be pending"
                 )
             scheduled_id = secrets.token_hex(12)  # hex: an id never starts with "-"
-            self._emit(
+            self.emit(
                 "schedule", scheduled_id, name, draft.send_at, draft.text, chat, to, reply_to,
                 file_id, draft.client_id, now, counted,
             )
@@ -1497,7 +1550,7 @@ class Messenger:
         delivering the scheduled message ``scheduled_id``."""
         notice = message[-1]  # the last field: never set here, a notice has its own event
         assert notice is None
-        self._emit("message", *message[:-1], client_id, counted, scheduled_id)
+        self.emit("message", *message[:-1], client_id, counted, scheduled_id)
 
     def _known_client_id(self, user: User, client_id: str | None, now: float) -> SendResult | None:
         """The first answer to a retried send, found by its client_id."""
@@ -1688,11 +1741,11 @@ class Messenger:
         private one)."""
         if keys is None:
             if position > user.read_pos:
-                self._note("read", user.name, position)
+                self.note("read", user.name, position)
             return
         for key in [*named, *([PRIVATE] if PRIVATE in keys else [])]:
             if position > max(user.read_pos, user.positions.get(key, 0)):
-                self._note("read_in", user.name, key, position)
+                self.note("read_in", user.name, key, position)
 
     def _position(self, user: User, key: str) -> int:
         """Where the user has read a conversation up to: its mark there, the mark of every
@@ -1769,7 +1822,7 @@ class Messenger:
             if m.to == user.name and m.chat is None and m.id not in self.delivered
         ]
         if first_time:
-            self._note("deliver", user.name, first_time, self.clock())
+            self.note("deliver", user.name, first_time, self.clock())
 
     def unread(self, name: str) -> Unread:
         """Unread messages by conversation, of those that may hold some: one's own are never
@@ -1801,9 +1854,10 @@ class Messenger:
         about: str | None = None, scheduled_id: str | None = None,
     ) -> None:
         """Tell ``to`` of a change that concerns it, as a private message from nobody in its
-        conversation ``@``; it follows the change's own event (see ``_note``)."""
-        self._note("notice", self.last_id + 1, to, kind, chat, about, scheduled_id, text,
-                   self.clock())
+        conversation ``@``; it follows the change's own event (see ``note``)."""
+        self.note(
+            "notice", self.last_id + 1, to, kind, chat, about, scheduled_id, text, self.clock()
+        )
 
     # Chats ------------------------------------------------------------------
 
@@ -1850,7 +1904,7 @@ class Messenger:
             raise QuotaExceeded(f"you may create at most {self.rules.max_owned_chats} chats")
         if chat is None or name not in chat.members:
             self._check_memberships(user)
-        self._emit("join", chat_name, name, bool(private), self.clock())
+        self.emit("join", chat_name, name, bool(private), self.clock())
         return self.chats[chat_name], chat is None
 
     def _check_memberships(self, user: User) -> None:
@@ -1863,7 +1917,7 @@ class Messenger:
         if chat_name == GENERAL:
             raise BadRequest(f"nobody leaves {GENERAL}: every user stays a member")
         chat = self._member_chat(self.users[name], chat_name)
-        self._emit("leave", chat_name, name)
+        self.emit("leave", chat_name, name)
         return chat
 
     def invite(self, owner: str, chat_name: str, guest: str) -> Chat:
@@ -1871,7 +1925,7 @@ class Messenger:
         if guest not in self.users:
             raise UnknownUser(guest)
         if guest not in chat.members and guest not in chat.invited:
-            self._emit("invite", chat_name, guest)
+            self.emit("invite", chat_name, guest)
             self._notify(guest, "invited", f"{owner} invited you to {chat_name}",
                          chat=chat_name, about=owner)
         return chat
@@ -1880,7 +1934,7 @@ class Messenger:
         """A new join link token for the chat; the previous one stops working."""
         self._owned_chat(owner, chat_name)
         token = secrets.token_hex(24)  # 192 bits; hex: never taken for an option
-        self._emit("link", chat_name, hash_token(token))
+        self.emit("link", chat_name, hash_token(token))
         return token
 
     def request_join(self, name: str, token: str) -> tuple[Chat, bool]:
@@ -1892,7 +1946,7 @@ class Messenger:
         if name in chat.members:
             return chat, True
         if name not in chat.requests:
-            self._emit("request", chat_name, name, self.clock())
+            self.emit("request", chat_name, name, self.clock())
             if chat.owner is not None:
                 self._notify(chat.owner, "request", f"{name} asks to join {chat_name}",
                              chat=chat_name, about=name)
@@ -1907,7 +1961,7 @@ class Messenger:
             raise NotFound(f"{guest} has no pending request to join {chat_name}")
         if approve:
             self._check_memberships(self.users[guest])
-        self._emit("decide", chat_name, guest, approve, self.clock())
+        self.emit("decide", chat_name, guest, approve, self.clock())
         if approve:
             self._notify(guest, "approved", f"{owner} let you into {chat_name}",
                          chat=chat_name, about=owner)
@@ -1935,7 +1989,7 @@ class Messenger:
                 reset = made.reset_at(now, self.rules.rate_window) or now
                 raise RateLimited("too many reports: try again later", reset - now)
             banned_until = user.banned_until
-            self._emit("report", reporter, target, reason, now)
+            self.emit("report", reporter, target, reason, now)
             if user.banned_until is not None and user.banned_until != banned_until:
                 logger.warning("%r is banned until %s after %d reports",
                                target, user.banned_until, len(user.reporters))
@@ -1973,7 +2027,7 @@ class Messenger:
         self, owner: str, file_id: str, name: str, size: int, media_type: str, sha256: str
     ) -> StoredFile:
         self.check_upload(owner, size)
-        self._emit("file", file_id, owner, name, size, media_type, sha256, self.clock())
+        self.emit("file", file_id, owner, name, size, media_type, sha256, self.clock())
         return self.files[file_id]
 
     def readable_file(self, name: str, file_id: str) -> StoredFile:
@@ -1998,7 +2052,7 @@ class Messenger:
         scheduled = self.scheduled.get(scheduled_id)
         if scheduled is None or scheduled.sender != name:
             raise UnknownScheduled(scheduled_id)
-        self._emit("cancel", scheduled_id, name, self.clock())
+        self.emit("cancel", scheduled_id, name, self.clock())
 
     # Time -------------------------------------------------------------------
 
@@ -2006,19 +2060,11 @@ class Messenger:
         """When ``tick`` has something to do next: a scheduled message or an expiry."""
         return self._deadlines.next_deadline()
 
-    def _expire_sessions(self, now: float) -> None:
-        """Revoke the sessions unused for the session TTL (the least recently used first)."""
-        while self.sessions:
-            session = next(iter(self.sessions.values()))
-            if session.used + self.rules.session_ttl > now:
-                break
-            self._emit("revoke", session.token_hash, session.user)
-
     def tick(self) -> None:
         """Send the scheduled messages now due, in due order, and drop expired data."""
         now = self.clock()
         self.expire(now)
-        self._expire_sessions(now)
+        self.accounts.expire_sessions(now)
         while (scheduled_id := self._deadlines.first_due(now)) is not None:
             scheduled = self.scheduled.get(scheduled_id)
             if scheduled is not None:
@@ -2038,7 +2084,7 @@ class Messenger:
         except MessengerError as exc:
             logger.info("dropped scheduled message %s of %r: %r",
                         scheduled.id, user.name, exc.message)
-            self._emit("cancel", scheduled.id, user.name, now)
+            self.emit("cancel", scheduled.id, user.name, now)
             self._notify(user.name, "scheduled_dropped",
                          f"your scheduled message {scheduled.id} was not sent: {exc.message}",
                          chat=scheduled.chat, scheduled_id=scheduled.id)
@@ -2112,28 +2158,9 @@ class Messenger:
     ) -> None:
         """A new user, member of general, with its first session: one event, all or nothing."""
         self.users[new_user] = User(new_user, password, salt, cost, ts)
-        self._registrations.add(address, ts)
+        self.accounts.registrations.add(address, ts)
         self._add_member(self.chats[GENERAL], new_user)
-        self._apply_session(token_hash, new_user, ts)
-
-    def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
-        self._add_session(Session(token_hash, name, ts, ts))
-
-    def _add_session(self, session: Session) -> None:
-        """Sessions are kept least recently used first: the TTL sweep starts there."""
-        self.sessions[session.token_hash] = session
-        self.users[session.user].sessions.add(session.token_hash)
-
-    def _apply_touch(self, token_hash: str, name: str, ts: float) -> None:
-        session = self.sessions.pop(token_hash, None)
-        if session is not None:
-            session.used = ts
-            self._add_session(session)
-
-    def _apply_revoke(self, token_hash: str, name: str) -> None:
-        session = self.sessions.pop(token_hash, None)
-        if session is not None:
-            self.users[session.user].sessions.discard(token_hash)
+        self.accounts.add_session(Session(token_hash, new_user, ts, ts))
 
     def _apply_message(
         self, message_id: int, chat: str | None, to: str | None, sender: str, text: str,
@@ -2383,13 +2410,13 @@ class Messenger:
             "last_id": self.last_id,
             "chats": [to_plain(chat) for chat in self.chats.values()],
             "users": [to_plain(user) for user in self.users.values()],
-            "sessions": [to_plain(session) for session in self.sessions.values()],
+            "sessions": [to_plain(session) for session in self.accounts.sessions.values()],
             "files": [to_plain(stored) for stored in self.files.values()],
             "scheduled": [to_plain(scheduled) for scheduled in self.scheduled.values()],
             "delivered": list(self.delivered.items()),
             "registrations": {
                 address: to_plain(window)
-                for address, window in self._registrations.windows.items()
+                for address, window in self.accounts.registrations.windows.items()
             },
         }
         return state, list(self.messages.values())
@@ -2401,10 +2428,11 @@ class Messenger:
         if type(state.get("last_id")) is not int:
             raise BadRecord("the state has no last_id")
         self.last_id = state["last_id"]
-        for chat in load_records(state, "chats", Chat, self._restorable_chat):
+        checks = RecordChecks(self)
+        for chat in load_records(state, "chats", Chat, checks.chat):
             self.chats[chat.name] = chat
         self._public_names = sorted(c.name for c in self.chats.values() if not c.private)
-        for user in load_records(state, "users", User, self._restorable_user):
+        for user in load_records(state, "users", User, checks.user):
             self.users[user.name] = user
             for chat_name in user.chats:
                 self.chats[chat_name].members.add(user.name)
@@ -2415,92 +2443,22 @@ class Messenger:
                 self.users[chat.owner].owned += 1
             if chat.link is not None:
                 self._apply_link(chat.name, chat.link)
-        for session in load_records(state, "sessions", Session, self._restorable_session):
-            self._add_session(session)
-        for stored in load_records(state, "files", StoredFile, self._restorable_file):
+        for session in load_records(state, "sessions", Session, checks.session):
+            self.accounts.add_session(session)
+        for stored in load_records(state, "files", StoredFile, checks.file):
             self._add_file(stored)
-        for message in load_rows(rows, Message, self._restorable_message):
+        for message in load_rows(rows, Message, checks.message):
             self._add_message(message)
         for message_id, ts in sorted(load_delivered(state), key=lambda item: item[1]):
             if message_id in self.messages and self.messages[message_id].chat is None:
                 self._deliver([message_id], ts)
-        for scheduled in load_records(state, "scheduled", Scheduled, self._restorable_scheduled):
+        for scheduled in load_records(state, "scheduled", Scheduled, checks.scheduled):
             self._add_scheduled(scheduled)
-        self._registrations.windows = load_windows(state, "registrations")
+        self.accounts.registrations.windows = load_windows(state, "registrations")
         for user in self.users.values():
             for key in [*user.chats, *user.conversations]:
                 user.unread.add(key)
             self._settle(user, list(user.unread))
-
-    def _restorable_chat(self, chat: Chat) -> str | None:
-        if not CHAT_NAME_RE.fullmatch(chat.name):
-            return f"the chat name {chat.name!r}"
-        if chat.owner is not None and not USER_NAME_RE.fullmatch(chat.owner):
-            return f"the owner {chat.owner!r}"
-        if chat.link is not None and not TOKEN_HASH_RE.fullmatch(chat.link):
-            return "a link that is no token hash"
-        return None
-
-    def _restorable_user(self, user: User) -> str | None:
-        if not USER_NAME_RE.fullmatch(user.name) or user.name in self.users:
-            return f"the user name {user.name!r}"
-        unknown = user.chats.keys() - self.chats.keys()
-        if unknown:
-            return f"{user.name!r} is in unknown chats {sorted(unknown)!r}"
-        if GENERAL not in user.chats or user.active_chat not in user.chats:
-            return f"{user.name!r} is not in {GENERAL} or not in its active chat"
-        if not all(CONVERSATION_RE.fullmatch(key) for key in user.positions):
-            return f"{user.name!r} has a read position in no conversation"
-        return None
-
-    def _restorable_session(self, session: Session) -> str | None:
-        if not TOKEN_HASH_RE.fullmatch(session.token_hash) or session.user not in self.users:
-            return "a session of an unknown user or with no token hash"
-        return None
-
-    def _restorable_file(self, stored: StoredFile) -> str | None:
-        if not FILE_ID_RE.fullmatch(stored.id) or stored.owner not in self.users:
-            return f"the file id {stored.id!r} or its owner"
-        return None
-
-    def _restorable_message(self, message: Message) -> str | None:
-        if not self.last_id >= message.id > next(reversed(self.messages), 0):
-            return f"message id {message.id} out of order"
-        if message.sender is None:
-            return self._restorable_notice(message)
-        if message.sender not in self.users or message.notice is not None:
-            return f"message {message.id} is from an unknown user"
-        return self._restorable_destination(message.chat, message.to, message.file)
-
-    def _restorable_notice(self, message: Message) -> str | None:
-        notice = message.notice or {}
-        if (
-            message.to not in self.users or message.chat is not None
-            or notice.get("type") not in NOTICE_TYPES or not notice.keys() <= NOTICE_KEYS
-            or notice.get("chat", GENERAL) not in self.chats
-            or notice.get("user", message.to) not in self.users
-            or message.reply_to is not None or message.file is not None
-        ):
-            return f"message {message.id} is from nobody and no notice"
-        return None
-
-    def _restorable_scheduled(self, scheduled: Scheduled) -> str | None:
-        if not SCHEDULED_ID_RE.fullmatch(scheduled.id) or scheduled.sender not in self.users:
-            return f"the scheduled id {scheduled.id!r} or its sender"
-        return self._restorable_destination(scheduled.chat, scheduled.to, scheduled.file)
-
-    def _restorable_destination(
-        self, chat: str | None, to: str | None, file_id: str | None
-    ) -> str | None:
-        if (chat is None) == (to is None):
-            return "not in one chat or to one user"
-        if chat is not None and chat not in self.chats:
-            return f"in the unknown chat {chat!r}"
-        if to is not None and to not in self.users:
-            return f"to the unknown user {to!r}"
-        if file_id is not None and file_id not in self.files:
-            return f"carrying the unknown file {file_id!r}"
-        return None
 
     def forget_file(self, file_id: str) -> None:
         """Drop a file whose bytes are gone from the state folder (found at start: a crash
@@ -2700,6 +2658,16 @@ def from_plain(cls: type[T], plain: Any) -> T:
         raise BadRecord(f"a {cls.__name__} record lacks a field: {exc}") from exc
 
 
+EVENT_KINDS: Final = Messenger.APPLIERS.keys() | Accounts.APPLIERS.keys()
+
+
+def applier_of(kind: str) -> Callable[..., None]:
+    """The function that applies an event of ``kind``, in the messenger or its accounts."""
+    part = Accounts if kind in Accounts.APPLIERS else Messenger
+    applier: Callable[..., None] = getattr(part, part.APPLIERS[kind])
+    return applier
+
+
 @functools.cache
 def _event_fields(apply: Callable[..., None]) -> list[tuple[str, Callable[[Any], bool]]]:
     """The fields of an event: the parameters of its applier (``self`` aside), and their
@@ -2713,9 +2681,9 @@ def check_event(messenger: Messenger, event: Any) -> None:
     """Refuse (BadRecord) a journal event the server could not have written: an unknown
     kind, fields of the wrong number or type (those of its applier in Messenger), names
     of things that do not exist, or ids the server does not make."""
-    if type(event) is not tuple or not event or event[0] not in Messenger.APPLIERS:
+    if type(event) is not tuple or not event or event[0] not in EVENT_KINDS:
         raise BadRecord("not an event")
-    fields = _event_fields(getattr(Messenger, Messenger.APPLIERS[event[0]]))
+    fields = _event_fields(applier_of(event[0]))
     if len(event) - 1 != len(fields):
         raise BadRecord(f"a {event[0]} event with {len(event) - 1} fields")
     for (name, check), value in zip(fields, event[1:], strict=True):
@@ -2765,6 +2733,88 @@ def _names_known(messenger: Messenger, what: str, value: Any) -> bool:
         case "notice type":
             return value in NOTICE_TYPES
     raise AssertionError(what)
+
+
+class RecordChecks:
+    """Whether a record read back from a snapshot fits what the messenger restored so far:
+    None when it does, else what is wrong, for the log (``load_records`` skips it). The
+    types were checked before (``from_plain``); these are the names and ids."""
+
+    def __init__(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+        self._users = messenger.users
+        self._chats = messenger.chats
+        self._files = messenger.files
+
+    def chat(self, chat: Chat) -> str | None:
+        if not CHAT_NAME_RE.fullmatch(chat.name):
+            return f"the chat name {chat.name!r}"
+        if chat.owner is not None and not USER_NAME_RE.fullmatch(chat.owner):
+            return f"the owner {chat.owner!r}"
+        if chat.link is not None and not TOKEN_HASH_RE.fullmatch(chat.link):
+            return "a link that is no token hash"
+        return None
+
+    def user(self, user: User) -> str | None:
+        if not USER_NAME_RE.fullmatch(user.name) or user.name in self._users:
+            return f"the user name {user.name!r}"
+        unknown = user.chats.keys() - self._chats.keys()
+        if unknown:
+            return f"{user.name!r} is in unknown chats {sorted(unknown)!r}"
+        if GENERAL not in user.chats or user.active_chat not in user.chats:
+            return f"{user.name!r} is not in {GENERAL} or not in its active chat"
+        if not all(CONVERSATION_RE.fullmatch(key) for key in user.positions):
+            return f"{user.name!r} has a read position in no conversation"
+        return None
+
+    def session(self, session: Session) -> str | None:
+        if not TOKEN_HASH_RE.fullmatch(session.token_hash) or session.user not in self._users:
+            return "a session of an unknown user or with no token hash"
+        return None
+
+    def file(self, stored: StoredFile) -> str | None:
+        if not FILE_ID_RE.fullmatch(stored.id) or stored.owner not in self._users:
+            return f"the file id {stored.id!r} or its owner"
+        return None
+
+    def message(self, message: Message) -> str | None:
+        if not self._messenger.last_id >= message.id > next(reversed(self._messenger.messages), 0):
+            return f"message id {message.id} out of order"
+        if message.sender is None:
+            return self.notice(message)
+        if message.sender not in self._users or message.notice is not None:
+            return f"message {message.id} is from an unknown user"
+        return self.destination(message.chat, message.to, message.file)
+
+    def notice(self, message: Message) -> str | None:
+        notice = message.notice or {}
+        if (
+            message.to not in self._users or message.chat is not None
+            or notice.get("type") not in NOTICE_TYPES or not notice.keys() <= NOTICE_KEYS
+            or notice.get("chat", GENERAL) not in self._chats
+            or notice.get("user", message.to) not in self._users
+            or message.reply_to is not None or message.file is not None
+        ):
+            return f"message {message.id} is from nobody and no notice"
+        return None
+
+    def scheduled(self, scheduled: Scheduled) -> str | None:
+        if not SCHEDULED_ID_RE.fullmatch(scheduled.id) or scheduled.sender not in self._users:
+            return f"the scheduled id {scheduled.id!r} or its sender"
+        return self.destination(scheduled.chat, scheduled.to, scheduled.file)
+
+    def destination(
+        self, chat: str | None, to: str | None, file_id: str | None
+    ) -> str | None:
+        if (chat is None) == (to is None):
+            return "not in one chat or to one user"
+        if chat is not None and chat not in self._chats:
+            return f"in the unknown chat {chat!r}"
+        if to is not None and to not in self._users:
+            return f"to the unknown user {to!r}"
+        if file_id is not None and file_id not in self._files:
+            return f"carrying the unknown file {file_id!r}"
+        return None
 
 
 def load_records(
@@ -2844,7 +2894,7 @@ UNLOGGED_FIELDS: Final = frozenset({"password", "salt", "token_hash", "text", "r
 def describe_event(event: Event) -> str:
     """One log line for a change: its kind and its fields by name, secrets and texts left
     out, every value quoted (``%r``) so what came from a client cannot forge a line."""
-    fields = _event_fields(getattr(Messenger, Messenger.APPLIERS[event[0]]))
+    fields = _event_fields(applier_of(event[0]))
     parts = [event[0]]
     for (name, _), value in zip(fields, event[1:], strict=True):
         if name in UNLOGGED_FIELDS or value is None:
@@ -3587,7 +3637,7 @@ class MessengerApp:
         scheme, _, token = call.request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("this route needs Authorization: Bearer <token>")
-        user, call.token_hash = self.messenger.authenticate(token.strip())
+        user, call.token_hash = self.messenger.accounts.authenticate(token.strip())
         call.user = user.name
         channel = call.channel
         if channel.user != user.name:
@@ -3686,7 +3736,7 @@ class MessengerApp:
         name = body.string("user", pattern=USER_NAME_RE, max_length=32)
         password = body.string("password", max_length=MAX_PASSWORD)
         address = call.address
-        self.messenger.check_login_allowed(name, address)
+        self.messenger.accounts.check_login_allowed(name, address)
         token = secrets.token_urlsafe(32)
         status = HTTPStatus.CREATED
         user = await self._register(name, password, token, address)
@@ -3707,12 +3757,12 @@ class MessengerApp:
         """A new user with its first session; None when the name is taken."""
         if name in self.messenger.users:
             return None
-        self.messenger.check_registration_allowed(address)  # before the cost of a hash
+        self.messenger.accounts.check_registration_allowed(address)  # before the cost of a hash
         salt = os.urandom(16)
         digest = await self._scrypt(password, salt, self.config.password_cost, address)
         if name in self.messenger.users:  # somebody took it during the hash
             return None
-        return self.messenger.register(
+        return self.messenger.accounts.register(
             name, digest, salt, self.config.password_cost, token, address
         )
 
@@ -3720,12 +3770,12 @@ class MessengerApp:
         """A new session for a known user, if the password is right."""
         known = self.messenger.users[name]
         digest = await self._scrypt(password, known.salt, known.cost, address)
-        self.messenger.check_login_allowed(name, address)  # parallel guesses count too
+        self.messenger.accounts.check_login_allowed(name, address)  # parallel guesses count too
         if not hmac.compare_digest(digest, known.password):
-            self.messenger.login_failed(name, address)
+            self.messenger.accounts.login_failed(name, address)
             logger.warning("wrong password for %r from %r", name, address)
             raise Unauthorized("wrong password")
-        return self.messenger.open_session(name, token)
+        return self.messenger.accounts.open_session(name, token)
 
     async def _scrypt(self, password: str, salt: bytes, cost: int, address: str) -> bytes:
         """scrypt (n = 2**cost, r=8, p=1) off the event loop, one per core at a time. At
@@ -3758,7 +3808,7 @@ class MessengerApp:
                 del self._hashes_by[address]
 
     async def disconnect(self, call: Call) -> Response:
-        self.messenger.disconnect(call.token_hash)
+        self.messenger.accounts.disconnect(call.token_hash)
         self.forget(call.channel)  # the connection no longer makes its user online
         return Response(HTTPStatus.NO_CONTENT)
 

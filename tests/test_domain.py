@@ -30,7 +30,7 @@ def make_messenger(clock: FakeClock, **rules: Any) -> tuple[ms.Messenger, list[m
 
 def register(messenger: ms.Messenger, *names: str) -> None:
     for name in names:
-        messenger.register(name, b"hash", b"salt", 4, f"token-{name}", f"address-{name}")
+        messenger.accounts.register(name, b"hash", b"salt", 4, f"token-{name}", f"address-{name}")
 
 
 def post(messenger: ms.Messenger, sender: str, text: str = "hi", **fields: Any) -> ms.Message:
@@ -170,10 +170,10 @@ def test_poll_without_since_marks_nothing(messenger: ms.Messenger) -> None:
 
 
 def test_read_position_is_shared_by_all_sessions(messenger: ms.Messenger) -> None:
-    messenger.open_session("bob", "second-device")
+    messenger.accounts.open_session("bob", "second-device")
     post(messenger, "alice", chat="club")
-    first, _ = messenger.authenticate("token-bob")
-    second, _ = messenger.authenticate("second-device")
+    first, _ = messenger.accounts.authenticate("token-bob")
+    second, _ = messenger.accounts.authenticate("second-device")
     messenger.poll(first.name, 1, None, 100)
     assert second is first
     assert messenger.poll(second.name, None, None, 100) == ([], 1)
@@ -904,15 +904,15 @@ def test_check_login_allowed_after_too_many_wrong_passwords(clock: FakeClock) ->
     register(messenger, "alice")
     recorded = len(events)
     for _ in range(3):
-        messenger.check_login_allowed("alice", "10.0.0.66")
-        messenger.login_failed("alice", "10.0.0.66")
+        messenger.accounts.check_login_allowed("alice", "10.0.0.66")
+        messenger.accounts.login_failed("alice", "10.0.0.66")
     with pytest.raises(ms.RateLimited) as refused:
-        messenger.check_login_allowed("alice", "10.0.0.66")
+        messenger.accounts.check_login_allowed("alice", "10.0.0.66")
     assert refused.value.retry_after == 60
-    messenger.check_login_allowed("bob", "10.0.0.66")  # counted per name
-    messenger.check_login_allowed("alice", "10.0.0.1")  # and per address: the owner gets in
+    messenger.accounts.check_login_allowed("bob", "10.0.0.66")  # counted per name
+    messenger.accounts.check_login_allowed("alice", "10.0.0.1")  # per address: the owner gets in
     clock.advance(60)
-    messenger.check_login_allowed("alice", "10.0.0.66")
+    messenger.accounts.check_login_allowed("alice", "10.0.0.66")
     assert len(events) == recorded
 
 
@@ -1110,7 +1110,7 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
     ("cancel an unknown message", lambda w: w.messenger.cancel(
         "alice", "nothing"), ms.NotFound),
     ("read a hidden file", lambda w: w.messenger.readable_file("bob", F), ms.NotFound),
-    ("register a taken name", lambda w: w.messenger.register(
+    ("register a taken name", lambda w: w.messenger.accounts.register(
         "bob", b"h", b"s", 4, "t", "10.0.0.1"), ms.Conflict),
 ]
 
@@ -1168,8 +1168,8 @@ def test_send_stores_nothing_when_the_journal_fails(world: World) -> None:
 def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     """Every kind of event, with time passing: some messages and files expire."""
     register(messenger, "alice", "bob", "carol", "dave", "erin", "x")
-    messenger.open_session("alice", "alice-phone")
-    messenger.disconnect(ms.hash_token("token-alice"))
+    messenger.accounts.open_session("alice", "alice-phone")
+    messenger.accounts.disconnect(ms.hash_token("token-alice"))
     messenger.join("alice", "club", False)
     messenger.join("alice", "secret", True)
     messenger.invite("alice", "secret", "bob")
@@ -1205,7 +1205,7 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     messenger.join("dave", "club", None)
     clock.advance(50)
     messenger.tick()
-    messenger.authenticate("token-bob")  # used again after an hour: a touch
+    messenger.accounts.authenticate("token-bob")  # used again after an hour: a touch
 
 
 def test_replay_rebuilds_the_same_state(clock: FakeClock) -> None:

@@ -280,8 +280,8 @@ async def test_status_lists_at_most_100_chats_those_with_unread_first(
 ) -> None:
     rules = ms.Rules(max_owned_chats=1000, flood_limit=1000)
     async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
-        server.messenger.register("alice", b"h", b"s", 4, "alice-token", "here")
-        server.messenger.register("bob", b"h", b"s", 4, "bob-token", "here")
+        server.messenger.accounts.register("alice", b"h", b"s", 4, "alice-token", "here")
+        server.messenger.accounts.register("bob", b"h", b"s", 4, "bob-token", "here")
         for n in range(120):
             server.messenger.join("alice", f"r{n:03}", None)
             server.messenger.join("bob", f"r{n:03}", None)
@@ -591,9 +591,9 @@ def test_disconnect_of_a_session_revoked_meanwhile_is_401(clock: FakeClock) -> N
     messenger, _ = make_messenger(clock)
     register(messenger, "a")
     token_hash = ms.hash_token("token-a")
-    messenger.disconnect(token_hash)
+    messenger.accounts.disconnect(token_hash)
     with pytest.raises(ms.Unauthorized):
-        messenger.disconnect(token_hash)
+        messenger.accounts.disconnect(token_hash)
 
 
 def test_empty_files_count_a_block_against_the_upload_quota(clock: FakeClock) -> None:

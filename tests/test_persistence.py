@@ -564,7 +564,7 @@ async def test_an_expired_message_leaves_every_state_file(tmp_path: Path, clock:
     in no snapshot and no journal, though the server has been quiet since."""
     config = make_config(tmp_path, rules=ms.Rules(message_ttl=60.0))
     server = opened(config, clock)
-    server.messenger.register("alice", b"hash", b"salt", 4, "token", "10.0.0.1")
+    server.messenger.accounts.register("alice", b"hash", b"salt", 4, "token", "10.0.0.1")
     server.messenger.send("alice", ms.Draft("SECRET-EXPIRING-TEXT"))
     await server.save()
     clock.advance(61)

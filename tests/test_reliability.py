@@ -423,7 +423,7 @@ async def test_crash_journal_cut_anywhere_in_its_last_record_loads_and_later_wri
     first = opened(make_config(original), clock)
     messenger = first.messenger
     for name in ("alice", "bob"):
-        messenger.register(name, b"hash", b"salt", 4, f"token-{name}", "10.0.0.1")
+        messenger.accounts.register(name, b"hash", b"salt", 4, f"token-{name}", "10.0.0.1")
     messenger.send("alice", ms.Draft("before the snapshot"))
     await first.save()
     messenger.send("bob", ms.Draft("after the snapshot"))
@@ -447,7 +447,7 @@ async def test_crash_journal_cut_anywhere_in_its_last_record_loads_and_later_wri
         again.close()
         texts_again = [m.text for m in again.messenger.messages.values()]
         assert texts_again == [*texts, "written after the crash"], f"cut at {cut}"
-        assert len(again.messenger.sessions) == 2
+        assert len(again.messenger.accounts.sessions) == 2
         shutil.rmtree(state)
 
 
@@ -480,7 +480,7 @@ async def test_crash_damaged_newest_snapshot_falls_back_and_logs(
 ) -> None:
     config = make_config(tmp_path)
     first = opened(config, clock)
-    first.messenger.register("alice", b"hash", b"salt", 4, "token-alice", "10.0.0.1")
+    first.messenger.accounts.register("alice", b"hash", b"salt", 4, "token-alice", "10.0.0.1")
     first.messenger.send("alice", ms.Draft("one"))
     await first.save()
     first.messenger.send("alice", ms.Draft("two"))
@@ -505,7 +505,7 @@ async def test_crash_during_a_snapshot_leaves_a_temp_file_that_is_ignored_and_re
     """kill -9 while a snapshot is written leaves ``snapshot-N.tmp``: never loaded, removed."""
     config = make_config(tmp_path)
     first = opened(config, clock)
-    first.messenger.register("alice", b"hash", b"salt", 4, "token-alice", "10.0.0.1")
+    first.messenger.accounts.register("alice", b"hash", b"salt", 4, "token-alice", "10.0.0.1")
     first.messenger.send("alice", ms.Draft("kept"))
     first.close()
     good = first.messenger.export()
