@@ -1420,6 +1420,154 @@ class Accounts:
             self._users[session.user].sessions.discard(token_hash)
 
 
+class Moderation:
+    """Reports and bans: one report counts per reporter and target, and enough of them ban
+    the target from sending for a while. A part of the ``Messenger`` (the ``report``
+    event is applied here)."""
+
+    APPLIERS: ClassVar[dict[str, str]] = {"report": "_apply_report"}
+
+    def __init__(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+        self._users = messenger.users
+        self._rules = messenger.rules
+
+    def report(self, reporter: str, target: str, reason: str) -> Standing:
+        """One report per reporter and target; enough of them ban the target from sending."""
+        if target == reporter:
+            raise InvalidField("you cannot report yourself")
+        user = self._users.get(target)
+        if user is None:
+            raise UnknownUser(target)
+        if not self._has_seen_from(reporter, user):
+            raise Forbidden(f"you can report {target} only for a message of theirs you can see")
+        now = self._messenger.clock()
+        already_counted = reporter in user.reporters and not _ban_ended(user, now)
+        if not already_counted:
+            made = self._users[reporter].reports_made
+            if made.used(now, self._rules.rate_window) >= self._rules.report_limit:
+                reset = made.reset_at(now, self._rules.rate_window) or now
+                raise RateLimited("too many reports: try again later", reset - now)
+            banned_until = user.banned_until
+            self._messenger.emit("report", reporter, target, reason, now)
+            if user.banned_until is not None and user.banned_until != banned_until:
+                logger.warning("%r is banned until %s after %d reports",
+                               target, user.banned_until, len(user.reporters))
+                until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(user.banned_until))
+                self._messenger.notify(
+                    target, "banned",
+                    f"after reports from other users, you may not send until {until}",
+                )
+        return self.standing(target)
+
+    def _has_seen_from(self, name: str, target: User) -> bool:
+        """Whether a stored message from ``target`` is one ``name`` can see: in a shared
+        chat or sent to it (the cost is the reporter's chats, not the target's)."""
+        if target.sent.get(f"@{name}"):
+            return True
+        return any(target.sent.get(chat) for chat in self._users[name].chats)
+
+    def standing(self, name: str) -> Standing:
+        """A user's reports and ban as of now: when a ban has ended, the count restarts."""
+        user = self._users[name]
+        if _ban_ended(user, self._messenger.clock()):
+            return Standing(0, None)
+        return Standing(len(user.reporters), user.banned_until)
+
+    def _apply_report(self, reporter: str, target: str, reason: str, ts: float) -> None:
+        user = self._users[target]
+        if _ban_ended(user, ts):
+            user.banned_until = None
+            user.reporters.clear()
+        if reporter in user.reporters:
+            return
+        user.reporters.add(reporter)
+        self._users[reporter].reports_made.add(ts, self._rules.rate_window)
+        if len(user.reporters) >= self._rules.ban_threshold and user.banned_until is None:
+            user.banned_until = ts + self._rules.ban_duration
+
+
+class Uploads:
+    """The files users upload: each owner's quota, who may read a file, and when a file
+    goes (with its last message, once older than the TTL). A part of the ``Messenger``
+    (the ``file`` event is applied here); the files are the messenger's ``files``."""
+
+    APPLIERS: ClassVar[dict[str, str]] = {"file": "_apply_file"}
+
+    def __init__(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+        self._users = messenger.users
+        self._files = messenger.files
+        self._rules = messenger.rules
+
+    def check_upload(self, owner: str, size: int) -> None:
+        """403 when ``size`` more bytes would take the user past its upload quota."""
+        stored = self._users[owner].stored
+        if stored + _charged(size) > self._rules.upload_quota:
+            raise QuotaExceeded(
+                f"your stored files may total at most {self._rules.upload_quota} bytes "
+                f"({stored} used)"
+            )
+
+    def add_file(
+        self, owner: str, file_id: str, name: str, size: int, media_type: str, sha256: str
+    ) -> StoredFile:
+        self.check_upload(owner, size)
+        self._messenger.emit(
+            "file", file_id, owner, name, size, media_type, sha256, self._messenger.clock()
+        )
+        return self._files[file_id]
+
+    def readable_file(self, name: str, file_id: str) -> StoredFile:
+        """A file for its uploader or a user who can see a message carrying it; else 404."""
+        messenger = self._messenger
+        messenger.expire(messenger.clock())
+        stored = self._files.get(file_id)
+        if stored is None or not (
+            stored.owner == name
+            or any(messenger.can_see(name, messenger.messages[i]) for i in stored.messages)
+        ):
+            raise UnknownFile(file_id)
+        return stored
+
+    def drop_if_unused(self, stored: StoredFile, now: float) -> None:
+        """A file goes when no live message carries it and it is older than the TTL."""
+        unused = not stored.messages and not stored.scheduled
+        if unused and stored.ts + self._rules.message_ttl <= now and stored.id in self._files:
+            self._remove(stored)
+            self._messenger.changes += 1
+            self._messenger.on_file_gone(stored.id)
+
+    def forget_file(self, file_id: str) -> None:
+        """Drop a file whose bytes are gone from the state folder (found at start: a crash
+        after the file expired, before a snapshot said so). What carried it stays, without it."""
+        stored = self._files.get(file_id)
+        if stored is None:
+            return
+        messages = self._messenger.messages
+        for message_id in stored.messages:
+            messages[message_id] = messages[message_id]._replace(file=None)
+        for scheduled in self._messenger.scheduled.values():
+            if scheduled.file == file_id:
+                scheduled.file = None
+        self._remove(stored)
+
+    def _apply_file(
+        self, new_file: str, owner: str, file_name: str, size: int, media_type: str,
+        sha256: str, ts: float,
+    ) -> None:
+        self.add(StoredFile(new_file, owner, file_name, size, media_type, sha256, ts))
+
+    def add(self, stored: StoredFile) -> None:
+        self._files[stored.id] = stored
+        self._users[stored.owner].stored += _charged(stored.size)
+        self._messenger.deadlines.add_file(stored.id)
+
+    def _remove(self, stored: StoredFile) -> None:
+        del self._files[stored.id]
+        self._users[stored.owner].stored -= _charged(stored.size)
+
+
 class Messenger:
     """The messenger's state and rules, with no I/O and no HTTP.
 
@@ -1427,11 +1575,12 @@ class Messenger:
     first, then it is applied, so a replay of the journal rebuilds the same state. Methods
     check everything before they record anything: a refused request changes nothing.
 
-    Two parts hold their own concerns: ``accounts`` (registrations, sessions, login
-    windows: ``Accounts``) and the deadlines of what falls due with time (``Deadlines``).
+    Parts hold their own concerns: ``accounts`` (registrations, sessions, login windows),
+    ``moderation`` (reports and bans), ``uploads`` (files, their quota and lifetime) and
+    ``deadlines`` (what falls due with time).
     """
 
-    # The applier of each kind of event but those of the accounts (its parameters are the
+    # The applier of each kind of event but those of the parts (its parameters are the
     # event's fields).
     APPLIERS: ClassVar[dict[str, str]] = {
         "user": "_apply_user",
@@ -1446,8 +1595,6 @@ class Messenger:
         "link": "_apply_link",
         "request": "_apply_request",
         "decide": "_apply_decide",
-        "report": "_apply_report",
-        "file": "_apply_file",
         "schedule": "_apply_schedule",
         "cancel": "_apply_cancel",
     }
@@ -1473,12 +1620,13 @@ class Messenger:
         self.delivered: dict[int, float] = {}  # private message id -> first received
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
         self._links: dict[str, str] = {}  # link token hash -> chat
-        self._deadlines = Deadlines(self)
+        self.deadlines = Deadlines(self)
         self.accounts = Accounts(self)
-        self._apply = {kind: getattr(self, name) for kind, name in self.APPLIERS.items()}
-        self._apply.update(
-            (kind, getattr(self.accounts, name)) for kind, name in Accounts.APPLIERS.items()
-        )
+        self.moderation = Moderation(self)
+        self.uploads = Uploads(self)
+        self._apply: dict[str, Callable[..., None]] = {}
+        for part in (self, self.accounts, self.moderation, self.uploads):
+            self._apply.update((kind, getattr(part, name)) for kind, name in part.APPLIERS.items())
 
     # Events -----------------------------------------------------------------
 
@@ -1795,7 +1943,7 @@ class Messenger:
         """A message the user may see; 404 for every other, existing or not."""
         self.expire(self.clock())
         message = self.messages.get(message_id)
-        if message is None or not self._can_see(name, message):
+        if message is None or not self.can_see(name, message):
             raise UnknownMessage(message_id)
         return message
 
@@ -1810,7 +1958,7 @@ class Messenger:
         self._mark_delivered(self.users[name], [message, *comments])
         return message, comments
 
-    def _can_see(self, name: str, message: Message) -> bool:
+    def can_see(self, name: str, message: Message) -> bool:
         if message.chat is not None:
             return name in self.chats[message.chat].members
         return name in (message.sender, message.to)
@@ -1849,7 +1997,7 @@ class Messenger:
 
     # Notices ----------------------------------------------------------------
 
-    def _notify(
+    def notify(
         self, to: str, kind: str, text: str, *, chat: str | None = None,
         about: str | None = None, scheduled_id: str | None = None,
     ) -> None:
@@ -1926,8 +2074,8 @@ class Messenger:
             raise UnknownUser(guest)
         if guest not in chat.members and guest not in chat.invited:
             self.emit("invite", chat_name, guest)
-            self._notify(guest, "invited", f"{owner} invited you to {chat_name}",
-                         chat=chat_name, about=owner)
+            self.notify(guest, "invited", f"{owner} invited you to {chat_name}",
+                        chat=chat_name, about=owner)
         return chat
 
     def make_link(self, owner: str, chat_name: str) -> str:
@@ -1948,8 +2096,8 @@ class Messenger:
         if name not in chat.requests:
             self.emit("request", chat_name, name, self.clock())
             if chat.owner is not None:
-                self._notify(chat.owner, "request", f"{name} asks to join {chat_name}",
-                             chat=chat_name, about=name)
+                self.notify(chat.owner, "request", f"{name} asks to join {chat_name}",
+                            chat=chat_name, about=name)
         return chat, False
 
     def pending_requests(self, owner: str, chat_name: str) -> dict[str, float]:
@@ -1963,83 +2111,12 @@ class Messenger:
             self._check_memberships(self.users[guest])
         self.emit("decide", chat_name, guest, approve, self.clock())
         if approve:
-            self._notify(guest, "approved", f"{owner} let you into {chat_name}",
-                         chat=chat_name, about=owner)
+            self.notify(guest, "approved", f"{owner} let you into {chat_name}",
+                        chat=chat_name, about=owner)
         else:
-            self._notify(guest, "denied", f"{owner} turned down your request to join {chat_name}",
-                         chat=chat_name, about=owner)
+            self.notify(guest, "denied", f"{owner} turned down your request to join {chat_name}",
+                        chat=chat_name, about=owner)
         return chat
-
-    # Moderation -------------------------------------------------------------
-
-    def report(self, reporter: str, target: str, reason: str) -> Standing:
-        """One report per reporter and target; enough of them ban the target from sending."""
-        if target == reporter:
-            raise InvalidField("you cannot report yourself")
-        user = self.users.get(target)
-        if user is None:
-            raise UnknownUser(target)
-        if not self._has_seen_from(reporter, user):
-            raise Forbidden(f"you can report {target} only for a message of theirs you can see")
-        now = self.clock()
-        already_counted = reporter in user.reporters and not _ban_ended(user, now)
-        if not already_counted:
-            made = self.users[reporter].reports_made
-            if made.used(now, self.rules.rate_window) >= self.rules.report_limit:
-                reset = made.reset_at(now, self.rules.rate_window) or now
-                raise RateLimited("too many reports: try again later", reset - now)
-            banned_until = user.banned_until
-            self.emit("report", reporter, target, reason, now)
-            if user.banned_until is not None and user.banned_until != banned_until:
-                logger.warning("%r is banned until %s after %d reports",
-                               target, user.banned_until, len(user.reporters))
-                until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(user.banned_until))
-                self._notify(target, "banned", f"after reports from other users, you may not "
-                             f"send until {until}")
-        return self.standing(target)
-
-    def _has_seen_from(self, name: str, target: User) -> bool:
-        """Whether a stored message from ``target`` is one ``name`` can see: in a shared
-        chat or sent to it (the cost is the reporter's chats, not the target's)."""
-        if target.sent.get(f"@{name}"):
-            return True
-        return any(target.sent.get(chat) for chat in self.users[name].chats)
-
-    def standing(self, name: str) -> Standing:
-        """A user's reports and ban as of now: when a ban has ended, the count restarts."""
-        user = self.users[name]
-        if _ban_ended(user, self.clock()):
-            return Standing(0, None)
-        return Standing(len(user.reporters), user.banned_until)
-
-    # Files ------------------------------------------------------------------
-
-    def check_upload(self, owner: str, size: int) -> None:
-        """403 when ``size`` more bytes would take the user past its upload quota."""
-        stored = self.users[owner].stored
-        if stored + _charged(size) > self.rules.upload_quota:
-            raise QuotaExceeded(
-                f"your stored files may total at most {self.rules.upload_quota} bytes "
-                f"({stored} used)"
-            )
-
-    def add_file(
-        self, owner: str, file_id: str, name: str, size: int, media_type: str, sha256: str
-    ) -> StoredFile:
-        self.check_upload(owner, size)
-        self.emit("file", file_id, owner, name, size, media_type, sha256, self.clock())
-        return self.files[file_id]
-
-    def readable_file(self, name: str, file_id: str) -> StoredFile:
-        """A file for its uploader or a user who can see a message carrying it; else 404."""
-        self.expire(self.clock())
-        stored = self.files.get(file_id)
-        if stored is None or not (
-            stored.owner == name
-            or any(self._can_see(name, self.messages[i]) for i in stored.messages)
-        ):
-            raise UnknownFile(file_id)
-        return stored
 
     # Scheduled messages -----------------------------------------------------
 
@@ -2058,18 +2135,18 @@ class Messenger:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` has something to do next: a scheduled message or an expiry."""
-        return self._deadlines.next_deadline()
+        return self.deadlines.next_deadline()
 
     def tick(self) -> None:
         """Send the scheduled messages now due, in due order, and drop expired data."""
         now = self.clock()
         self.expire(now)
         self.accounts.expire_sessions(now)
-        while (scheduled_id := self._deadlines.first_due(now)) is not None:
+        while (scheduled_id := self.deadlines.first_due(now)) is not None:
             scheduled = self.scheduled.get(scheduled_id)
             if scheduled is not None:
                 self._send_scheduled(scheduled, now)  # if the journal fails, it stays due
-            self._deadlines.pop_due()
+            self.deadlines.pop_due()
 
     def _send_scheduled(self, scheduled: Scheduled, now: float) -> None:
         """Check a due message again: a banned sender or a lost membership drops it."""
@@ -2085,9 +2162,9 @@ class Messenger:
             logger.info("dropped scheduled message %s of %r: %r",
                         scheduled.id, user.name, exc.message)
             self.emit("cancel", scheduled.id, user.name, now)
-            self._notify(user.name, "scheduled_dropped",
-                         f"your scheduled message {scheduled.id} was not sent: {exc.message}",
-                         chat=scheduled.chat, scheduled_id=scheduled.id)
+            self.notify(user.name, "scheduled_dropped",
+                        f"your scheduled message {scheduled.id} was not sent: {exc.message}",
+                        chat=scheduled.chat, scheduled_id=scheduled.id)
             return
         message = Message(
             self.last_id + 1, scheduled.chat, scheduled.to, scheduled.sender, scheduled.text,
@@ -2097,11 +2174,11 @@ class Messenger:
 
     def expire(self, now: float) -> None:
         """Drop the messages and files whose time is over; costs O(what expires)."""
-        expired = self._deadlines.expired_messages(now)
+        expired = self.deadlines.expired_messages(now)
         if expired:
             self._remove_messages(expired, now)
-        while (stored := self._deadlines.expired_file(now)) is not None:
-            self._drop_file_if_unused(stored, now)
+        while (stored := self.deadlines.expired_file(now)) is not None:
+            self.uploads.drop_if_unused(stored, now)
 
     def _remove_messages(self, ids: list[int], now: float) -> None:
         by_chat: dict[str, int] = {}
@@ -2129,7 +2206,7 @@ class Messenger:
             if message.file is not None:
                 stored = self.files[message.file]
                 stored.messages.discard(message_id)
-                self._drop_file_if_unused(stored, now)
+                self.uploads.drop_if_unused(stored, now)
         for chat_name, count in by_chat.items():
             del self.chats[chat_name].messages[:count]
         for name, gone in by_user.items():
@@ -2141,14 +2218,6 @@ class Messenger:
                 del user.conversations[key]
                 self._settle(user, [key])
         self.changes += len(ids)
-
-    def _drop_file_if_unused(self, stored: StoredFile, now: float) -> None:
-        """A file goes when no live message carries it and it is older than the TTL."""
-        unused = not stored.messages and not stored.scheduled
-        if unused and stored.ts + self.rules.message_ttl <= now and stored.id in self.files:
-            self._remove_file(stored)
-            self.changes += 1
-            self.on_file_gone(stored.id)
 
     # Applying events --------------------------------------------------------
 
@@ -2195,7 +2264,7 @@ class Messenger:
 
     def _add_message(self, message: Message) -> None:
         self.messages[message.id] = message
-        self._deadlines.add_message(message)
+        self.deadlines.add_message(message)
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
         if sender is not None:
@@ -2225,7 +2294,7 @@ class Messenger:
         for message_id in ids:
             if message_id in self.messages and message_id not in self.delivered:
                 self.delivered[message_id] = ts
-                self._deadlines.add_delivered(message_id)
+                self.deadlines.add_delivered(message_id)
                 sender = self.messages[message_id].sender
                 if sender is not None:  # else a notice
                     self.users[sender].undelivered -= 1
@@ -2320,33 +2389,6 @@ class Messenger:
         if approve:
             self._add_member(joined, name)
 
-    def _apply_report(self, reporter: str, target: str, reason: str, ts: float) -> None:
-        user = self.users[target]
-        if _ban_ended(user, ts):
-            user.banned_until = None
-            user.reporters.clear()
-        if reporter in user.reporters:
-            return
-        user.reporters.add(reporter)
-        self.users[reporter].reports_made.add(ts, self.rules.rate_window)
-        if len(user.reporters) >= self.rules.ban_threshold and user.banned_until is None:
-            user.banned_until = ts + self.rules.ban_duration
-
-    def _apply_file(
-        self, new_file: str, owner: str, file_name: str, size: int, media_type: str,
-        sha256: str, ts: float,
-    ) -> None:
-        self._add_file(StoredFile(new_file, owner, file_name, size, media_type, sha256, ts))
-
-    def _add_file(self, stored: StoredFile) -> None:
-        self.files[stored.id] = stored
-        self.users[stored.owner].stored += _charged(stored.size)
-        self._deadlines.add_file(stored.id)
-
-    def _remove_file(self, stored: StoredFile) -> None:
-        del self.files[stored.id]
-        self.users[stored.owner].stored -= _charged(stored.size)
-
     def _apply_schedule(
         self, new_scheduled: str, sender: str, send_at: float, text: str, chat: str | None,
         to: str | None, reply_to: int | None, file_id: str | None, client_id: str | None,
@@ -2381,7 +2423,7 @@ class Messenger:
     def _add_scheduled(self, scheduled: Scheduled) -> None:
         self.scheduled[scheduled.id] = scheduled
         self.users[scheduled.sender].scheduled.add(scheduled.id)
-        self._deadlines.schedule(scheduled)
+        self.deadlines.schedule(scheduled)
         if scheduled.file is not None:
             self.files[scheduled.file].scheduled += 1
 
@@ -2398,7 +2440,7 @@ class Messenger:
         if scheduled is not None and scheduled.file is not None:
             stored = self.files[scheduled.file]
             stored.scheduled -= 1
-            self._drop_file_if_unused(stored, now)
+            self.uploads.drop_if_unused(stored, now)
 
     # Snapshots: plain builtins out and in ------------------------------------
 
@@ -2446,7 +2488,7 @@ class Messenger:
         for session in load_records(state, "sessions", Session, checks.session):
             self.accounts.add_session(session)
         for stored in load_records(state, "files", StoredFile, checks.file):
-            self._add_file(stored)
+            self.uploads.add(stored)
         for message in load_rows(rows, Message, checks.message):
             self._add_message(message)
         for message_id, ts in sorted(load_delivered(state), key=lambda item: item[1]):
@@ -2459,19 +2501,6 @@ class Messenger:
             for key in [*user.chats, *user.conversations]:
                 user.unread.add(key)
             self._settle(user, list(user.unread))
-
-    def forget_file(self, file_id: str) -> None:
-        """Drop a file whose bytes are gone from the state folder (found at start: a crash
-        after the file expired, before a snapshot said so). What carried it stays, without it."""
-        stored = self.files.get(file_id)
-        if stored is None:
-            return
-        for message_id in stored.messages:
-            self.messages[message_id] = self.messages[message_id]._replace(file=None)
-        for scheduled in self.scheduled.values():
-            if scheduled.file == file_id:
-                scheduled.file = None
-        self._remove_file(stored)
 
 
 def _charged(size: int) -> int:
@@ -2658,12 +2687,14 @@ def from_plain(cls: type[T], plain: Any) -> T:
         raise BadRecord(f"a {cls.__name__} record lacks a field: {exc}") from exc
 
 
-EVENT_KINDS: Final = Messenger.APPLIERS.keys() | Accounts.APPLIERS.keys()
+# The classes that apply events: the messenger and its parts.
+EVENT_APPLIERS: Final = (Messenger, Accounts, Moderation, Uploads)
+EVENT_KINDS: Final = frozenset(kind for part in EVENT_APPLIERS for kind in part.APPLIERS)
 
 
 def applier_of(kind: str) -> Callable[..., None]:
-    """The function that applies an event of ``kind``, in the messenger or its accounts."""
-    part = Accounts if kind in Accounts.APPLIERS else Messenger
+    """The function that applies an event of ``kind``, in the messenger or one of its parts."""
+    part = next(part for part in EVENT_APPLIERS if kind in part.APPLIERS)
     applier: Callable[..., None] = getattr(part, part.APPLIERS[kind])
     return applier
 
@@ -3212,14 +3243,14 @@ class StateStore:
                 continue
             if path.name in messenger.files:
                 logger.error("stored file %r is not a regular file: dropped", path.name)
-                messenger.forget_file(path.name)
+                messenger.uploads.forget_file(path.name)
             if stat.S_ISDIR(mode):
                 logger.error("%s: an unexpected folder, left alone", path)
             else:
                 path.unlink()
         for file_id in [i for i in messenger.files if not os.path.lexists(self.files / i)]:
             logger.error("stored file %s is missing: dropped", file_id)
-            messenger.forget_file(file_id)
+            messenger.uploads.forget_file(file_id)
         for path in self.folder.glob("snapshot-*.tmp"):
             path.unlink()
 
@@ -3954,7 +3985,7 @@ class MessengerApp:
     async def status(self, call: Call) -> Response:
         messenger = self.messenger
         user = messenger.users[call.user]
-        standing = messenger.standing(call.user)
+        standing = messenger.moderation.standing(call.user)
         unread = messenger.unread(call.user)
         rate = messenger.rate_status(call.user)
         read = (name for name in user.chats if name not in unread.chats)
@@ -3995,7 +4026,7 @@ class MessengerApp:
         body = await self._json(call)
         target = body.string("user", pattern=USER_NAME_RE, max_length=32)
         reason = body.optional_string("reason", max_length=MAX_REASON, min_length=0) or ""
-        standing = self.messenger.report(call.user, target, reason)
+        standing = self.messenger.moderation.report(call.user, target, reason)
         answer = {
             "user": target, "reports": standing.reports, "banned_until": standing.banned_until
         }
@@ -4018,7 +4049,7 @@ class MessengerApp:
         # Uploads under way count as stored already, for the quota and for the disk.
         expected = limit if request.content_length is None else request.content_length
         under_way = self.uploading.get(call.user, 0)
-        self.messenger.check_upload(call.user, under_way + (request.content_length or 0))
+        self.messenger.uploads.check_upload(call.user, under_way + (request.content_length or 0))
         free = self.store.free_bytes() - sum(self.uploading.values())
         if free - expected < self.config.min_free_disk:
             logger.warning("upload of %r refused: the state folder's disk is nearly full",
@@ -4037,7 +4068,9 @@ class MessengerApp:
             if not self.uploading[call.user]:
                 del self.uploading[call.user]
         try:
-            stored = self.messenger.add_file(call.user, file_id, name, size, media_type, sha256)
+            stored = self.messenger.uploads.add_file(
+                call.user, file_id, name, size, media_type, sha256
+            )
         except MessengerError:  # over the quota once a chunked body is counted; a full journal
             self.store.remove_file(file_id)
             raise
@@ -4047,7 +4080,7 @@ class MessengerApp:
         file_id = call.params[0]
         if not ID_RE.fullmatch(file_id):
             raise UnknownFile(file_id)
-        stored = self.messenger.readable_file(call.user, file_id)
+        stored = self.messenger.uploads.readable_file(call.user, file_id)
         try:
             handle = self.store.open_file(stored.id)
         except OSError as exc:  # gone, or a symlink planted in its place

@@ -330,9 +330,9 @@ def test_a_ban_is_noticed_with_its_end(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, ban_threshold=2)
     register(messenger, "x", "a", "b")
     post(messenger, "x", "spam", chat="general")  # a message to report
-    messenger.report("a", "x", "")
+    messenger.moderation.report("a", "x", "")
     assert notices_of(messenger, "x") == []
-    messenger.report("b", "x", "")
+    messenger.moderation.report("b", "x", "")
     until = clock.now + messenger.rules.ban_duration
     end = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
     assert notices_of(messenger, "x") == [
@@ -529,11 +529,11 @@ def test_report_bans_at_the_threshold_for_the_duration(clock: FakeClock) -> None
     messenger, _ = make_messenger(clock, ban_threshold=3, ban_duration=100.0)
     register(messenger, "x", "a", "b", "c")
     post(messenger, "x", "spam", chat="general")  # a message to report
-    messenger.report("a", "x", "spam")
-    messenger.report("b", "x", "spam")
+    messenger.moderation.report("a", "x", "spam")
+    messenger.moderation.report("b", "x", "spam")
     post(messenger, "x", "still allowed")
     banned_at = clock.now
-    assert messenger.report("c", "x", "spam").banned_until == banned_at + 100.0
+    assert messenger.moderation.report("c", "x", "spam").banned_until == banned_at + 100.0
     clock.advance(99.9)
     with pytest.raises(ms.Banned) as refused:
         post(messenger, "x")
@@ -546,9 +546,9 @@ def test_report_each_reporter_counts_once(clock: FakeClock) -> None:
     messenger, events = make_messenger(clock, ban_threshold=2)
     register(messenger, "x", "a")
     post(messenger, "x", "spam", chat="general")  # a message to report
-    messenger.report("a", "x", "spam")
+    messenger.moderation.report("a", "x", "spam")
     recorded = len(events)
-    standing = messenger.report("a", "x", "spam again")
+    standing = messenger.moderation.report("a", "x", "spam again")
     assert (standing.reports, standing.banned_until, len(events)) == (1, None, recorded)
 
 
@@ -556,13 +556,13 @@ def test_report_count_restarts_when_the_ban_ends(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, ban_threshold=2, ban_duration=100.0)
     register(messenger, "x", "a", "b")
     post(messenger, "x", "spam", chat="general")  # a message to report
-    messenger.report("a", "x", "")
-    messenger.report("b", "x", "")
+    messenger.moderation.report("a", "x", "")
+    messenger.moderation.report("b", "x", "")
     clock.advance(100)
-    assert messenger.standing("x").reports == 0
-    assert messenger.report("a", "x", "").banned_until is None
+    assert messenger.moderation.standing("x").reports == 0
+    assert messenger.moderation.report("a", "x", "").banned_until is None
     post(messenger, "x", "one report is not a ban")
-    assert messenger.report("b", "x", "").banned_until == clock.now + 100.0
+    assert messenger.moderation.report("b", "x", "").banned_until == clock.now + 100.0
 
 
 @pytest.mark.parametrize(
@@ -575,8 +575,8 @@ def test_send_banned_user_sends_nothing(clock: FakeClock, fields: dict[str, Any]
     register(messenger, "x", "a", "b")
     post(messenger, "a", "parent")
     post(messenger, "x", "spam", chat="general")  # a message to report
-    messenger.report("a", "x", "")
-    messenger.report("b", "x", "")
+    messenger.moderation.report("a", "x", "")
+    messenger.moderation.report("b", "x", "")
     recorded = len(events)
     with pytest.raises(ms.Banned):
         messenger.send("x", ms.Draft("hi", **fields))
@@ -590,17 +590,17 @@ def test_report_rate_limit(clock: FakeClock) -> None:
     register(messenger, "r", "x1", "x2", "x3")
     for target in ("x1", "x2", "x3"):
         post(messenger, target, "spam", chat="general")  # a message to report
-    messenger.report("r", "x1", "")
+    messenger.moderation.report("r", "x1", "")
     clock.advance(10)
-    messenger.report("r", "x2", "")
+    messenger.moderation.report("r", "x2", "")
     recorded = len(events)
     with pytest.raises(ms.RateLimited) as refused:
-        messenger.report("r", "x3", "")
+        messenger.moderation.report("r", "x3", "")
     assert refused.value.retry_after == 90
     assert len(events) == recorded
-    messenger.report("r", "x1", "a second time is no new report")
+    messenger.moderation.report("r", "x1", "a second time is no new report")
     clock.advance(90)
-    assert messenger.report("r", "x3", "").reports == 1
+    assert messenger.moderation.report("r", "x3", "").reports == 1
 
 
 # Scheduled messages #########################################################
@@ -646,8 +646,8 @@ def test_tick_drops_a_scheduled_message_whose_sender_may_no_longer_send(
     later = schedule(messenger, "x", "later", chat="club", send_at=clock.now + 60)
     if why == "banned":
         post(messenger, "x", "spam", chat="general")  # a message to report
-        messenger.report("a", "x", "")
-        messenger.report("b", "x", "")
+        messenger.moderation.report("a", "x", "")
+        messenger.moderation.report("b", "x", "")
     else:
         messenger.leave("x", "club")
     clock.advance(60)
@@ -812,7 +812,7 @@ F = fid("F")
 
 
 def add_file(messenger: ms.Messenger, owner: str, file_id: str = F) -> ms.StoredFile:
-    return messenger.add_file(owner, file_id, "cat.png", 3, "image/png", "ab" * 32)
+    return messenger.uploads.add_file(owner, file_id, "cat.png", 3, "image/png", "ab" * 32)
 
 
 def files_gone(messenger: ms.Messenger) -> list[str]:
@@ -890,7 +890,7 @@ def test_readable_file_only_to_its_uploader_and_those_who_see_it(
 
 def _can_read(messenger: ms.Messenger, name: str, file_id: str) -> bool:
     try:
-        messenger.readable_file(name, file_id)
+        messenger.uploads.readable_file(name, file_id)
     except ms.NotFound:
         return False
     return True
@@ -1032,8 +1032,8 @@ def world(clock: FakeClock) -> World:
     add_file(messenger, "alice")
     scheduled = schedule(messenger, "alice", "later", chat="secret", send_at=clock.now + 60).id
     post(messenger, "dave", "spam", chat="general")  # a message to report
-    messenger.report("alice", "dave", "")
-    messenger.report("bob", "dave", "")
+    messenger.moderation.report("alice", "dave", "")
+    messenger.moderation.report("bob", "dave", "")
     post(messenger, "eve", "1")
     post(messenger, "eve", "2")
     post(messenger, "carol", "c")
@@ -1100,16 +1100,17 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
         "alice", "secret", "carol", True), ms.NotFound),
     ("decide as a non-owner", lambda w: w.messenger.decide(
         "carol", "secret", "bob", True), ms.Forbidden),
-    ("report oneself", lambda w: w.messenger.report("carol", "carol", ""), ms.InvalidField),
-    ("report an unknown user", lambda w: w.messenger.report(
+    ("report oneself", lambda w: w.messenger.moderation.report(
+        "carol", "carol", ""), ms.InvalidField),
+    ("report an unknown user", lambda w: w.messenger.moderation.report(
         "carol", "nobody", ""), ms.UnknownUser),
-    ("report over the limit", lambda w: w.messenger.report(
+    ("report over the limit", lambda w: w.messenger.moderation.report(
         "alice", "carol", ""), ms.RateLimited),
     ("cancel another's message", lambda w: w.messenger.cancel(
         "bob", w.scheduled), ms.NotFound),
     ("cancel an unknown message", lambda w: w.messenger.cancel(
         "alice", "nothing"), ms.NotFound),
-    ("read a hidden file", lambda w: w.messenger.readable_file("bob", F), ms.NotFound),
+    ("read a hidden file", lambda w: w.messenger.uploads.readable_file("bob", F), ms.NotFound),
     ("register a taken name", lambda w: w.messenger.accounts.register(
         "bob", b"h", b"s", 4, "t", "10.0.0.1"), ms.Conflict),
 ]
@@ -1135,7 +1136,7 @@ NO_OPS: list[tuple[str, Action]] = [
     ("invite a member", lambda w: w.messenger.invite("alice", "secret", "alice")),
     ("ask to join twice", lambda w: w.messenger.request_join("bob", w.link)),
     ("use the link as a member", lambda w: w.messenger.request_join("alice", w.link)),
-    ("report a second time", lambda w: w.messenger.report("alice", "dave", "")),
+    ("report a second time", lambda w: w.messenger.moderation.report("alice", "dave", "")),
     ("poll without since", lambda w: w.messenger.poll("carol", None, None, 10)),
     ("poll behind the read position", lambda w: w.messenger.poll("carol", 0, None, 10)),
     ("history", lambda w: w.messenger.history("bob", "general", None, 10)),
@@ -1192,7 +1193,7 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     messenger.leave("carol", "secret")
     post(messenger, "x", "spam", chat="general")
     for reporter in ("alice", "bob", "carol"):
-        messenger.report(reporter, "x", "spam")
+        messenger.moderation.report(reporter, "x", "spam")
     clock.advance(200)
     messenger.tick()
     messenger.poll("carol", 0, None, 100)  # delivers the private message
@@ -1240,7 +1241,7 @@ def _ban_then_send_after_it_ends(messenger: ms.Messenger, clock: FakeClock) -> N
     register(messenger, "x", "a", "b", "c")
     post(messenger, "x", "spam", chat="general")
     for reporter in ("a", "b", "c"):
-        messenger.report(reporter, "x", "")
+        messenger.moderation.report(reporter, "x", "")
     clock.advance(messenger.rules.ban_duration)
     post(messenger, "x", "back")
 
@@ -1308,10 +1309,10 @@ def test_replay_of_random_operations_rebuilds_the_same_state(
         lambda u: links.append(messenger.make_link(u, rng.choice(chats))),
         lambda u: messenger.request_join(u, rng.choice([*links, "none"])),
         lambda u: messenger.decide(u, rng.choice(chats), rng.choice(names), rng.random() < 0.5),
-        lambda u: messenger.report(u, rng.choice(names), ""),
+        lambda u: messenger.moderation.report(u, rng.choice(names), ""),
         lambda u: messenger.cancel(u, some_scheduled()),
         lambda u: files.append(add_file(messenger, u, fid(f"f{len(files)}")).id),
-        lambda u: messenger.readable_file(u, rng.choice([*files, "none"])),
+        lambda u: messenger.uploads.readable_file(u, rng.choice([*files, "none"])),
     ]
     for _ in range(400):
         if rng.random() < 0.1:

@@ -188,18 +188,18 @@ def test_report_only_from_someone_who_can_see_a_message_of_the_target(clock: Fak
     send(messenger, "target", "psst", to="friend")
     recorded = len(events)
     with pytest.raises(ms.Forbidden) as refused:
-        messenger.report("outsider", "target", "made up")
+        messenger.moderation.report("outsider", "target", "made up")
     assert type(refused.value) is ms.Forbidden
     assert len(events) == recorded
-    assert messenger.report("member", "target", "").reports == 1
-    assert messenger.report("friend", "target", "").reports == 2
+    assert messenger.moderation.report("member", "target", "").reports == 1
+    assert messenger.moderation.report("friend", "target", "").reports == 2
     clock.advance(HOUR)  # the messages expire: nothing left to point at
     messenger.tick()
     with pytest.raises(ms.Forbidden):
-        messenger.report("outsider", "target", "")
+        messenger.moderation.report("outsider", "target", "")
     messenger.join("outsider", "room", None)
     with pytest.raises(ms.Forbidden):
-        messenger.report("outsider", "target", "")
+        messenger.moderation.report("outsider", "target", "")
 
 
 def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
@@ -209,8 +209,8 @@ def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
     send(messenger, "victim", "only here", chat="quiet")
     for sock in ("sock1", "sock2", "sock3"):
         with pytest.raises(ms.Forbidden):
-            messenger.report(sock, "victim", "")
-    assert messenger.standing("victim") == ms.Standing(0, None)
+            messenger.moderation.report(sock, "victim", "")
+    assert messenger.moderation.standing("victim") == ms.Standing(0, None)
 
 
 # Files ########################################################################
@@ -219,16 +219,16 @@ def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
 def test_upload_quota_counts_stored_files_until_they_go(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, upload_quota=10_000, message_ttl=HOUR)
     register(messenger, "a", "b")
-    messenger.add_file("a", "a" * 32, "one", 5_000, "text/plain", "0" * 64)
-    messenger.check_upload("a", 5_000)  # exactly the quota
+    messenger.uploads.add_file("a", "a" * 32, "one", 5_000, "text/plain", "0" * 64)
+    messenger.uploads.check_upload("a", 5_000)  # exactly the quota
     with pytest.raises(ms.QuotaExceeded) as refused:
-        messenger.add_file("a", "b" * 32, "two", 5_001, "text/plain", "0" * 64)
+        messenger.uploads.add_file("a", "b" * 32, "two", 5_001, "text/plain", "0" * 64)
     assert "10000 bytes" in refused.value.message
-    messenger.check_upload("b", 10_000)  # per user
+    messenger.uploads.check_upload("b", 10_000)  # per user
     assert messenger.quotas_left("a")["upload_left"] == 5_000
     clock.advance(HOUR)
     messenger.tick()
-    messenger.check_upload("a", 10_000)
+    messenger.uploads.check_upload("a", 10_000)
 
 
 # Pages of chats ###############################################################
@@ -574,11 +574,11 @@ def test_a_file_gone_from_the_folder_leaves_its_messages_without_it(clock: FakeC
     state loaded still holds the message; its expiry then crashed every start."""
     messenger, _ = make_messenger(clock, message_ttl=HOUR)
     register(messenger, "a")
-    messenger.add_file("a", "a" * 32, "f", 4, "text/plain", "0" * 64)
+    messenger.uploads.add_file("a", "a" * 32, "f", 4, "text/plain", "0" * 64)
     sent = send(messenger, "a", "with a file", file="a" * 32).message
     later = send(messenger, "a", "later", file="a" * 32, send_at=clock.now + 60).scheduled
     assert sent is not None and later is not None
-    messenger.forget_file("a" * 32)
+    messenger.uploads.forget_file("a" * 32)
     assert messenger.messages[sent.id].file is None and later.file is None
     clock.advance(60)
     messenger.tick()  # sends the scheduled one
@@ -600,10 +600,10 @@ def test_empty_files_count_a_block_against_the_upload_quota(clock: FakeClock) ->
     """Found by review: empty uploads were free, 4,913 of them in 5 s."""
     messenger, _ = make_messenger(clock, upload_quota=2 * ms.FILE_BLOCK)
     register(messenger, "a")
-    messenger.add_file("a", "a" * 32, "empty", 0, "text/plain", "0" * 64)
-    messenger.add_file("a", "b" * 32, "empty", 0, "text/plain", "0" * 64)  # the last allowed
+    messenger.uploads.add_file("a", "a" * 32, "empty", 0, "text/plain", "0" * 64)
+    messenger.uploads.add_file("a", "b" * 32, "empty", 0, "text/plain", "0" * 64)  # the last one
     with pytest.raises(ms.QuotaExceeded):
-        messenger.add_file("a", "c" * 32, "empty", 0, "text/plain", "0" * 64)
+        messenger.uploads.add_file("a", "c" * 32, "empty", 0, "text/plain", "0" * 64)
 
 
 @pytest.mark.asyncio
