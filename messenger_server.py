@@ -27,9 +27,12 @@ Routes (all but the first three need ``Authorization: Bearer <token>``):
     POST   /files                           upload a file (raw body)
     GET    /files/{id}                      download one
 
-The file reads top to bottom: configuration, errors, the HTTP protocol (no I/O), routing,
-the domain model (no I/O), persistence, the API handlers, the OpenAPI document, the
-server lifecycle, main().
+The file reads top to bottom: configuration; errors; the HTTP protocol, no I/O (``Request``,
+``ChunkedDecoder``, ``Response``, ``next_step``); routing (``Router``); the domain model, no
+I/O (the records, then the parts of a messenger: ``Deadlines``, ``Accounts``, ``Moderation``,
+``Uploads``, and ``Messenger`` itself); persistence (``Journal``, ``StateStore``, the
+snapshot format, ``RecordChecks``); the API handlers (``MessengerApp``); the OpenAPI document;
+connection I/O (``Connection``); the server lifecycle (``MessengerServer``); main().
 """
 
 from __future__ import annotations
