@@ -157,7 +157,10 @@ class Rules:
     message_ttl: float = flag(HOUR, "seconds a message lives after delivery")
     rate_limit: int = flag(20, "messages per user to general per rate window; 429 above")
     rate_window: float = flag(HOUR, "seconds")
-    flood_limit: int = flag(60, "messages per user, anywhere, per flood window; 429 above")
+    flood_limit: int = flag(
+        60, "messages, invitations and join requests per user, anywhere, per flood window; "
+        "429 above"
+    )
     flood_window: float = flag(MINUTE, "seconds")
     max_undelivered: int = flag(
         1000, "private messages of a sender that nobody received yet; 403 above"
@@ -1552,12 +1555,13 @@ class Messenger:
             raise Banned(user.banned_until)
 
     def _check_flood(self, user: User, now: float) -> None:
-        """429 past the flood limit: messages anywhere, scheduled ones when accepted."""
+        """429 past the flood limit. What makes others' messages or notices counts: messages
+        anywhere (scheduled ones when accepted), invitations, join requests."""
         if user.flood.used(now, self.rules.flood_window) >= self.rules.flood_limit:
             reset = user.flood.reset_at(now, self.rules.flood_window) or now
             raise RateLimited(
-                f"at most {self.rules.flood_limit} messages per "
-                f"{self.rules.flood_window:g} seconds: slow down",
+                f"at most {self.rules.flood_limit} messages, invitations and join requests "
+                f"per {self.rules.flood_window:g} seconds: slow down",
                 reset - now,
             )
 
@@ -1867,11 +1871,15 @@ class Messenger:
         return chat
 
     def invite(self, owner: str, chat_name: str, guest: str) -> Chat:
+        """Invite ``guest`` (a notice tells it): a new invitation counts against the owner's
+        flood window, one to a member or to someone invited already is no change."""
         chat = self._owned_chat(owner, chat_name)
         if guest not in self.users:
             raise UnknownUser(guest)
         if guest not in chat.members and guest not in chat.invited:
-            self._emit("invite", chat_name, guest)
+            now = self.clock()
+            self._check_flood(self.users[owner], now)
+            self._emit("invite", chat_name, guest, now)
             self._notify(guest, "invited", f"{owner} invited you to {chat_name}",
                          chat=chat_name, about=owner)
         return chat
@@ -1884,7 +1892,8 @@ class Messenger:
         return token
 
     def request_join(self, name: str, token: str) -> tuple[Chat, bool]:
-        """Ask to join through a link: (the chat, whether the user is already a member)."""
+        """Ask to join through a link: (the chat, whether the user is already a member). A
+        new request (a notice to the owner) counts against the user's flood window."""
         chat_name = self._links.get(hash_token(token))
         if chat_name is None:
             raise NotFound("unknown or revoked join link")
@@ -1892,7 +1901,9 @@ class Messenger:
         if name in chat.members:
             return chat, True
         if name not in chat.requests:
-            self._emit("request", chat_name, name, self.clock())
+            now = self.clock()
+            self._check_flood(self.users[name], now)
+            self._emit("request", chat_name, name, now)
             if chat.owner is not None:
                 self._notify(chat.owner, "request", f"{name} asks to join {chat_name}",
                              chat=chat_name, about=name)
@@ -2274,8 +2285,13 @@ class Messenger:
         if user.active_chat == chat:
             user.active_chat = GENERAL
 
-    def _apply_invite(self, chat: str, name: str) -> None:
-        self.chats[chat].invited.add(name)
+    def _apply_invite(self, chat: str, name: str, ts: float | None = None) -> None:
+        """``name`` is invited into ``chat``, at ``ts`` in the owner's flood window. A journal
+        written before invitations counted has no ``ts``: nothing to count then."""
+        invited_to = self.chats[chat]
+        invited_to.invited.add(name)
+        if ts is not None and invited_to.owner is not None:
+            self.users[invited_to.owner].flood.add(ts, self.rules.flood_window)
 
     def _apply_link(self, chat: str, token_hash: str) -> None:
         joined = self.chats[chat]
@@ -2286,6 +2302,7 @@ class Messenger:
 
     def _apply_request(self, chat: str, name: str, ts: float) -> None:
         self.chats[chat].requests.setdefault(name, ts)
+        self.users[name].flood.add(ts, self.rules.flood_window)
 
     def _apply_decide(self, chat: str, name: str, approve: bool, ts: float) -> None:
         joined = self.chats[chat]
@@ -2709,16 +2726,26 @@ def _event_fields(apply: Callable[..., None]) -> list[tuple[str, Callable[[Any],
     return [(name, type_check(hints[name])) for name in names]
 
 
+@functools.cache
+def _required_event_fields(apply: Callable[..., None]) -> int:
+    """How many fields an event must have: its applier's parameters without a default.
+    Those with one were added later (the ``ts`` of an invitation): an event written by a
+    previous version lacks them, and still loads."""
+    parameters = list(inspect.signature(apply).parameters.values())[1:]
+    return sum(1 for parameter in parameters if parameter.default is parameter.empty)
+
+
 def check_event(messenger: Messenger, event: Any) -> None:
     """Refuse (BadRecord) a journal event the server could not have written: an unknown
     kind, fields of the wrong number or type (those of its applier in Messenger), names
     of things that do not exist, or ids the server does not make."""
     if type(event) is not tuple or not event or event[0] not in Messenger.APPLIERS:
         raise BadRecord("not an event")
-    fields = _event_fields(getattr(Messenger, Messenger.APPLIERS[event[0]]))
-    if len(event) - 1 != len(fields):
+    apply = getattr(Messenger, Messenger.APPLIERS[event[0]])
+    fields = _event_fields(apply)
+    if not _required_event_fields(apply) <= len(event) - 1 <= len(fields):
         raise BadRecord(f"a {event[0]} event with {len(event) - 1} fields")
-    for (name, check), value in zip(fields, event[1:], strict=True):
+    for (name, check), value in zip(fields, event[1:], strict=False):
         if not check(value):
             raise BadRecord(f"a {event[0]} event whose {name} has the wrong type")
         what = EVENT_REFERENCES.get(name)
@@ -2846,7 +2873,7 @@ def describe_event(event: Event) -> str:
     out, every value quoted (``%r``) so what came from a client cannot forge a line."""
     fields = _event_fields(getattr(Messenger, Messenger.APPLIERS[event[0]]))
     parts = [event[0]]
-    for (name, _), value in zip(fields, event[1:], strict=True):
+    for (name, _), value in zip(fields, event[1:], strict=False):  # an old event: fewer
         if name in UNLOGGED_FIELDS or value is None:
             continue
         if isinstance(value, list) and len(value) > 5:
@@ -4264,7 +4291,7 @@ def build_openapi() -> dict[str, Any]:
         "/chat/{name}/leave": {"post": _operation(
             "Leave a chat", {200: chat_answer}, errors=[400, 403, 404], parameters=[chat_path])},
         "/chat/{name}/invite": {"post": _operation(
-            "Invite a user (owner only)", {200: chat_answer}, errors=[400, 403, 404],
+            "Invite a user (owner only)", {200: chat_answer}, errors=[400, 403, 404, 429],
             body=_object("user", user=user_name), parameters=[chat_path])},
         "/chat/{name}/link": {"post": _operation(
             "A new join link (owner only); the old one stops working",
@@ -4284,7 +4311,8 @@ def build_openapi() -> dict[str, Any]:
             {200: ("Already a member", _object("status chat", status=string, chat=chat_name)),
              202: ("Pending the owner's approval",
                    _object("status chat", status=string, chat=chat_name))},
-            errors=[404], parameters=[_parameter("token", "path", string, "the link's token")])},
+            errors=[404, 429],
+            parameters=[_parameter("token", "path", string, "the link's token")])},
         "/status": {"get": _operation("The caller's state", {200: ("Status", _ref("Status"))})},
         "/report": {"post": _operation(
             "Report an abuser",

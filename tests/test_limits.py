@@ -81,6 +81,91 @@ def test_scheduled_message_falling_due_is_not_counted_twice(clock: FakeClock) ->
     send(messenger, "a")
 
 
+def test_invitations_count_against_the_inviters_flood_window(clock: FakeClock) -> None:
+    """Found by review: an invitation is a notice kept 7 days, and none was counted."""
+    messenger, events = make_messenger(clock, flood_limit=3, flood_window=60.0)
+    register(messenger, "a", "b", "c", "d")
+    messenger.join("a", "den", True)
+    send(messenger, "a", chat="den")
+    messenger.invite("a", "den", "b")
+    messenger.invite("a", "den", "c")  # the 3rd of the window: the last allowed
+    messenger.invite("a", "den", "b")  # already invited: no notice, nothing counted
+    recorded = len(events)
+    clock.advance(59)
+    with pytest.raises(ms.RateLimited) as refused:
+        messenger.invite("a", "den", "d")
+    assert refused.value.retry_after == pytest.approx(1)
+    assert len(events) == recorded, "a refused invitation records nothing"
+    assert "d" not in messenger.chats["den"].invited
+    again = replayed(messenger, events, clock)
+    assert again.quotas_left("a")["flood_left"] == 0, "the journal rebuilds the window"
+    with pytest.raises(ms.RateLimited):
+        again.invite("a", "den", "d")
+    clock.advance(1)
+    messenger.invite("a", "den", "d")  # the window has ended
+
+
+def test_join_requests_count_against_the_requesters_flood_window(clock: FakeClock) -> None:
+    """A stranger with links is slowed like a sender: each request is a notice to an owner."""
+    messenger, events = make_messenger(clock, flood_limit=2, flood_window=60.0)
+    register(messenger, "owner", "stranger")
+    links = []
+    for name in ("one", "two", "three"):
+        messenger.join("owner", name, True)
+        links.append(messenger.make_link("owner", name))
+    messenger.request_join("stranger", links[0])
+    messenger.request_join("stranger", links[1])  # the last allowed
+    messenger.request_join("stranger", links[1])  # pending already: nothing new, not counted
+    recorded = len(events)
+    with pytest.raises(ms.RateLimited) as refused:
+        messenger.request_join("stranger", links[2])
+    assert refused.value.retry_after == pytest.approx(60)
+    assert len(events) == recorded and not messenger.chats["three"].requests
+    assert replayed(messenger, events, clock).quotas_left("stranger")["flood_left"] == 0
+    clock.advance(60)
+    messenger.request_join("stranger", links[2])
+
+
+def test_an_invite_event_of_the_previous_version_still_loads(clock: FakeClock) -> None:
+    """Journals written before invitations carried their time: (chat, guest) alone."""
+    messenger, events = make_messenger(clock)
+    register(messenger, "a", "b")
+    messenger.join("a", "den", True)
+    loaded = replayed(messenger, events, clock)
+    old = ("invite", "den", "b")
+    ms.check_event(loaded, old)
+    assert "den" in ms.describe_event(old)
+    loaded.replay(old)
+    assert loaded.chats["den"].invited == {"b"}
+    assert loaded.quotas_left("a")["flood_left"] == loaded.rules.flood_limit
+    with pytest.raises(ms.BadRecord):
+        ms.check_event(loaded, ("invite", "den"))
+    with pytest.raises(ms.BadRecord):
+        ms.check_event(loaded, ("invite", "den", "b", 1.0, "extra"))
+
+
+@pytest.mark.asyncio
+async def test_invitation_flood_over_http_is_429_with_retry_after(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    rules = ms.Rules(flood_limit=2, flood_window=60.0)
+    async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
+        alice = await connect(server.port, "alice")
+        for guest in ("bob", "carol", "dave"):
+            await connect(server.port, guest)
+        async with Client(server.port) as client:
+            await client.request("POST", "/chat", {"chat_name": "den", "private": True},
+                                 token=alice)
+            for guest in ("bob", "carol"):
+                invited = await client.request("POST", "/chat/den/invite", {"user": guest},
+                                               token=alice)
+                assert invited.status == 200
+            refused = await client.request("POST", "/chat/den/invite", {"user": "dave"},
+                                           token=alice)
+        assert "at most 2" in assert_error(refused, 429, "rate_limited")["message"]
+        assert refused.headers["retry-after"] == "60"
+
+
 # Private messages nobody received ###########################################
 
 
