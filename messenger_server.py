@@ -935,8 +935,8 @@ MAX_SCHEDULE_AHEAD: Final = 7 * 24 * 3600.0  # seconds; send_at beyond is refuse
 IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at least
 SESSION_TOUCH: Final = 3600.0  # seconds between recorded uses of a session, at most
 MAX_LIMIT: Final = 1000  # messages (or comments) per answer
-# Characters of message text in one answer: long messages come fewer at a time, so a
-# client that asks a lot and reads nothing cannot make the server hold much for it.
+# Bytes of message text in one answer, as sent (``text_size``): long messages come fewer at
+# a time, so a client that asks a lot and reads nothing cannot make the server hold much.
 MAX_ANSWER_TEXT: Final = 256 * 1024
 
 # Conversations: a chat by its name, a private exchange as "@<the other user>", and the
@@ -1009,6 +1009,13 @@ class Message(NamedTuple):
     reply_to: int | None
     file: str | None
     notice: dict[str, str] | None = None
+
+
+def text_size(text: str) -> int:
+    """Bytes a message's text takes in an answer (its quotes aside): UTF-8 of its JSON
+    escapes, up to 6 bytes a character (a control character), not its characters. The work
+    stops with the answer's budget: at most MAX_ANSWER_TEXT and one message are measured."""
+    return len(encode_json(text)) - 2
 
 
 def conversation_of(message: Message, name: str) -> str:
@@ -1723,7 +1730,7 @@ class Messenger:
         kept: list[Message] = []
         budget = MAX_ANSWER_TEXT
         for message in messages:
-            budget -= len(message.text)
+            budget -= text_size(message.text)
             if budget < 0 and kept:
                 break
             kept.append(message)

@@ -1352,7 +1352,7 @@ def slow_unread(messenger: ms.Messenger, name: str) -> ms.Unread:
 
 
 def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
-    """An answer holds at most MAX_ANSWER_TEXT characters of text (one message at least),
+    """An answer holds at most MAX_ANSWER_TEXT bytes of text (one message at least),
     so a client asking a lot cannot make the server hold much; the rest comes next."""
     long_text = "x" * ms.MAX_TEXT
     per_answer = ms.MAX_ANSWER_TEXT // ms.MAX_TEXT

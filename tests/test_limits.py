@@ -166,6 +166,35 @@ async def test_invitation_flood_over_http_is_429_with_retry_after(
         assert refused.headers["retry-after"] == "60"
 
 
+# Answers: their text budget is in bytes as sent ##############################
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("char", ["\x01", "\U0001f600", '"'], ids=["control", "emoji", "quote"])
+async def test_an_answer_holds_at_most_the_text_budget_in_bytes_as_sent(
+    tmp_path: Path, clock: FakeClock, char: str
+) -> None:
+    """Found by review: the budget counted characters, but a control character is sent as
+    6 bytes (\\u0001), an emoji as 4: 1.4 MB held for a client that reads nothing."""
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        alice = await connect(server.port, "alice")
+        server.messenger.join("alice", "club", None)
+        for _ in range(30):
+            send(server.messenger, "alice", char * ms.MAX_TEXT, chat="club")
+        since, seen = 0, 0
+        while seen < 30:
+            answer = await call(server.port, "GET", f"/messages?since={since}&chat=club",
+                                token=alice)
+            page = answer.json()
+            assert page["messages"], "the rest comes next"
+            texts = sum(len(ms.encode_json(m["text"])) - 2 for m in page["messages"])
+            assert texts <= ms.MAX_ANSWER_TEXT
+            assert len(answer.body) < ms.MAX_ANSWER_TEXT + 16 * 1024
+            seen += len(page["messages"])
+            since = page["next"]
+        assert seen == 30
+
+
 # Private messages nobody received ###########################################
 
 
