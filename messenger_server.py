@@ -1696,13 +1696,19 @@ class Messenger:
     ) -> None:
         """Mark the conversations a filter named read up to ``position``: all of them
         (``read``) without a filter, else each one named (``read_in``; ``@`` for every
-        private one)."""
+        private one).
+
+        Only conversations the user has are marked: its chats (``_named`` checked them),
+        the private ones with live messages, and ``@``; a private one with nobody is no
+        position (else one per user named could be kept). One read up to there already is
+        no event: a poll that changes nothing writes nothing."""
         if keys is None:
             if position > user.read_pos:
                 self._note("read", user.name, position)
             return
         for key in [*named, *([PRIVATE] if PRIVATE in keys else [])]:
-            if position > max(user.read_pos, user.positions.get(key, 0)):
+            exists = key == PRIVATE or not key.startswith(PRIVATE) or key in user.conversations
+            if exists and position > self._position(user, key):
                 self._note("read_in", user.name, key, position)
 
     def _position(self, user: User, key: str) -> int:
@@ -2111,6 +2117,8 @@ class Messenger:
             _remove_ids(user.conversations[key], gone)
             if not user.conversations[key]:
                 del user.conversations[key]
+                if key != PRIVATE:  # "@" is also the mark of every private conversation
+                    user.positions.pop(key, None)  # the next message's id is beyond it
                 self._settle(user, [key])
         self.changes += len(ids)
 

@@ -745,6 +745,27 @@ def test_a_trusted_ipv4_proxy_seen_by_a_dual_stack_socket_is_trusted() -> None:
 
 
 @pytest.mark.asyncio
+async def test_since_over_users_without_a_conversation_records_nothing(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: ``since`` with ``chat=@u1&chat=@u2...`` kept a read position for
+    each user named, conversation or not: one per existing user, in memory and snapshots."""
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        for n in range(50):
+            register(server.messenger, f"u{n}")
+            send(server.messenger, f"u{n}", "hello")  # in general: ids for since to pass
+        alice = await connect(server.port, "alice")
+        changes = server.messenger.changes
+        named = "&".join(f"chat=%40u{n}" for n in range(50))
+        for since in (10, 30, 50):
+            answer = await call(server.port, "GET", f"/messages?since={since}&{named}",
+                                token=alice)
+            assert answer.json() == {"messages": [], "next": since}
+        assert server.messenger.users["alice"].positions == {}
+        assert server.messenger.changes == changes, "no event, no journal line"
+
+
+@pytest.mark.asyncio
 async def test_messages_names_at_most_100_conversations(tmp_path: Path, clock: FakeClock) -> None:
     """Found by review: each conversation named with since is a journal record and a log line."""
     async with ms.MessengerServer(make_config(tmp_path), clock) as server:
