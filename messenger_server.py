@@ -864,7 +864,8 @@ class Router:
 
     Patterns are plain paths whose ``{name}`` segments become parameters, percent-decoded.
     An unknown path is a 404; a known path without the method is a 405 with ``Allow``.
-    ``HEAD`` goes wherever ``GET`` goes.
+    ``HEAD`` goes wherever ``GET`` goes: a handler whose GET changes state (read positions,
+    deliveries) must not for a HEAD, which is safe (RFC 9110 §9.2.1).
     """
 
     def __init__(self) -> None:
@@ -1617,7 +1618,8 @@ class Messenger:
     # Reading ----------------------------------------------------------------
 
     def poll(
-        self, name: str, since: int | None, keys: list[str] | None, limit: int
+        self, name: str, since: int | None, keys: list[str] | None, limit: int,
+        *, mark: bool = True,
     ) -> tuple[list[Message], int]:
         """Messages the user can see, oldest first, and the position to poll from next, in
         the conversations ``keys`` names (chat names, ``@user``, ``@`` for every private
@@ -1628,6 +1630,9 @@ class Messenger:
         starts after it, and every conversation named is marked read up to it (no other),
         for every session of the user. Either way the cost follows the conversations named
         or with something new, never all the user's conversations (see ``_chats_after``).
+
+        ``mark`` False answers the same and changes nothing (a HEAD, which must be safe):
+        neither read positions nor deliveries.
         """
         user = self.users[name]
         self.expire(self.clock())
@@ -1656,8 +1661,9 @@ class Messenger:
                 sources += [self._after(user.conversations.get(key, []), since) for key in peers]
         ids = list(itertools.islice(heapq.merge(*sources), limit))
         found = self._within_budget(self.messages[message_id] for message_id in ids)
-        self._mark_delivered(user, found)
-        if since is not None:
+        if mark:
+            self._mark_delivered(user, found)
+        if mark and since is not None:
             self._mark_read(user, keys, [*chats, *peers], min(since, self.last_id))
         start = self.last_id if since is None else since
         return found, found[-1].id if found else start
@@ -1764,14 +1770,17 @@ class Messenger:
         return message
 
     def thread(
-        self, name: str, message_id: int, after: int = 0, limit: int = MAX_LIMIT
+        self, name: str, message_id: int, after: int = 0, limit: int = MAX_LIMIT,
+        *, mark: bool = True,
     ) -> tuple[Message, list[Message]]:
         """A message and its comments after ``after``, oldest first: at most ``limit``,
-        fewer when they are long (see MAX_ANSWER_TEXT)."""
+        fewer when they are long (see MAX_ANSWER_TEXT). Private ones are delivered unless
+        ``mark`` is False (a HEAD)."""
         message = self.visible_message(name, message_id)
         live = (i for i in self._replies.get(message_id, ()) if i > after and i in self.messages)
         comments = self._within_budget(self.messages[i] for i in itertools.islice(live, limit))
-        self._mark_delivered(self.users[name], [message, *comments])
+        if mark:
+            self._mark_delivered(self.users[name], [message, *comments])
         return message, comments
 
     def _can_see(self, name: str, message: Message) -> bool:
@@ -3841,7 +3850,8 @@ class MessengerApp:
         chats = keys or None
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
         wait = query.optional_float("wait", clamp_to=self.config.max_wait) or 0.0
-        found, next_id = self.messenger.poll(call.user, since, chats, limit)
+        mark = call.request.method != "HEAD"  # a HEAD is safe: it marks nothing read
+        found, next_id = self.messenger.poll(call.user, since, chats, limit, mark=mark)
         if not found and wait > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
@@ -3852,7 +3862,7 @@ class MessengerApp:
                 if remaining <= 0:
                     break
                 await self.waiters.wait(call.user, remaining, client_read)
-                found, next_id = self.messenger.poll(call.user, since, chats, limit)
+                found, next_id = self.messenger.poll(call.user, since, chats, limit, mark=mark)
         answer = {"messages": self._messages(found), "next": next_id}
         return Response.json(answer)
 
@@ -3863,7 +3873,9 @@ class MessengerApp:
         query = self._query(call)
         after = query.optional_int("after") or 0
         limit = min(query.optional_int("limit", minimum=1) or MAX_LIMIT, MAX_LIMIT)
-        message, comments = self.messenger.thread(call.user, int(message_id), after, limit)
+        message, comments = self.messenger.thread(
+            call.user, int(message_id), after, limit, mark=call.request.method != "HEAD"
+        )
         answer = {"message": self._message(message), "comments": self._messages(comments)}
         return Response.json(answer)
 
