@@ -99,6 +99,11 @@ SKIP_LIMIT: Final = 1024 * 1024  # bytes of an unread body read past to keep a c
 MAX_CONNECTIONS: Final = 10_000  # open connections in all; 503 above
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
+# A chunked body's framing (size lines, extensions, CRLFs) may take this many bytes, then one
+# per CHUNK_FRAMING_SHARE bytes of data: chunks of 128 bytes or more always pass, and tiny ones
+# (each a trip through the decoder: 1 MiB in 1-byte chunks cost 3 s of CPU) are refused (400).
+CHUNK_FRAMING_FREE: Final = 64 * 1024
+CHUNK_FRAMING_SHARE: Final = 16
 PASSWORD_COST: Final = 17  # log2 of scrypt's n
 HASH_QUEUE: Final = 4  # password hashes waiting per core; 503 above
 MAX_WAIT: Final = 60.0  # seconds a long-poll may wait
@@ -637,6 +642,10 @@ class ChunkedDecoder:
 
     ``feed`` takes whatever has arrived and returns the body bytes it could decode and
     how many input bytes it used; the caller keeps the rest for the next call.
+
+    Each chunk costs a trip through ``feed``'s loop whatever its size: the framing may
+    take CHUNK_FRAMING_FREE bytes, then one per CHUNK_FRAMING_SHARE bytes of data, so the
+    work stays in proportion to the body (400 beyond).
     """
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
@@ -646,6 +655,7 @@ class ChunkedDecoder:
         self._state = self._SIZE
         self._remaining = 0
         self._trailer_bytes = 0
+        self._framing = 0  # bytes of size lines and CRLFs so far
         self.declared = 0  # the sum of the chunk sizes announced so far
         self.done = False
 
@@ -692,6 +702,13 @@ class ChunkedDecoder:
         if self._state == self._SIZE:
             size = parse_chunk_size(line)
             self.declared += size
+            self._framing += len(line) + 4  # its CRLF, and the one after the data
+            if self._framing > CHUNK_FRAMING_FREE + self.declared // CHUNK_FRAMING_SHARE:
+                raise BadRequest(
+                    "the chunks are too small: their framing may take "
+                    f"{CHUNK_FRAMING_FREE} bytes, then one per {CHUNK_FRAMING_SHARE} bytes of "
+                    "data (chunks of 128 bytes or more always pass)"
+                )
             self._remaining = size
             self._state = self._DATA if size else self._TRAILER
         elif not line:
