@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import email.message
 import email.utils
+import functools
 import http.client
 import ipaddress
 import json
@@ -38,12 +39,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Final, NotRequired, TypedDict, cast
+from typing import Any, BinaryIO, Final, NotRequired, TypedDict, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 import click
 
 logger = logging.getLogger("messenger.client")
+T = TypeVar("T")
 
 # Configuration ##############################################################
 
@@ -1241,17 +1243,18 @@ def read(app: App, chat: str | None, everything: bool, follow: bool) -> None:
     if chat is not None and everything:
         raise click.UsageError("give --chat or --all, not both")
     client, user = app.login()
+    attempt = Retrier(app.server, retry=follow)  # --follow waits for the server from the start
     if everything:
         chats = None
     elif chat is not None:
         chats = [chat]
     else:
-        chats = [client.status()["chat"], "@"]
-    seen, position = read_unread(app, client, user, chats)
+        chats = [attempt(client.status)["chat"], "@"]
+    seen, position = read_unread(app, client, user, chats, attempt)
     if follow:
         if app.json_output and seen:
             click.echo(json.dumps({"messages": seen, "next": position}, ensure_ascii=False))
-        follow_messages(app, client, user, chats, position)
+        follow_messages(app, client, user, chats, position, attempt)
         return
     if app.json_output:
         print_json({"messages": seen, "next": position})
@@ -1266,13 +1269,15 @@ def read(app: App, chat: str | None, everything: bool, follow: bool) -> None:
 
 
 def read_unread(
-    app: App, client: MessengerClient, user: str, chats: list[str] | None
+    app: App, client: MessengerClient, user: str, chats: list[str] | None, attempt: Retrier
 ) -> tuple[list[Message], int]:
     """Print the unread messages of the conversations ``chats`` (all if None), marking read
-    what was printed and nothing else; what was printed, and the position to go on from."""
+    what was printed and nothing else; what was printed, and the position to go on from.
+    Each request is made through ``attempt``."""
     seen: list[Message] = []
     while True:
-        page = client.messages(chats=chats, limit=MAX_PAGE)  # no since: the unread ones
+        # No since: the unread ones.
+        page = attempt(functools.partial(client.messages, chats=chats, limit=MAX_PAGE))
         if not page["messages"]:
             return seen, page["next"]
         seen += page["messages"]
@@ -1280,35 +1285,56 @@ def read_unread(
             for message in page["messages"]:
                 click.echo(format_message(message, user))
         # Everything unread up to "next" was printed: mark just that, in just those.
-        client.messages(since=page["next"], chats=chats, limit=1)
+        attempt(functools.partial(client.messages, since=page["next"], chats=chats, limit=1))
 
 
-def follow_messages(
-    app: App, client: MessengerClient, user: str, chats: list[str] | None, position: int
-) -> None:
-    """Long-poll and print messages as they come after ``position``, until Ctrl-C; each
-    poll marks read what the previous one printed.
+class Retrier:
+    """Makes the requests of ``read``; with ``retry`` (``--follow``), waits for the server.
 
     While the server is unreachable or answers 502, 503 or 504 (it restarts, or a proxy in
     front cannot reach it), say so once and try again: after RETRY_FIRST seconds, then twice
-    as long each time up to RETRY_MAX, or longer if the server asks (``Retry-After``).
+    as long each time up to RETRY_MAX, or longer if the server asks (``Retry-After``). The
+    first answer after says it is back. Shared by every request of one ``read --follow``,
+    its first reads included, so one outage is told once.
     """
-    delay = 0.0  # 0 while the server answers
+
+    def __init__(self, server: str, *, retry: bool) -> None:
+        self.server = server
+        self.retry = retry
+        self.delay = 0.0  # 0 while the server answers
+
+    def __call__(self, request: Callable[[], T]) -> T:
+        while True:
+            try:
+                answer = request()
+            except (ServerUnreachable, ApiError) as exc:
+                refused = isinstance(exc, ApiError) and exc.status not in RETRY_STATUSES
+                if refused or not self.retry:
+                    raise
+                if not self.delay:
+                    click.echo(f"{exc.format_message()}; waiting for it (Ctrl-C to stop)",
+                               err=True)
+                self.delay = min(RETRY_MAX, self.delay * 2 or RETRY_FIRST)
+                asked = exc.retry_after if isinstance(exc, ApiError) else None
+                time.sleep(min(RETRY_MAX, max(self.delay, asked or 0)))
+                continue
+            if self.delay:
+                click.echo(f"Reconnected to {self.server}.", err=True)
+                self.delay = 0.0
+            return answer
+
+
+def follow_messages(
+    app: App, client: MessengerClient, user: str, chats: list[str] | None, position: int,
+    attempt: Retrier,
+) -> None:
+    """Long-poll and print messages as they come after ``position``, until Ctrl-C; each
+    poll marks read what the previous one printed. ``attempt`` waits for the server while
+    it is down (see ``Retrier``)."""
     while True:
-        try:
-            page = client.messages(since=position, wait=FOLLOW_WAIT, chats=chats)
-        except (ServerUnreachable, ApiError) as exc:
-            if isinstance(exc, ApiError) and exc.status not in RETRY_STATUSES:
-                raise
-            if not delay:
-                click.echo(f"{exc.format_message()}; waiting for it (Ctrl-C to stop)", err=True)
-            delay = min(RETRY_MAX, delay * 2 or RETRY_FIRST)
-            asked = exc.retry_after if isinstance(exc, ApiError) else None
-            time.sleep(min(RETRY_MAX, max(delay, asked or 0)))
-            continue
-        if delay:
-            click.echo(f"Reconnected to {app.server}.", err=True)
-            delay = 0.0
+        page = attempt(
+            functools.partial(client.messages, since=position, wait=FOLLOW_WAIT, chats=chats)
+        )
         if app.json_output and page["messages"]:
             click.echo(json.dumps(page, ensure_ascii=False))
         elif not app.json_output:

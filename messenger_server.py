@@ -102,6 +102,11 @@ SKIP_LIMIT: Final = 1024 * 1024  # bytes of an unread body read past to keep a c
 MAX_CONNECTIONS: Final = 10_000  # open connections in all; 503 above
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
+# A chunked body's framing (size lines, extensions, CRLFs) may take this many bytes, then one
+# per CHUNK_FRAMING_SHARE bytes of data: chunks of 128 bytes or more always pass, and tiny ones
+# (each a trip through the decoder: 1 MiB in 1-byte chunks cost 3 s of CPU) are refused (400).
+CHUNK_FRAMING_FREE: Final = 64 * 1024
+CHUNK_FRAMING_SHARE: Final = 16
 PASSWORD_COST: Final = 17  # log2 of scrypt's n
 HASH_QUEUE: Final = 4  # password hashes waiting per core; 503 above
 MAX_WAIT: Final = 60.0  # seconds a long-poll may wait
@@ -160,7 +165,10 @@ class Rules:
     message_ttl: float = flag(HOUR, "seconds a message lives after delivery")
     rate_limit: int = flag(20, "messages per user to general per rate window; 429 above")
     rate_window: float = flag(HOUR, "seconds")
-    flood_limit: int = flag(60, "messages per user, anywhere, per flood window; 429 above")
+    flood_limit: int = flag(
+        60, "messages, invitations and join requests per user, anywhere, per flood window; "
+        "429 above"
+    )
     flood_window: float = flag(MINUTE, "seconds")
     max_undelivered: int = flag(
         1000, "private messages of a sender that nobody received yet; 403 above"
@@ -637,6 +645,10 @@ class ChunkedDecoder:
 
     ``feed`` takes whatever has arrived and returns the body bytes it could decode and
     how many input bytes it used; the caller keeps the rest for the next call.
+
+    Each chunk costs a trip through ``feed``'s loop whatever its size: the framing may
+    take CHUNK_FRAMING_FREE bytes, then one per CHUNK_FRAMING_SHARE bytes of data, so the
+    work stays in proportion to the body (400 beyond).
     """
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
@@ -646,6 +658,7 @@ class ChunkedDecoder:
         self._state = self._SIZE
         self._remaining = 0
         self._trailer_bytes = 0
+        self._framing = 0  # bytes of size lines and CRLFs so far
         self.declared = 0  # the sum of the chunk sizes announced so far
         self.done = False
 
@@ -692,6 +705,13 @@ class ChunkedDecoder:
         if self._state == self._SIZE:
             size = parse_chunk_size(line)
             self.declared += size
+            self._framing += len(line) + 4  # its CRLF, and the one after the data
+            if self._framing > CHUNK_FRAMING_FREE + self.declared // CHUNK_FRAMING_SHARE:
+                raise BadRequest(
+                    "the chunks are too small: their framing may take "
+                    f"{CHUNK_FRAMING_FREE} bytes, then one per {CHUNK_FRAMING_SHARE} bytes of "
+                    "data (chunks of 128 bytes or more always pass)"
+                )
             self._remaining = size
             self._state = self._DATA if size else self._TRAILER
         elif not line:
@@ -864,7 +884,8 @@ class Router:
 
     Patterns are plain paths whose ``{name}`` segments become parameters, percent-decoded.
     An unknown path is a 404; a known path without the method is a 405 with ``Allow``.
-    ``HEAD`` goes wherever ``GET`` goes.
+    ``HEAD`` goes wherever ``GET`` goes: a handler whose GET changes state (read positions,
+    deliveries) must not for a HEAD, which is safe (RFC 9110 §9.2.1).
     """
 
     def __init__(self) -> None:
@@ -935,8 +956,8 @@ MAX_SCHEDULE_AHEAD: Final = 7 * 24 * 3600.0  # seconds; send_at beyond is refuse
 IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at least
 SESSION_TOUCH: Final = 3600.0  # seconds between recorded uses of a session, at most
 MAX_LIMIT: Final = 1000  # messages (or comments) per answer
-# Characters of message text in one answer: long messages come fewer at a time, so a
-# client that asks a lot and reads nothing cannot make the server hold much for it.
+# Bytes of message text in one answer, as sent (``text_size``): long messages come fewer at
+# a time, so a client that asks a lot and reads nothing cannot make the server hold much.
 MAX_ANSWER_TEXT: Final = 256 * 1024
 
 # Conversations: a chat by its name, a private exchange as "@<the other user>", and the
@@ -1009,6 +1030,13 @@ class Message(NamedTuple):
     reply_to: int | None
     file: str | None
     notice: dict[str, str] | None = None
+
+
+def text_size(text: str) -> int:
+    """Bytes a message's text takes in an answer (its quotes aside): UTF-8 of its JSON
+    escapes, up to 6 bytes a character (a control character), not its characters. The work
+    stops with the answer's budget: at most MAX_ANSWER_TEXT and one message are measured."""
+    return len(encode_json(text)) - 2
 
 
 def conversation_of(message: Message, name: str) -> str:
@@ -1756,12 +1784,13 @@ class Messenger:
             raise Banned(user.banned_until)
 
     def _check_flood(self, user: User, now: float) -> None:
-        """429 past the flood limit: messages anywhere, scheduled ones when accepted."""
+        """429 past the flood limit. What makes others' messages or notices counts: messages
+        anywhere (scheduled ones when accepted), invitations, join requests."""
         if user.flood.used(now, self.rules.flood_window) >= self.rules.flood_limit:
             reset = user.flood.reset_at(now, self.rules.flood_window) or now
             raise RateLimited(
-                f"at most {self.rules.flood_limit} messages per "
-                f"{self.rules.flood_window:g} seconds: slow down",
+                f"at most {self.rules.flood_limit} messages, invitations and join requests "
+                f"per {self.rules.flood_window:g} seconds: slow down",
                 reset - now,
             )
 
@@ -1810,7 +1839,8 @@ class Messenger:
     # Reading ----------------------------------------------------------------
 
     def poll(
-        self, name: str, since: int | None, keys: list[str] | None, limit: int
+        self, name: str, since: int | None, keys: list[str] | None, limit: int,
+        *, mark: bool = True,
     ) -> tuple[list[Message], int]:
         """Messages the user can see, oldest first, and the position to poll from next, in
         the conversations ``keys`` names (chat names, ``@user``, ``@`` for every private
@@ -1821,6 +1851,9 @@ class Messenger:
         starts after it, and every conversation named is marked read up to it (no other),
         for every session of the user. Either way the cost follows the conversations named
         or with something new, never all the user's conversations (see ``_chats_after``).
+
+        ``mark`` False answers the same and changes nothing (a HEAD, which must be safe):
+        neither read positions nor deliveries.
         """
         user = self.users[name]
         self.expire(self.clock())
@@ -1849,8 +1882,9 @@ class Messenger:
                 sources += [self._after(user.conversations.get(key, []), since) for key in peers]
         ids = list(itertools.islice(heapq.merge(*sources), limit))
         found = self._within_budget(self.messages[message_id] for message_id in ids)
-        self._mark_delivered(user, found)
-        if since is not None:
+        if mark:
+            self._mark_delivered(user, found)
+        if mark and since is not None:
             self._mark_read(user, keys, [*chats, *peers], min(since, self.last_id))
         start = self.last_id if since is None else since
         return found, found[-1].id if found else start
@@ -1889,13 +1923,19 @@ class Messenger:
     ) -> None:
         """Mark the conversations a filter named read up to ``position``: all of them
         (``read``) without a filter, else each one named (``read_in``; ``@`` for every
-        private one)."""
+        private one).
+
+        Only conversations the user has are marked: its chats (``_named`` checked them),
+        the private ones with live messages, and ``@``; a private one with nobody is no
+        position (else one per user named could be kept). One read up to there already is
+        no event: a poll that changes nothing writes nothing."""
         if keys is None:
             if position > user.read_pos:
                 self.note("read", user.name, position)
             return
         for key in [*named, *([PRIVATE] if PRIVATE in keys else [])]:
-            if position > max(user.read_pos, user.positions.get(key, 0)):
+            exists = key == PRIVATE or not key.startswith(PRIVATE) or key in user.conversations
+            if exists and position > self._position(user, key):
                 self.note("read_in", user.name, key, position)
 
     def _position(self, user: User, key: str) -> int:
@@ -1923,7 +1963,7 @@ class Messenger:
         kept: list[Message] = []
         budget = MAX_ANSWER_TEXT
         for message in messages:
-            budget -= len(message.text)
+            budget -= text_size(message.text)
             if budget < 0 and kept:
                 break
             kept.append(message)
@@ -1951,14 +1991,17 @@ class Messenger:
         return message
 
     def thread(
-        self, name: str, message_id: int, after: int = 0, limit: int = MAX_LIMIT
+        self, name: str, message_id: int, after: int = 0, limit: int = MAX_LIMIT,
+        *, mark: bool = True,
     ) -> tuple[Message, list[Message]]:
         """A message and its comments after ``after``, oldest first: at most ``limit``,
-        fewer when they are long (see MAX_ANSWER_TEXT)."""
+        fewer when they are long (see MAX_ANSWER_TEXT). Private ones are delivered unless
+        ``mark`` is False (a HEAD)."""
         message = self.visible_message(name, message_id)
         live = (i for i in self._replies.get(message_id, ()) if i > after and i in self.messages)
         comments = self._within_budget(self.messages[i] for i in itertools.islice(live, limit))
-        self._mark_delivered(self.users[name], [message, *comments])
+        if mark:
+            self._mark_delivered(self.users[name], [message, *comments])
         return message, comments
 
     def can_see(self, name: str, message: Message) -> bool:
@@ -2072,11 +2115,15 @@ class Messenger:
         return chat
 
     def invite(self, owner: str, chat_name: str, guest: str) -> Chat:
+        """Invite ``guest`` (a notice tells it): a new invitation counts against the owner's
+        flood window, one to a member or to someone invited already is no change."""
         chat = self._owned_chat(owner, chat_name)
         if guest not in self.users:
             raise UnknownUser(guest)
         if guest not in chat.members and guest not in chat.invited:
-            self.emit("invite", chat_name, guest)
+            now = self.clock()
+            self._check_flood(self.users[owner], now)
+            self.emit("invite", chat_name, guest, now)
             self.notify(guest, "invited", f"{owner} invited you to {chat_name}",
                         chat=chat_name, about=owner)
         return chat
@@ -2089,7 +2136,8 @@ class Messenger:
         return token
 
     def request_join(self, name: str, token: str) -> tuple[Chat, bool]:
-        """Ask to join through a link: (the chat, whether the user is already a member)."""
+        """Ask to join through a link: (the chat, whether the user is already a member). A
+        new request (a notice to the owner) counts against the user's flood window."""
         chat_name = self._links.get(hash_token(token))
         if chat_name is None:
             raise NotFound("unknown or revoked join link")
@@ -2097,7 +2145,9 @@ class Messenger:
         if name in chat.members:
             return chat, True
         if name not in chat.requests:
-            self.emit("request", chat_name, name, self.clock())
+            now = self.clock()
+            self._check_flood(self.users[name], now)
+            self.emit("request", chat_name, name, now)
             if chat.owner is not None:
                 self.notify(chat.owner, "request", f"{name} asks to join {chat_name}",
                             chat=chat_name, about=name)
@@ -2219,6 +2269,8 @@ class Messenger:
             _remove_ids(user.conversations[key], gone)
             if not user.conversations[key]:
                 del user.conversations[key]
+                if key != PRIVATE:  # "@" is also the mark of every private conversation
+                    user.positions.pop(key, None)  # the next message's id is beyond it
                 self._settle(user, [key])
         self.changes += len(ids)
 
@@ -2373,8 +2425,13 @@ class Messenger:
         if user.active_chat == chat:
             user.active_chat = GENERAL
 
-    def _apply_invite(self, chat: str, name: str) -> None:
-        self.chats[chat].invited.add(name)
+    def _apply_invite(self, chat: str, name: str, ts: float | None = None) -> None:
+        """``name`` is invited into ``chat``, at ``ts`` in the owner's flood window. A journal
+        written before invitations counted has no ``ts``: nothing to count then."""
+        invited_to = self.chats[chat]
+        invited_to.invited.add(name)
+        if ts is not None and invited_to.owner is not None:
+            self.users[invited_to.owner].flood.add(ts, self.rules.flood_window)
 
     def _apply_link(self, chat: str, token_hash: str) -> None:
         joined = self.chats[chat]
@@ -2385,6 +2442,7 @@ class Messenger:
 
     def _apply_request(self, chat: str, name: str, ts: float) -> None:
         self.chats[chat].requests.setdefault(name, ts)
+        self.users[name].flood.add(ts, self.rules.flood_window)
 
     def _apply_decide(self, chat: str, name: str, approve: bool, ts: float) -> None:
         joined = self.chats[chat]
@@ -2711,16 +2769,26 @@ def _event_fields(apply: Callable[..., None]) -> list[tuple[str, Callable[[Any],
     return [(name, type_check(hints[name])) for name in names]
 
 
+@functools.cache
+def _required_event_fields(apply: Callable[..., None]) -> int:
+    """How many fields an event must have: its applier's parameters without a default.
+    Those with one were added later (the ``ts`` of an invitation): an event written by a
+    previous version lacks them, and still loads."""
+    parameters = list(inspect.signature(apply).parameters.values())[1:]
+    return sum(1 for parameter in parameters if parameter.default is parameter.empty)
+
+
 def check_event(messenger: Messenger, event: Any) -> None:
     """Refuse (BadRecord) a journal event the server could not have written: an unknown
     kind, fields of the wrong number or type (those of its applier in Messenger), names
     of things that do not exist, or ids the server does not make."""
     if type(event) is not tuple or not event or event[0] not in EVENT_KINDS:
         raise BadRecord("not an event")
-    fields = _event_fields(applier_of(event[0]))
-    if len(event) - 1 != len(fields):
+    apply = applier_of(event[0])
+    fields = _event_fields(apply)
+    if not _required_event_fields(apply) <= len(event) - 1 <= len(fields):
         raise BadRecord(f"a {event[0]} event with {len(event) - 1} fields")
-    for (name, check), value in zip(fields, event[1:], strict=True):
+    for (name, check), value in zip(fields, event[1:], strict=False):
         if not check(value):
             raise BadRecord(f"a {event[0]} event whose {name} has the wrong type")
         what = EVENT_REFERENCES.get(name)
@@ -2930,7 +2998,7 @@ def describe_event(event: Event) -> str:
     out, every value quoted (``%r``) so what came from a client cannot forge a line."""
     fields = _event_fields(applier_of(event[0]))
     parts = [event[0]]
-    for (name, _), value in zip(fields, event[1:], strict=True):
+    for (name, _), value in zip(fields, event[1:], strict=False):  # an old event: fewer
         if name in UNLOGGED_FIELDS or value is None:
             continue
         if isinstance(value, list) and len(value) > 5:
@@ -3883,7 +3951,8 @@ class MessengerApp:
         chats = keys or None
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
         wait = query.optional_float("wait", clamp_to=self.config.max_wait) or 0.0
-        found, next_id = self.messenger.poll(call.user, since, chats, limit)
+        mark = call.request.method != "HEAD"  # a HEAD is safe: it marks nothing read
+        found, next_id = self.messenger.poll(call.user, since, chats, limit, mark=mark)
         if not found and wait > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
@@ -3894,7 +3963,7 @@ class MessengerApp:
                 if remaining <= 0:
                     break
                 await self.waiters.wait(call.user, remaining, client_read)
-                found, next_id = self.messenger.poll(call.user, since, chats, limit)
+                found, next_id = self.messenger.poll(call.user, since, chats, limit, mark=mark)
         answer = {"messages": self._messages(found), "next": next_id}
         return Response.json(answer)
 
@@ -3905,7 +3974,9 @@ class MessengerApp:
         query = self._query(call)
         after = query.optional_int("after") or 0
         limit = min(query.optional_int("limit", minimum=1) or MAX_LIMIT, MAX_LIMIT)
-        message, comments = self.messenger.thread(call.user, int(message_id), after, limit)
+        message, comments = self.messenger.thread(
+            call.user, int(message_id), after, limit, mark=call.request.method != "HEAD"
+        )
         answer = {"message": self._message(message), "comments": self._messages(comments)}
         return Response.json(answer)
 
@@ -4350,7 +4421,7 @@ def build_openapi() -> dict[str, Any]:
         "/chat/{name}/leave": {"post": _operation(
             "Leave a chat", {200: chat_answer}, errors=[400, 403, 404], parameters=[chat_path])},
         "/chat/{name}/invite": {"post": _operation(
-            "Invite a user (owner only)", {200: chat_answer}, errors=[400, 403, 404],
+            "Invite a user (owner only)", {200: chat_answer}, errors=[400, 403, 404, 429],
             body=_object("user", user=user_name), parameters=[chat_path])},
         "/chat/{name}/link": {"post": _operation(
             "A new join link (owner only); the old one stops working",
@@ -4370,7 +4441,8 @@ def build_openapi() -> dict[str, Any]:
             {200: ("Already a member", _object("status chat", status=string, chat=chat_name)),
              202: ("Pending the owner's approval",
                    _object("status chat", status=string, chat=chat_name))},
-            errors=[404], parameters=[_parameter("token", "path", string, "the link's token")])},
+            errors=[404, 429],
+            parameters=[_parameter("token", "path", string, "the link's token")])},
         "/status": {"get": _operation("The caller's state", {200: ("Status", _ref("Status"))})},
         "/report": {"post": _operation(
             "Report an abuser",

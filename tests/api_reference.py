@@ -23,7 +23,9 @@ COMMAND = "python -m tests.api_reference"
 # What a code means, for the statuses that several codes share; a code alone in its status
 # means what the OpenAPI document says of that status.
 CODE_MEANINGS = {
-    "bad_request": "Malformed HTTP (framing, syntax, Host), or a request the rules refuse",
+    "bad_request": "Malformed HTTP (framing, syntax, Host), a chunked body in chunks so small "
+    "that their framing outweighs them (chunks of 128 bytes or more always pass), or a "
+    "request the rules refuse",
     "bad_json": "The body is not JSON, or not a JSON object",
     "invalid_field": "A field or query parameter missing, of the wrong type or out of range",
     "forbidden": "Not the chat's owner, a private chat without an invitation, or a report "

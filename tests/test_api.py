@@ -1176,6 +1176,31 @@ async def test_route_wrong_method_405_with_allow(
 
 
 @pytest.mark.asyncio
+async def test_head_of_messages_and_a_thread_changes_nothing(server: ms.MessengerServer) -> None:
+    """Found by review: HEAD ran GET's handler, so HEAD /messages?since=N marked read and
+    delivered. HEAD is safe (RFC 9110 §9.2.1, §9.3.2): the head GET would have, no change."""
+    port = server.port
+    alice, bob = await connect(port, "alice"), await connect(port, "bob")
+    private = await send(port, bob, "psst", to="alice")
+    changes = server.messenger.changes
+    async with Client(port) as client:
+        heads = [
+            await client.request("HEAD", f"/messages?since={private['id']}", token=alice),
+            await client.request("HEAD", "/messages?since=0&chat=%40bob", token=alice),
+            await client.request("HEAD", f"/messages/{private['id']}", token=alice),
+        ]
+        assert [head.status for head in heads] == [200, 200, 200]
+        assert all(head.body == b"" for head in heads)
+        assert server.messenger.changes == changes, "no read position, no delivery"
+        assert private["id"] not in server.messenger.delivered
+        unread = await client.request("GET", "/status", token=alice)
+        assert unread.json()["unread"]["private"] == {"bob": 1}
+        get = await client.request("GET", "/messages?since=0&chat=%40bob", token=alice)
+        assert heads[1].headers["content-length"] == get.headers["content-length"]
+        assert private["id"] in server.messenger.delivered, "GET still delivers"
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("method", ["FOO", "get", "Post", "PATCHX"])
 async def test_route_unknown_method_501(server: ms.MessengerServer, method: str) -> None:
     assert_error(await call(server.port, method, "/health"), 501, "not_implemented")

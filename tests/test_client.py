@@ -878,6 +878,37 @@ def test_read_follow_reconnects_after_a_server_restart(
     assert result.stdout.endswith(" @bob bob: back again\n")
 
 
+@pytest.mark.parametrize("options", [[], ["--chat", "@"]], ids=["status first", "unread first"])
+def test_read_follow_waits_for_a_server_down_from_the_start(
+    cli: Cli, live_server: ServerThread, follower: Follower, monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+) -> None:
+    """Found by review: the first reads (the active chat from /status, the unread ones) of
+    ``read --follow`` failed at once while the server was down; they wait like the rest."""
+    cli.login("alice")
+    mc.MessengerClient(cli.url, cli.login("bob")).send("while you were away", to="alice")
+    live_server.stop()
+    retrying = threading.Event()
+    sleep = time.sleep
+
+    def retry_sleep(seconds: float) -> None:
+        retrying.set()
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", retry_sleep)  # the client's waits between attempts
+    follower.options = options
+    follower.thread.start()
+    assert retrying.wait(10), "read --follow never retried"
+    live_server.start_again()
+    result = follower.result()
+    assert result.stdout.endswith(" @bob bob: while you were away\n")
+    assert result.stderr.splitlines() == [
+        f"cannot reach {cli.url}: connection refused; waiting for it (Ctrl-C to stop)",
+        f"Reconnected to {cli.url}.",
+        "",
+    ]
+
+
 @pytest.mark.parametrize(
     "content",
     ['{"servers": {"http://h": []}}', '{"servers": {"http://h": {"tokens": []}}}',

@@ -284,6 +284,49 @@ def test_a_poll_looks_only_at_conversations_with_news(clock: FakeClock) -> None:
     assert len(messenger.chats["room7"].caught_up) == 2
 
 
+def test_positions_are_kept_only_for_the_users_conversations(clock: FakeClock) -> None:
+    """Found by review: since with ``@user`` recorded a position for every user named, with
+    or without a conversation: one per existing user. And a read that changes nothing is no
+    event (no journal line, no log line)."""
+    messenger, events = make_messenger(clock)
+    register(messenger, "alice", "bob", "carol", "dave")
+    messenger.join("alice", "club", None)
+    messenger.join("bob", "club", None)
+    private = post(messenger, "alice", "p", to="bob").id
+    recorded = len(events)
+    messenger.poll("bob", private, ["@carol", "@dave"], 100)  # no conversation with them
+    assert len(events) == recorded and messenger.users["bob"].positions == {}
+    messenger.poll("bob", private, ["@alice", "@carol"], 100)
+    assert messenger.users["bob"].positions == {"@alice": private}
+    assert events[recorded:] == [("read_in", "bob", "@alice", private)]
+    recorded = len(events)
+    messenger.poll("bob", private, ["@alice"], 100)  # read there already
+    messenger.poll("bob", private, ["@"], 100)
+    messenger.poll("bob", private, ["@alice"], 100)  # "@" covers it too
+    assert events[recorded:] == [("read_in", "bob", "@", private)]
+    chat = post(messenger, "alice", "c", chat="club").id
+    messenger.join("carol", "club", None)
+    recorded = len(events)
+    messenger.poll("carol", chat, ["club"], 100)  # joined after it: read there already
+    assert len(events) == recorded and messenger.users["carol"].positions == {}
+
+
+def test_a_private_conversation_gone_with_its_messages_forgets_its_position(
+    messenger: ms.Messenger, clock: FakeClock
+) -> None:
+    private = post(messenger, "alice", "p", to="bob").id
+    later = post(messenger, "carol", "q", to="bob").id
+    assert poll_ids(messenger, "bob", None) == [private, later]  # received: their TTL runs
+    messenger.poll("bob", private, ["@alice"], 100)
+    messenger.poll("bob", later, ["@"], 100)
+    assert messenger.users["bob"].positions == {"@alice": private, "@": later}
+    clock.advance(TTL)
+    messenger.expire(clock.now)
+    assert "@alice" not in messenger.users["bob"].conversations
+    assert messenger.users["bob"].positions == {"@": later}, "@ is every private one's"
+    assert messenger.users["alice"].positions == {}, "her send's mark went with it too"
+
+
 def test_leaving_forgets_the_chats_position(messenger: ms.Messenger) -> None:
     post(messenger, "alice", chat="club")
     messenger.poll("bob", 1, ["club"], 100)
@@ -1353,7 +1396,7 @@ def slow_unread(messenger: ms.Messenger, name: str) -> ms.Unread:
 
 
 def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
-    """An answer holds at most MAX_ANSWER_TEXT characters of text (one message at least),
+    """An answer holds at most MAX_ANSWER_TEXT bytes of text (one message at least),
     so a client asking a lot cannot make the server hold much; the rest comes next."""
     long_text = "x" * ms.MAX_TEXT
     per_answer = ms.MAX_ANSWER_TEXT // ms.MAX_TEXT

@@ -280,6 +280,36 @@ def test_chunked_decoder_any_split(pieces: int) -> None:
     assert decode_all(data, pieces) == (b"hello world", b"NEXT")
 
 
+def chunked(data: bytes, size: int, extension: bytes = b"") -> bytes:
+    """``data`` as a chunked body of chunks of ``size`` bytes (each with ``extension``)."""
+    pieces = [data[start : start + size] for start in range(0, len(data), size)]
+    framed = b"".join(b"%x%s\r\n%s\r\n" % (len(p), extension, p) for p in pieces)
+    return framed + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 65536])
+def test_chunked_decoder_takes_chunks_of_128_bytes_or_small_bodies_of_any(size: int) -> None:
+    """Chunk framing may take CHUNK_FRAMING_FREE bytes, then one per CHUNK_FRAMING_SHARE
+    bytes of data: any body in chunks of 128 bytes or more, small bodies in any chunks."""
+    data = bytes(range(256)) * (4096 if size >= 128 else 32)  # 1 MiB, or 8 KiB
+    assert decode_all(chunked(data, size), 7) == (data, b"")
+
+
+@pytest.mark.parametrize(
+    ("size", "extension"), [(1, b""), (16, b""), (4096, b";x=" + b"y" * 8000)],
+    ids=["1-byte chunks", "16-byte chunks", "8 KB extensions"],
+)
+def test_chunked_decoder_refuses_chunks_whose_framing_outweighs_them(
+    size: int, extension: bytes
+) -> None:
+    """Found by review: 1 MiB in 1-byte chunks took 3.3 s of the server's CPU (6 MiB sent)."""
+    data = b"x" * (2 * 1024 * 1024)
+    decoder = ms.ChunkedDecoder(LIMITS)
+    with pytest.raises(ms.BadRequest, match="too small"):
+        decoder.feed(chunked(data, size, extension))
+    assert decoder.declared < 1024 * 1024, "refused early"
+
+
 @pytest.mark.parametrize(
     "line", [b"0", b"A", b"ff", b"5;a", b"5; a=b", b"5 ;a=b", b'5;a="x y"', b"0000000000000001"]
 )

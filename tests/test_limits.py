@@ -81,6 +81,120 @@ def test_scheduled_message_falling_due_is_not_counted_twice(clock: FakeClock) ->
     send(messenger, "a")
 
 
+def test_invitations_count_against_the_inviters_flood_window(clock: FakeClock) -> None:
+    """Found by review: an invitation is a notice kept 7 days, and none was counted."""
+    messenger, events = make_messenger(clock, flood_limit=3, flood_window=60.0)
+    register(messenger, "a", "b", "c", "d")
+    messenger.join("a", "den", True)
+    send(messenger, "a", chat="den")
+    messenger.invite("a", "den", "b")
+    messenger.invite("a", "den", "c")  # the 3rd of the window: the last allowed
+    messenger.invite("a", "den", "b")  # already invited: no notice, nothing counted
+    recorded = len(events)
+    clock.advance(59)
+    with pytest.raises(ms.RateLimited) as refused:
+        messenger.invite("a", "den", "d")
+    assert refused.value.retry_after == pytest.approx(1)
+    assert len(events) == recorded, "a refused invitation records nothing"
+    assert "d" not in messenger.chats["den"].invited
+    again = replayed(messenger, events, clock)
+    assert again.quotas_left("a")["flood_left"] == 0, "the journal rebuilds the window"
+    with pytest.raises(ms.RateLimited):
+        again.invite("a", "den", "d")
+    clock.advance(1)
+    messenger.invite("a", "den", "d")  # the window has ended
+
+
+def test_join_requests_count_against_the_requesters_flood_window(clock: FakeClock) -> None:
+    """A stranger with links is slowed like a sender: each request is a notice to an owner."""
+    messenger, events = make_messenger(clock, flood_limit=2, flood_window=60.0)
+    register(messenger, "owner", "stranger")
+    links = []
+    for name in ("one", "two", "three"):
+        messenger.join("owner", name, True)
+        links.append(messenger.make_link("owner", name))
+    messenger.request_join("stranger", links[0])
+    messenger.request_join("stranger", links[1])  # the last allowed
+    messenger.request_join("stranger", links[1])  # pending already: nothing new, not counted
+    recorded = len(events)
+    with pytest.raises(ms.RateLimited) as refused:
+        messenger.request_join("stranger", links[2])
+    assert refused.value.retry_after == pytest.approx(60)
+    assert len(events) == recorded and not messenger.chats["three"].requests
+    assert replayed(messenger, events, clock).quotas_left("stranger")["flood_left"] == 0
+    clock.advance(60)
+    messenger.request_join("stranger", links[2])
+
+
+def test_an_invite_event_of_the_previous_version_still_loads(clock: FakeClock) -> None:
+    """Journals written before invitations carried their time: (chat, guest) alone."""
+    messenger, events = make_messenger(clock)
+    register(messenger, "a", "b")
+    messenger.join("a", "den", True)
+    loaded = replayed(messenger, events, clock)
+    old = ("invite", "den", "b")
+    ms.check_event(loaded, old)
+    assert "den" in ms.describe_event(old)
+    loaded.replay(old)
+    assert loaded.chats["den"].invited == {"b"}
+    assert loaded.quotas_left("a")["flood_left"] == loaded.rules.flood_limit
+    with pytest.raises(ms.BadRecord):
+        ms.check_event(loaded, ("invite", "den"))
+    with pytest.raises(ms.BadRecord):
+        ms.check_event(loaded, ("invite", "den", "b", 1.0, "extra"))
+
+
+@pytest.mark.asyncio
+async def test_invitation_flood_over_http_is_429_with_retry_after(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    rules = ms.Rules(flood_limit=2, flood_window=60.0)
+    async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
+        alice = await connect(server.port, "alice")
+        for guest in ("bob", "carol", "dave"):
+            await connect(server.port, guest)
+        async with Client(server.port) as client:
+            await client.request("POST", "/chat", {"chat_name": "den", "private": True},
+                                 token=alice)
+            for guest in ("bob", "carol"):
+                invited = await client.request("POST", "/chat/den/invite", {"user": guest},
+                                               token=alice)
+                assert invited.status == 200
+            refused = await client.request("POST", "/chat/den/invite", {"user": "dave"},
+                                           token=alice)
+        assert "at most 2" in assert_error(refused, 429, "rate_limited")["message"]
+        assert refused.headers["retry-after"] == "60"
+
+
+# Answers: their text budget is in bytes as sent ##############################
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("char", ["\x01", "\U0001f600", '"'], ids=["control", "emoji", "quote"])
+async def test_an_answer_holds_at_most_the_text_budget_in_bytes_as_sent(
+    tmp_path: Path, clock: FakeClock, char: str
+) -> None:
+    """Found by review: the budget counted characters, but a control character is sent as
+    6 bytes (\\u0001), an emoji as 4: 1.4 MB held for a client that reads nothing."""
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        alice = await connect(server.port, "alice")
+        server.messenger.join("alice", "club", None)
+        for _ in range(30):
+            send(server.messenger, "alice", char * ms.MAX_TEXT, chat="club")
+        since, seen = 0, 0
+        while seen < 30:
+            answer = await call(server.port, "GET", f"/messages?since={since}&chat=club",
+                                token=alice)
+            page = answer.json()
+            assert page["messages"], "the rest comes next"
+            texts = sum(len(ms.encode_json(m["text"])) - 2 for m in page["messages"])
+            assert texts <= ms.MAX_ANSWER_TEXT
+            assert len(answer.body) < ms.MAX_ANSWER_TEXT + 16 * 1024
+            seen += len(page["messages"])
+            since = page["next"]
+        assert seen == 30
+
+
 # Private messages nobody received ###########################################
 
 
@@ -326,6 +440,36 @@ async def test_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(
             assert "10 bytes" in assert_error(refused, 413, "too_large")["message"]
             assert await client.closed()
         assert list(server.store.files.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_an_upload_in_tiny_chunks_is_refused_early_and_small_ones_still_pass(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: 1 MiB sent as 1-byte chunks took 3.3 s of the server's CPU (64 KiB
+    chunks: 0.01 s). Chunks that small are refused once their framing passes its budget;
+    chunks of 128 bytes or more, or a small body in any chunks, are served."""
+    config = make_config(tmp_path, min_free_disk=0)
+    async with ms.MessengerServer(config, clock) as server:
+        alice = await connect(server.port, "alice")
+        head = upload_head(alice, "Transfer-Encoding: chunked")
+        async with Client(server.port) as client:
+            await client.send_raw(head + b"1\r\nx\r\n" * 20_000)
+            refused = await client.response()
+            assert "too small" in assert_error(refused, 400, "bad_request")["message"]
+        assert list(server.store.files.iterdir()) == []
+        pieces = b"".join(b"80\r\n" + b"y" * 128 + b"\r\n" for _ in range(8192))
+        async with Client(server.port) as client:
+            await client.send_raw(head + pieces + b"0\r\n\r\n")
+            stored = await client.response()
+            assert stored.status == 201 and stored.json()["file"]["size"] == 1024 * 1024
+            text = b'{"text": "one byte at a time"}'
+            body = b"".join(b"1\r\n%c\r\n" % byte for byte in text) + b"0\r\n\r\n"
+            await client.send_raw(
+                ("POST /send HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+                 f"{alice}\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + body
+            )
+            assert (await client.response()).status == 201
 
 
 @pytest.mark.asyncio
@@ -628,6 +772,27 @@ def test_a_trusted_ipv4_proxy_seen_by_a_dual_stack_socket_is_trusted() -> None:
     trusted = ms.parse_networks("127.0.0.1")
     assert ms.client_address("::ffff:127.0.0.1", "1.2.3.4", trusted) == "1.2.3.4"
     assert ms.client_address("::ffff:127.0.0.2", "1.2.3.4", trusted) == "::ffff:127.0.0.2"
+
+
+@pytest.mark.asyncio
+async def test_since_over_users_without_a_conversation_records_nothing(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: ``since`` with ``chat=@u1&chat=@u2...`` kept a read position for
+    each user named, conversation or not: one per existing user, in memory and snapshots."""
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        for n in range(50):
+            register(server.messenger, f"u{n}")
+            send(server.messenger, f"u{n}", "hello")  # in general: ids for since to pass
+        alice = await connect(server.port, "alice")
+        changes = server.messenger.changes
+        named = "&".join(f"chat=%40u{n}" for n in range(50))
+        for since in (10, 30, 50):
+            answer = await call(server.port, "GET", f"/messages?since={since}&{named}",
+                                token=alice)
+            assert answer.json() == {"messages": [], "next": since}
+        assert server.messenger.users["alice"].positions == {}
+        assert server.messenger.changes == changes, "no event, no journal line"
 
 
 @pytest.mark.asyncio
