@@ -21,13 +21,13 @@ import pytest_asyncio
 
 import messenger_server as ms
 from tests.conftest import (
+    Api,
     Client,
     FakeClock,
     RawResponse,
     Restarter,
     assert_error,
-    call,
-    connect,
+    login,
     make_config,
 )
 
@@ -51,86 +51,12 @@ DEFAULT_BAN = ms.Rules().ban_duration
 # Helpers ####################################################################
 
 
-@dataclasses.dataclass(frozen=True)
-class Api:
-    """One user of the server: its token, and a fresh connection per request."""
-
-    port: int
-    name: str
-    token: str
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> RawResponse:
-        return await call(self.port, method, path, body, token=self.token, headers=headers)
-
-    async def get(self, path: str) -> RawResponse:
-        return await self.call("GET", path)
-
-    async def post(self, path: str, body: Any = None) -> RawResponse:
-        return await self.call("POST", path, {} if body is None else body)
-
-    async def send(self, text: str = "hello", **fields: Any) -> RawResponse:
-        return await self.post("/send", {"text": text, **fields})
-
-    async def posted(self, text: str = "hello", **fields: Any) -> dict[str, Any]:
-        """Send a message that must be accepted now; return it."""
-        response = await self.send(text, **fields)
-        assert response.status == 201, response.body
-        message: dict[str, Any] = response.json()["message"]
-        return message
-
-    async def seen(self) -> list[dict[str, Any]]:
-        """Everything the user can see in /messages (``since=0`` marks nothing read)."""
-        response = await self.get("/messages?since=0&limit=1000")
-        assert response.status == 200, response.body
-        messages: list[dict[str, Any]] = response.json()["messages"]
-        return messages
-
-    async def seen_texts(self) -> list[str]:
-        return [message["text"] for message in await self.seen()]
-
-    async def history(self, chat: str = "general") -> list[str]:
-        response = await self.get(f"/history?chat={chat}&limit=1000")
-        assert response.status == 200, response.body
-        return [message["text"] for message in response.json()["messages"]]
-
-    async def status(self) -> dict[str, Any]:
-        response = await self.get("/status")
-        assert response.status == 200, response.body
-        status: dict[str, Any] = response.json()
-        return status
-
-    async def scheduled(self) -> list[dict[str, Any]]:
-        response = await self.get("/scheduled")
-        assert response.status == 200, response.body
-        pending: list[dict[str, Any]] = response.json()["scheduled"]
-        return sorted(pending, key=lambda record: record["send_at"])
-
-    async def chat_names(self) -> set[str]:
-        response = await self.get("/chat")
-        assert response.status == 200, response.body
-        return {chat["name"] for chat in response.json()["chats"]}
-
-    def on(self, server: ms.MessengerServer) -> Api:
-        """The same user (same token) on another server instance."""
-        return dataclasses.replace(self, port=server.port)
-
-
-async def login(server: ms.MessengerServer, *names: str) -> list[Api]:
-    return [Api(server.port, name, await connect(server.port, name)) for name in names]
-
-
 def ids(messages: list[dict[str, Any]]) -> list[int]:
     return [message["id"] for message in messages]
 
 
 async def create_private(owner: Api, name: str = "vault") -> dict[str, Any]:
-    response = await owner.post("/chat", {"chat_name": name, "private": True})
+    response = await owner.join(name, private=True)
     assert response.status == 201, response.body
     chat: dict[str, Any] = response.json()["chat"]
     return chat
@@ -154,21 +80,6 @@ async def ban(target: Api, *reporters: Api) -> float:
     until: float = response.json()["banned_until"]
     assert until is not None
     return until
-
-
-async def upload(
-    api: Api, data: bytes, name: str = "blob.bin", media_type: str = "application/octet-stream"
-) -> RawResponse:
-    return await api.call(
-        "POST", f"/files?name={quote(name, safe='')}", data, headers={"Content-Type": media_type}
-    )
-
-
-async def uploaded(api: Api, data: bytes, name: str = "blob.bin") -> dict[str, Any]:
-    response = await upload(api, data, name)
-    assert response.status == 201, response.body
-    record: dict[str, Any] = response.json()["file"]
-    return record
 
 
 def stored_blobs(server: ms.MessengerServer) -> list[str]:
@@ -195,10 +106,10 @@ async def files_server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ms.Mes
 @pytest.mark.asyncio
 async def test_comment_on_chat_message_lands_in_its_chat(server: ms.MessengerServer) -> None:
     alice, bob = await login(server, "alice", "bob")
-    await alice.post("/chat", {"chat_name": "lounge"})
-    await bob.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
+    await bob.join("lounge")
     parent = await alice.posted("question", chat="lounge")
-    await bob.post("/chat", {"chat_name": "general"})  # bob's active chat is general again
+    await bob.join("general")  # bob's active chat is general again
 
     comment = await bob.posted("answer", reply_to=parent["id"])
 
@@ -261,10 +172,10 @@ async def test_comment_stranger_can_neither_see_nor_comment(
         await create_private(alice)
         parent = await alice.posted("members only", chat="vault")
     else:
-        await alice.post("/chat", {"chat_name": "lobby"})
+        await alice.join("lobby")
         parent = await alice.posted("members only", chat="lobby")
         if where == "left-chat":
-            await carol.post("/chat", {"chat_name": "lobby"})
+            await carol.join("lobby")
             assert (await carol.post("/chat/lobby/leave")).status == 200
 
     seen = await carol.get(f"/messages/{parent['id']}")
@@ -476,8 +387,8 @@ async def test_scheduled_message_is_dropped_when_its_sender_may_no_longer_send(
     server: ms.MessengerServer, clock: FakeClock, reason: str
 ) -> None:
     alice, bob, carol, dave = await login(server, "alice", "bob", "carol", "dave")
-    await alice.post("/chat", {"chat_name": "lounge"})
-    await bob.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
+    await bob.join("lounge")
     assert (await alice.send("too late", chat="lounge", send_at=T0 + 60)).status == 202
     if reason == "left-the-chat":
         assert (await alice.post("/chat/lounge/leave")).status == 200
@@ -501,7 +412,7 @@ async def test_private_chat_is_created_with_the_caller_as_owner(
 ) -> None:
     (alice,) = await login(server, "alice")
 
-    response = await alice.post("/chat", {"chat_name": "vault", "private": True})
+    response = await alice.join("vault", private=True)
 
     assert response.status == 201
     chat = response.json()["chat"]
@@ -515,7 +426,7 @@ async def test_private_chat_is_created_with_the_caller_as_owner(
 async def test_private_chat_is_listed_only_for_its_members(server: ms.MessengerServer) -> None:
     alice, bob = await login(server, "alice", "bob")
     await create_private(alice)
-    await alice.post("/chat", {"chat_name": "lobby"})
+    await alice.join("lobby")
 
     assert await alice.chat_names() == {"general", "lobby", "vault"}
     assert await bob.chat_names() == {"general", "lobby"}
@@ -538,7 +449,7 @@ async def test_chat_refuses_a_non_member_read_or_post(
     server: ms.MessengerServer, method: str, path: str, body: dict[str, str] | None, chat: str
 ) -> None:
     alice, bob = await login(server, "alice", "bob")
-    await alice.post("/chat", {"chat_name": chat, "private": chat == "vault"})
+    await alice.join(chat, private=chat == "vault")
     await alice.posted("members only", chat=chat)
     if body is not None:
         body = {key: value.format(chat=chat) for key, value in body.items()}
@@ -582,10 +493,10 @@ async def test_chat_name_taken_with_the_other_privacy_is_409(
 ) -> None:
     alice, bob = await login(server, "alice", "bob")
     if name != "general":
-        response = await alice.post("/chat", {"chat_name": name, "private": existing_private})
+        response = await alice.join(name, private=existing_private)
         assert response.status == 201
 
-    conflict = await bob.post("/chat", {"chat_name": name, "private": not existing_private})
+    conflict = await bob.join(name, private=not existing_private)
 
     assert_error(conflict, 409, "conflict")
     assert (await bob.status())["chat"] == "general"
@@ -601,7 +512,7 @@ async def test_private_chat_invite_is_owner_only_and_lets_the_guest_join(
 
     refused = await bob.post("/chat/vault/invite", {"user": "carol"})
     invited = await alice.post("/chat/vault/invite", {"user": "bob"})
-    joined = await bob.post("/chat", {"chat_name": "vault"})
+    joined = await bob.join("vault")
 
     assert_error(refused, 403, "forbidden")
     assert invited.status == 200 and invited.json()["chat"]["name"] == "vault"
@@ -611,7 +522,7 @@ async def test_private_chat_invite_is_owner_only_and_lets_the_guest_join(
     assert await bob.history("vault") == ["before you came"]
     member_refused = await bob.post("/chat/vault/invite", {"user": "carol"})
     assert_error(member_refused, 403, "forbidden")
-    carol_join = await carol.post("/chat", {"chat_name": "vault"})
+    carol_join = await carol.join("vault")
     assert_error(carol_join, 403, "forbidden")
 
 
@@ -620,7 +531,7 @@ async def test_private_chat_link_is_owner_only(server: ms.MessengerServer) -> No
     alice, bob = await login(server, "alice", "bob")
     await create_private(alice)
     await alice.post("/chat/vault/invite", {"user": "bob"})
-    await bob.post("/chat", {"chat_name": "vault"})
+    await bob.join("vault")
 
     refused = await bob.post("/chat/vault/link")
     made = await alice.post("/chat/vault/link")
@@ -734,7 +645,7 @@ async def test_declined_request_is_removed_without_membership(
     assert (await alice.get("/chat/vault/requests")).json()["requests"] == []
     history = await bob.get("/history?chat=vault")
     assert_error(history, 403, "not_a_member")
-    join = await bob.post("/chat", {"chat_name": "vault"})
+    join = await bob.join("vault")
     assert_error(join, 403, "forbidden")
 
 
@@ -746,7 +657,7 @@ async def test_private_chat_owner_who_leaves_may_rejoin(server: ms.MessengerServ
 
     left = await alice.post("/chat/vault/leave")
     away = await alice.get("/history?chat=vault")
-    back = await alice.post("/chat", {"chat_name": "vault"})
+    back = await alice.join("vault")
 
     assert left.status == 200
     assert_error(away, 403, "not_a_member")
@@ -931,8 +842,8 @@ async def test_general_rate_limit_leaves_other_destinations_alone(
     moderated: ms.MessengerServer, where: str
 ) -> None:
     alice, bob = await login(moderated, "alice", "bob")
-    await bob.post("/chat", {"chat_name": "lounge"})
-    await alice.post("/chat", {"chat_name": "lounge"})
+    await bob.join("lounge")
+    await alice.join("lounge")
     for _ in range(RATE_LIMIT):
         await alice.posted(chat="general")
     fields = {"to": "bob"} if where == "private" else {"chat": "lounge"}
@@ -1002,7 +913,7 @@ async def test_three_distinct_reporters_ban_every_kind_of_send(
 ) -> None:
     alice, bob, carol, dave = await login(moderated, "alice", "bob", "carol", "dave")
     parent = await bob.posted("topic")
-    await alice.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
     fields: dict[str, Any] = {
         "chat": {"chat": "lounge"},
         "private": {"to": "bob"},
@@ -1074,7 +985,7 @@ async def test_upload_answers_201_with_the_file_record(files_server: ms.Messenge
     (alice,) = await login(files_server, "alice")
     data = b"\x89PNG not really"
 
-    response = await upload(alice, data, "pic.png", "image/png")
+    response = await alice.upload(data, "pic.png", "image/png")
 
     assert response.status == 201
     record = response.json()["file"]
@@ -1091,7 +1002,7 @@ async def test_upload_answers_201_with_the_file_record(files_server: ms.Messenge
 async def test_download_round_trips_every_byte_value(files_server: ms.MessengerServer) -> None:
     (alice,) = await login(files_server, "alice")
     data = bytes(range(256))
-    record = await uploaded(alice, data, "résumé 1.bin")
+    record = await alice.uploaded(data, "résumé 1.bin")
 
     async with Client(files_server.port) as client:
         head = await client.request("HEAD", f"/files/{record['id']}", token=alice.token)
@@ -1118,8 +1029,8 @@ async def test_upload_of_exactly_the_size_limit_is_accepted_and_one_byte_more_is
 ) -> None:
     (alice,) = await login(files_server, "alice")
 
-    exact = await upload(alice, b"x" * MAX_FILE)
-    over = await upload(alice, b"x" * (MAX_FILE + 1))
+    exact = await alice.upload(b"x" * MAX_FILE)
+    over = await alice.upload(b"x" * (MAX_FILE + 1))
 
     assert exact.status == 201 and exact.json()["file"]["size"] == MAX_FILE
     assert_error(over, 413, "too_large")
@@ -1217,7 +1128,7 @@ async def test_file_is_readable_by_the_uploader_and_the_audience_of_a_message_ca
     files_server: ms.MessengerServer,
 ) -> None:
     alice, bob, carol = await login(files_server, "alice", "bob", "carol")
-    record = await uploaded(alice, b"for bob only")
+    record = await alice.uploaded(b"for bob only")
     path = f"/files/{record['id']}"
     assert (await bob.get(path)).status == 404  # not shared yet
 
@@ -1240,7 +1151,7 @@ async def test_upload_keeps_a_hostile_name_as_metadata_only(
 ) -> None:
     (alice,) = await login(files_server, "alice")
 
-    record = await uploaded(alice, b"harmless", name)
+    record = await alice.uploaded(b"harmless", name)
 
     assert record["name"] == name
     assert stored_blobs(files_server) == [record["id"]]
@@ -1275,7 +1186,7 @@ async def test_message_with_a_file_carries_the_file_object(
     files_server: ms.MessengerServer,
 ) -> None:
     alice, bob = await login(files_server, "alice", "bob")
-    record = await uploaded(alice, b"notes", "notes.txt")
+    record = await alice.uploaded(b"notes", "notes.txt")
 
     message = await alice.posted("", file=record["id"])
 
@@ -1293,7 +1204,7 @@ async def test_send_with_a_file_not_uploaded_by_the_sender_is_404(
     files_server: ms.MessengerServer, owner: str
 ) -> None:
     alice, bob = await login(files_server, "alice", "bob")
-    file_id = (await uploaded(alice, b"alice's"))["id"] if owner == "someone-else" else "nope"
+    file_id = (await alice.uploaded(b"alice's"))["id"] if owner == "someone-else" else "nope"
 
     response = await bob.send("look", file=file_id)
 
@@ -1311,7 +1222,7 @@ async def test_restart_keeps_sessions_and_read_positions(restartable: Restarter)
     alice, bob = users
     message = await alice.posted("read before the restart")
     await bob.get(f"/messages?since={message['id']}")
-    await alice.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
 
     server = await restartable.restart()
 
@@ -1361,8 +1272,8 @@ async def test_restart_keeps_private_chats_invites_requests_and_the_link(
     assert requests == [{"user": "carol", "ts": T0}]
     assert (await dave.post(old_link)).status == 404
     assert (await dave.post(link)).status == 202  # the current link works on
-    assert (await erin.post("/chat", {"chat_name": "vault"})).status == 403
-    assert (await bob.post("/chat", {"chat_name": "vault"})).status == 200  # invited
+    assert (await erin.join("vault")).status == 403
+    assert (await bob.join("vault")).status == 200  # invited
     assert (await carol.post(link)).json()["status"] == "pending"
     approved = await alice.post("/chat/vault/requests/carol", {"approve": True})
     assert approved.json()["chat"]["members"] == 3
