@@ -31,6 +31,17 @@ from tests.conftest import (
 
 MESSAGE_KEYS = {"id", "chat", "to", "from", "text", "ts", "reply_to", "file", "notice"}
 CHAT_KEYS = {"name", "private", "owner", "members", "unread"}
+USER_NAME_RULE = "user must match [A-Za-z0-9_-]{1,32}"
+PASSWORD_RULE = "password must be 1 to 1024 characters"
+CHAT_NAME_RULE = "chat_name must match [A-Za-z0-9_-]{1,64}"
+NOT_JSON = "the body is not valid JSON"
+NOT_AN_OBJECT = "the body must be a JSON object"
+SINCE_RULE = "since must be an integer of at least 0"
+LIMIT_RULE = "limit must be an integer of at least 1"
+TEXT_RULE = "text must be 1 to 4096 characters, or empty with a file"
+REPLY_TO_RULE = "reply_to must be an integer of at least 1"
+SEND_AT_RULE = "send_at must be in the future, at most 7 days ahead"
+FINITE_SEND_AT = "send_at must be a finite number of at least 0"
 
 
 # Identity ###################################################################
@@ -97,28 +108,30 @@ async def test_connect_wrong_password_401_with_www_authenticate(
 ) -> None:
     await connect(server.port, "alice", "right")
     response = await call(server.port, "POST", "/connect", {"user": "alice", "password": "wrong"})
-    assert_error(response, 401, "unauthorized")
+    assert_error(response, 401, "unauthorized", "wrong password")
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    "body",
+    ("body", "message"),
     [
-        {"user": "bad name", "password": "x"},
-        {"user": "a" * 33, "password": "x"},
-        {"user": "", "password": "x"},
-        {"user": "alice", "password": ""},
-        {"user": "alice", "password": "x" * 1025},
-        {"user": "alice"},
-        {"password": "x"},
+        ({"user": "bad name", "password": "x"}, USER_NAME_RULE),
+        ({"user": "a" * 33, "password": "x"}, USER_NAME_RULE),
+        ({"user": "", "password": "x"}, USER_NAME_RULE),
+        ({"user": "alice", "password": ""}, PASSWORD_RULE),
+        ({"user": "alice", "password": "x" * 1025}, PASSWORD_RULE),
+        ({"user": "alice"}, "password is required"),
+        ({"password": "x"}, "user is required"),
     ],
     ids=["space", "33-chars", "empty-user", "empty-password", "long-password", "no-password",
          "no-user"],
 )
-async def test_connect_invalid_fields_400(server: ms.MessengerServer, body: Any) -> None:
+async def test_connect_invalid_fields_400(
+    server: ms.MessengerServer, body: Any, message: str
+) -> None:
     response = await call(server.port, "POST", "/connect", body)
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", message)
 
 
 @pytest.mark.asyncio
@@ -138,16 +151,16 @@ async def test_connect_lock_out_after_wrong_passwords(tmp_path: Path, clock: Fak
         await connect(port, "bob", "right")
         for _ in range(3):
             wrong = await call(port, "POST", "/connect", {"user": "alice", "password": "nope"})
-            assert_error(wrong, 401, "unauthorized")
+            assert_error(wrong, 401, "unauthorized", "wrong password")
         locked = await call(port, "POST", "/connect", {"user": "alice", "password": "right"})
-        assert_error(locked, 429, "rate_limited")
+        assert_error(locked, 429, "rate_limited", "too many wrong passwords: try again later")
         assert locked.headers["retry-after"] == "60"
         # Another name is not locked out.
         other = await call(port, "POST", "/connect", {"user": "bob", "password": "right"})
         assert other.status == 200
         clock.advance(45)
         still = await call(port, "POST", "/connect", {"user": "alice", "password": "right"})
-        assert_error(still, 429, "rate_limited")
+        assert_error(still, 429, "rate_limited", "too many wrong passwords: try again later")
         assert still.headers["retry-after"] == "15"
         clock.advance(15)
         after = await call(port, "POST", "/connect", {"user": "alice", "password": "right"})
@@ -186,6 +199,13 @@ async def test_connect_lock_out_counts_concurrent_guesses(
         places = (server.app._hash_slots * (1 + server.config.hash_queue)) // 2
         # An address holds half of the hashing places; the rest is refused at once.
         assert statuses == [401] * 3 + [429] * (places - 3) + [503] * (10 - places)
+        errors = {
+            401: ("unauthorized", "wrong password"),
+            429: ("rate_limited", "too many wrong passwords: try again later"),
+            503: ("unavailable", "the server is busy checking passwords: try again"),
+        }
+        for answer in answers:
+            assert_error(answer, answer.status, *errors[answer.status])
 
 
 @pytest.mark.asyncio
@@ -211,9 +231,12 @@ async def test_disconnect_revokes_only_that_token(server: ms.MessengerServer) ->
     assert response.status == 204
     assert response.body == b""
     refused = await first.get("/status")
-    assert_error(refused, 401, "unauthorized")
+    assert_error(refused, 401, "unauthorized", "unknown or revoked token: connect again")
     assert refused.headers["www-authenticate"].startswith("Bearer")
-    assert_error(await first.call("POST", "/disconnect"), 401, "unauthorized")
+    assert_error(
+        await first.call("POST", "/disconnect"), 401, "unauthorized",
+        "unknown or revoked token: connect again"
+    )
     assert (await second.status())["sessions"] == 1
 
 
@@ -226,12 +249,16 @@ async def test_disconnect_revokes_only_that_token(server: ms.MessengerServer) ->
 async def test_token_missing_or_garbage_401(
     server: ms.MessengerServer, authorization: str | None
 ) -> None:
+    message = (
+        "unknown or revoked token: connect again" if authorization == "Bearer garbage"
+        else "this route needs Authorization: Bearer <token>"
+    )
     await connect(server.port, "alice")
     headers = {} if authorization is None else {"Authorization": authorization}
     for method, path in [("GET", "/status"), ("GET", "/messages"), ("POST", "/send")]:
         body = {"text": "hi"} if method == "POST" else None
         response = await call(server.port, method, path, body, headers=headers)
-        assert_error(response, 401, "unauthorized")
+        assert_error(response, 401, "unauthorized", message)
         assert response.headers["www-authenticate"].startswith("Bearer")
 
 
@@ -300,7 +327,7 @@ async def test_send_with_chat_and_to_400(server: ms.MessengerServer) -> None:
     (alice,) = await login(server, "alice")
     await connect(port, "bob")
     response = await alice.post("/send", {"text": "x", "chat": "general", "to": "bob"})
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", "give chat or to, not both")
     assert await alice.seen_texts() == []
 
 
@@ -308,14 +335,14 @@ async def test_send_with_chat_and_to_400(server: ms.MessengerServer) -> None:
 async def test_send_to_unknown_user_404(server: ms.MessengerServer) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post("/send", {"text": "x", "to": "nobody"})
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", "no user named 'nobody'")
 
 
 @pytest.mark.asyncio
 async def test_send_to_unknown_chat_404(server: ms.MessengerServer) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post("/send", {"text": "x", "chat": "nowhere"})
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", "no chat named 'nowhere'")
 
 
 @pytest.mark.asyncio
@@ -323,23 +350,30 @@ async def test_send_to_chat_not_a_member_403(server: ms.MessengerServer) -> None
     alice, bob = await login(server, "alice", "bob")
     await alice.join("room")
     response = await bob.post("/send", {"text": "x", "chat": "room"})
-    assert_error(response, 403, "not_a_member")
+    assert_error(response, 403, "not_a_member", "you are not a member of room")
     assert await alice.seen_texts() == []
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("text", ["", "x" * 4097], ids=["empty", "4097"])
-async def test_send_text_length_400(server: ms.MessengerServer, text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", TEXT_RULE),
+     ("x" * 4097, "text must be 0 to 4096 characters")],
+    ids=["empty", "4097"],
+)
+async def test_send_text_length_400(server: ms.MessengerServer, text: str, message: str) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post("/send", {"text": text})
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", message)
 
 
 @pytest.mark.asyncio
 async def test_send_text_without_text_400(server: ms.MessengerServer) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post("/send", {"chat": "general"})
-    assert_error(response, 400, "invalid_field")
+    assert_error(
+        response, 400, "invalid_field", "text must be 1 to 4096 characters, or empty with a file"
+    )
 
 
 @pytest.mark.asyncio
@@ -381,7 +415,7 @@ async def test_send_refused_does_not_use_up_the_client_id(server: ms.MessengerSe
     alice, bob = await login(server, "alice", "bob")
     await alice.join("room")
     body = {"text": "hi", "chat": "room", "client_id": "k"}
-    assert_error(await bob.post("/send", body), 403, "not_a_member")
+    assert_error(await bob.post("/send", body), 403, "not_a_member", "you are not a member of room")
     await bob.join("room")
     assert (await bob.post("/send", body)).status == 201
 
@@ -397,7 +431,7 @@ async def test_send_client_id_retry_is_not_rate_limited(tmp_path: Path, clock: F
         retry = await alice.post("/send", {"text": "k1", "client_id": "k1"})
         assert retry.status == 200
         fresh = await alice.post("/send", {"text": "k3"})
-        assert_error(fresh, 429, "rate_limited")
+        assert_error(fresh, 429, "rate_limited", "at most 2 messages per window in general")
 
 
 @pytest.mark.asyncio
@@ -425,7 +459,10 @@ async def test_send_client_id_remembered_for_an_hour(
 async def test_send_client_id_over_64_characters_400(server: ms.MessengerServer) -> None:
     (alice,) = await login(server, "alice")
     body = {"text": "x", "client_id": "k" * 65}
-    assert_error(await alice.post("/send", body), 400, "invalid_field")
+    assert_error(
+        await alice.post("/send", body), 400, "invalid_field",
+        "client_id must be 1 to 64 characters"
+    )
     body = {"text": "x", "client_id": "k" * 64}
     assert (await alice.post("/send", body)).status == 201
 
@@ -561,21 +598,25 @@ async def test_messages_chat_filter_refuses_non_members(server: ms.MessengerServ
     alice, bob = await login(server, "alice", "bob")
     await alice.join("room")
     response = await bob.get("/messages?chat=room")
-    assert_error(response, 403, "not_a_member")
+    assert_error(response, 403, "not_a_member", "you are not a member of room")
     response = await bob.get("/messages?chat=nowhere")
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", "no chat named 'nowhere'")
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    "query",
-    ["since=-1", "since=x", "since=1.5", "limit=0", "limit=x", "wait=-1", "wait=x",
-     "wait=nan", "wait=inf"],
+    ("query", "message"),
+    [("since=-1", SINCE_RULE), ("since=x", SINCE_RULE), ("since=1.5", SINCE_RULE),
+     ("limit=0", LIMIT_RULE), ("limit=x", LIMIT_RULE),
+     ("wait=-1", "wait must be between 0 and 60"), ("wait=x", "wait must be a number"),
+     ("wait=nan", "wait must be a number"), ("wait=inf", "wait must be a number")],
 )
-async def test_messages_bad_query_400(server: ms.MessengerServer, query: str) -> None:
+async def test_messages_bad_query_400(
+    server: ms.MessengerServer, query: str, message: str
+) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.get(f"/messages?{query}")
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", message)
 
 
 # Long-polls #################################################################
@@ -717,16 +758,25 @@ async def test_history_non_member_403(server: ms.MessengerServer) -> None:
     alice, bob = await login(server, "alice", "bob")
     await alice.join("room")
     await alice.posted("hidden")
-    assert_error(await bob.get("/history?chat=room"), 403, "not_a_member")
-    assert_error(await bob.get("/history?chat=nowhere"), 404, "not_found")
+    refused = await bob.get("/history?chat=room")
+    assert_error(refused, 403, "not_a_member", "you are not a member of room")
+    unknown = await bob.get("/history?chat=nowhere")
+    assert_error(unknown, 404, "not_found", "no chat named 'nowhere'")
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("query", ["before=0", "before=x", "limit=0", "limit=-3"])
-async def test_history_bad_query_400(server: ms.MessengerServer, query: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [("before=0", "before must be an integer of at least 1"),
+     ("before=x", "before must be an integer of at least 1"),
+     ("limit=0", LIMIT_RULE), ("limit=-3", LIMIT_RULE)],
+)
+async def test_history_bad_query_400(
+    server: ms.MessengerServer, query: str, message: str
+) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.get(f"/history?chat=general&{query}")
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", message)
 
 
 @pytest.mark.asyncio
@@ -746,7 +796,10 @@ async def test_message_by_id_private_only_for_the_two(server: ms.MessengerServer
     secret = await alice.posted("secret", to="bob")
     assert (await bob.json(f"/messages/{secret['id']}"))["message"] == secret
     assert (await alice.json(f"/messages/{secret['id']}"))["message"] == secret
-    assert_error(await eve.get(f"/messages/{secret['id']}"), 404, "not_found")
+    assert_error(
+        await eve.get(f"/messages/{secret['id']}"), 404, "not_found",
+        "no message 1 that you can see"
+    )
 
 
 @pytest.mark.asyncio
@@ -757,7 +810,11 @@ async def test_message_by_id_garbage_404(server: ms.MessengerServer, message_id:
     (alice,) = await login(server, "alice")
     await alice.posted("one")
     response = await alice.get(f"/messages/{message_id}")
-    assert_error(response, 404, "not_found")
+    unreadable = message_id == "%FF"  # refused by the router, before any message is looked up
+    message = "a path segment is not valid UTF-8" if unreadable else (
+        f"no message {message_id} that you can see"
+    )
+    assert_error(response, 404, "not_found", message)
 
 
 # Chats ######################################################################
@@ -815,21 +872,31 @@ async def test_chat_create_private_and_conflicting_privacy_409(
     assert created.status == 201
     assert created.json()["chat"]["private"] is True
     await alice.join("open")
-    assert_error(await alice.join("open", private=True), 409, "conflict")
-    assert_error(await alice.join("closed", private=False), 409, "conflict")
+    assert_error(
+        await alice.join("open", private=True), 409, "conflict",
+        "open is already taken by a public chat"
+    )
+    assert_error(
+        await alice.join("closed", private=False), 409, "conflict",
+        "closed is already taken by a private chat"
+    )
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    "body",
-    [{"chat_name": "bad name"}, {"chat_name": "c" * 65}, {"chat_name": ""}, {"chat_name": 5},
-     {}, {"chat_name": "ok", "private": "yes"}],
+    ("body", "message"),
+    [({"chat_name": "bad name"}, CHAT_NAME_RULE), ({"chat_name": "c" * 65}, CHAT_NAME_RULE),
+     ({"chat_name": ""}, CHAT_NAME_RULE), ({"chat_name": 5}, "chat_name must be a string"),
+     ({}, "chat_name is required"),
+     ({"chat_name": "ok", "private": "yes"}, "private must be true or false")],
     ids=["space", "65-chars", "empty", "number", "missing", "private-string"],
 )
-async def test_chat_create_invalid_400(server: ms.MessengerServer, body: Any) -> None:
+async def test_chat_create_invalid_400(
+    server: ms.MessengerServer, body: Any, message: str
+) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post("/chat", body)
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", message)
 
 
 @pytest.mark.asyncio
@@ -853,11 +920,10 @@ async def test_chat_leave(server: ms.MessengerServer) -> None:
     assert status["chat"] == "general"
     assert [c["name"] for c in status["chats"]] == ["general"]
     assert (await bob.posted("where am i"))["chat"] == "general"
-    assert_error(await bob.get("/history?chat=room"), 403, "not_a_member")
+    not_a_member = "you are not a member of room"
+    assert_error(await bob.get("/history?chat=room"), 403, "not_a_member", not_a_member)
     assert_error(
-        await bob.post("/send", {"text": "x", "chat": "room"}),
-        403,
-        "not_a_member",
+        await bob.post("/send", {"text": "x", "chat": "room"}), 403, "not_a_member", not_a_member
     )
 
 
@@ -886,15 +952,20 @@ async def test_chat_owner_who_leaves_stays_owner_and_may_rejoin(
 async def test_chat_leave_general_400(server: ms.MessengerServer) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.call("POST", "/chat/general/leave")
-    assert_error(response, 400, "bad_request")
+    assert_error(response, 400, "bad_request", "nobody leaves general: every user stays a member")
 
 
 @pytest.mark.asyncio
 async def test_chat_leave_not_a_member_403(server: ms.MessengerServer) -> None:
     alice, bob = await login(server, "alice", "bob")
     await alice.join("room")
-    assert_error(await bob.call("POST", "/chat/room/leave"), 403, "not_a_member")
-    assert_error(await bob.call("POST", "/chat/nowhere/leave"), 404, "not_found")
+    assert_error(
+        await bob.call("POST", "/chat/room/leave"), 403, "not_a_member",
+        "you are not a member of room"
+    )
+    assert_error(
+        await bob.call("POST", "/chat/nowhere/leave"), 404, "not_found", "no chat named 'nowhere'"
+    )
 
 
 # Status, health, OpenAPI ####################################################
@@ -1042,7 +1113,9 @@ async def test_openapi_documents_every_route(server: ms.MessengerServer) -> None
 @pytest.mark.asyncio
 @pytest.mark.parametrize("path", ["/nope", "/", "/messages/", "/chat/room/nope", "/health/x"])
 async def test_route_unknown_404_json(server: ms.MessengerServer, path: str) -> None:
-    assert_error(await call(server.port, "GET", path), 404, "not_found")
+    assert_error(
+        await call(server.port, "GET", path), 404, "not_found", f"no such resource: {path}"
+    )
 
 
 @pytest.mark.asyncio
@@ -1064,26 +1137,35 @@ async def test_route_wrong_method_405_with_allow(
     server: ms.MessengerServer, method: str, path: str, allow: set[str]
 ) -> None:
     response = await call(server.port, method, path)  # no token: the route is checked first
-    assert_error(response, 405, "method_not_allowed")
+    assert_error(response, 405, "method_not_allowed", f"{path} does not take {method}")
     assert {m.strip() for m in response.headers["allow"].split(",")} == allow
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("method", ["FOO", "get", "Post", "PATCHX"])
 async def test_route_unknown_method_501(server: ms.MessengerServer, method: str) -> None:
-    assert_error(await call(server.port, method, "/health"), 501, "not_implemented")
+    refused = await call(server.port, method, "/health")
+    assert_error(refused, 501, "not_implemented", f"the method {method} is not implemented")
 
 
 @pytest.mark.asyncio
 async def test_route_checked_before_token_before_body(server: ms.MessengerServer) -> None:
     port = server.port
     (alice,) = await login(server, "alice")
-    assert_error(await call(port, "GET", "/nope"), 404, "not_found")
-    assert_error(await call(port, "POST", "/nope", b"{bad"), 404, "not_found")
-    assert_error(await call(port, "GET", "/send"), 405, "method_not_allowed")
-    assert_error(await call(port, "POST", "/send", b"{bad"), 401, "unauthorized")
-    assert_error(await call(port, "POST", "/send", b"x" * 70_000), 401, "unauthorized")
-    assert_error(await alice.post("/send", b"{bad"), 400, "bad_json")
+    assert_error(await call(port, "GET", "/nope"), 404, "not_found", "no such resource: /nope")
+    assert_error(
+        await call(port, "POST", "/nope", b"{bad"), 404, "not_found", "no such resource: /nope"
+    )
+    assert_error(
+        await call(port, "GET", "/send"), 405, "method_not_allowed", "/send does not take GET"
+    )
+    needs_token = "this route needs Authorization: Bearer <token>"
+    assert_error(await call(port, "POST", "/send", b"{bad"), 401, "unauthorized", needs_token)
+    assert_error(
+        await call(port, "POST", "/send", b"x" * 70_000), 401, "unauthorized",
+        "this route needs Authorization: Bearer <token>"
+    )
+    assert_error(await alice.post("/send", b"{bad"), 400, "bad_json", "the body is not valid JSON")
 
 
 @pytest.mark.asyncio
@@ -1122,95 +1204,105 @@ BAD_JSON_BODIES = {
 }
 
 
+def bad_json_message(name: str) -> str:
+    """What the server says of ``BAD_JSON_BODIES[name]``: JSON that is not an object, or none."""
+    return NOT_AN_OBJECT if name in {"array", "string", "number", "null"} else NOT_JSON
+
+
 @pytest.mark.asyncio
-@pytest.mark.parametrize("body", BAD_JSON_BODIES.values(), ids=BAD_JSON_BODIES.keys())
-async def test_connect_bad_json_400(server: ms.MessengerServer, body: bytes) -> None:
+@pytest.mark.parametrize(("name", "body"), BAD_JSON_BODIES.items(), ids=BAD_JSON_BODIES.keys())
+async def test_connect_bad_json_400(server: ms.MessengerServer, name: str, body: bytes) -> None:
     async with Client(server.port) as client:
         response = await client.request("POST", "/connect", body)
-        assert_error(response, 400, "bad_json")
+        assert_error(response, 400, "bad_json", bad_json_message(name))
         # The server read the whole body: the connection still serves.
         assert (await client.request("GET", "/health")).status == 200
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("body", BAD_JSON_BODIES.values(), ids=BAD_JSON_BODIES.keys())
-async def test_send_bad_json_400(server: ms.MessengerServer, body: bytes) -> None:
+@pytest.mark.parametrize(("name", "body"), BAD_JSON_BODIES.items(), ids=BAD_JSON_BODIES.keys())
+async def test_send_bad_json_400(server: ms.MessengerServer, name: str, body: bytes) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post("/send", body)
-    assert_error(response, 400, "bad_json")
+    assert_error(response, 400, "bad_json", bad_json_message(name))
 
 
 BAD_SEND_FIELDS = {
-    "text-number": {"text": 5},
-    "text-list": {"text": ["a"]},
-    "text-null": {"text": None},
-    "text-lone-surrogate": {"text": "\ud800"},
-    "chat-number": {"text": "x", "chat": 5},
-    "chat-bool": {"text": "x", "chat": True},
-    "to-list": {"text": "x", "to": ["bob"]},
-    "reply_to-string": {"text": "x", "reply_to": "1"},
-    "reply_to-bool": {"text": "x", "reply_to": True},
-    "reply_to-float": {"text": "x", "reply_to": 1.5},
-    "reply_to-zero": {"text": "x", "reply_to": 0},
-    "reply_to-negative": {"text": "x", "reply_to": -1},
-    "reply_to-huge-float": {"text": "x", "reply_to": 1e300},
-    "client_id-number": {"text": "x", "client_id": 5},
-    "send_at-string": {"text": "x", "send_at": "soon"},
-    "send_at-past": {"text": "x", "send_at": 1.0},
+    "text-number": ({"text": 5}, "text must be a string"),
+    "text-list": ({"text": ["a"]}, "text must be a string"),
+    "text-null": ({"text": None}, TEXT_RULE),
+    "text-lone-surrogate": ({"text": "\ud800"}, "text holds a lone surrogate"),
+    "chat-number": ({"text": "x", "chat": 5}, "chat must be a string"),
+    "chat-bool": ({"text": "x", "chat": True}, "chat must be a string"),
+    "to-list": ({"text": "x", "to": ["bob"]}, "to must be a string"),
+    "reply_to-string": ({"text": "x", "reply_to": "1"}, REPLY_TO_RULE),
+    "reply_to-bool": ({"text": "x", "reply_to": True}, REPLY_TO_RULE),
+    "reply_to-float": ({"text": "x", "reply_to": 1.5}, REPLY_TO_RULE),
+    "reply_to-zero": ({"text": "x", "reply_to": 0}, REPLY_TO_RULE),
+    "reply_to-negative": ({"text": "x", "reply_to": -1}, REPLY_TO_RULE),
+    "reply_to-huge-float": ({"text": "x", "reply_to": 1e300}, REPLY_TO_RULE),
+    "client_id-number": ({"text": "x", "client_id": 5}, "client_id must be a string"),
+    "send_at-string": ({"text": "x", "send_at": "soon"}, "send_at must be a number"),
+    "send_at-past": ({"text": "x", "send_at": 1.0}, SEND_AT_RULE),
 }
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("body", BAD_SEND_FIELDS.values(), ids=BAD_SEND_FIELDS.keys())
-async def test_send_invalid_field_400(server: ms.MessengerServer, body: Any) -> None:
+@pytest.mark.parametrize(("body", "message"), BAD_SEND_FIELDS.values(), ids=BAD_SEND_FIELDS.keys())
+async def test_send_invalid_field_400(server: ms.MessengerServer, body: Any, message: str) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post("/send", body)
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", message)
     assert await alice.seen_texts() == []
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "message"),
     [
-        b'{"text": "x", "send_at": 1e999}',
-        b'{"text": "x", "reply_to": -1e999}',
-        b'{"text": "x", "reply_to": 1' + b"0" * 5000 + b"}",
-        b'{"text": "x", "send_at": 1' + b"0" * 5000 + b"}",
-        b'{"text": "x", "send_at": 1' + b"0" * 5000 + b".5}",
-        b'{"text": "x", "send_at": 0.' + b"0" * 5000 + b"1}",
-        b'{"user": 1' + b"0" * 5000 + b', "password": "x"}',
+        (b'{"text": "x", "send_at": 1e999}', FINITE_SEND_AT),
+        (b'{"text": "x", "reply_to": -1e999}', REPLY_TO_RULE),
+        (b'{"text": "x", "reply_to": 1' + b"0" * 5000 + b"}", NOT_JSON),
+        (b'{"text": "x", "send_at": 1' + b"0" * 5000 + b"}", NOT_JSON),
+        (b'{"text": "x", "send_at": 1' + b"0" * 5000 + b".5}", FINITE_SEND_AT),
+        (b'{"text": "x", "send_at": 0.' + b"0" * 5000 + b"1}", SEND_AT_RULE),
+        (b'{"user": 1' + b"0" * 5000 + b', "password": "x"}', NOT_JSON),
     ],
     ids=["send_at-1e999", "reply_to-minus-1e999", "reply_to-5000-digits",
          "send_at-5000-digits", "send_at-5000-digit-float", "send_at-tiny", "user-5000-digits"],
 )
-async def test_send_huge_numbers_400(server: ms.MessengerServer, raw: bytes) -> None:
+async def test_send_huge_numbers_400(
+    server: ms.MessengerServer, raw: bytes, message: str
+) -> None:
     (alice,) = await login(server, "alice")
     path = "/connect" if raw.startswith(b'{"user"') else "/send"
     response = await alice.post(path, raw)
     # Valid JSON with an out-of-range number: either code is a 400 the user can act on.
-    assert_error(response, 400, {"bad_json", "invalid_field"})
+    assert_error(response, 400, {"bad_json", "invalid_field"}, message)
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("path", "body"),
+    ("path", "body", "message"),
     [
-        ("/connect", {"user": 5, "password": "x"}),
-        ("/connect", {"user": "alice", "password": ["x"]}),
-        ("/connect", {"user": "alice", "password": {"p": 1}}),
-        ("/connect", {"user": True, "password": "x"}),
-        ("/connect", {"user": None, "password": "x"}),
-        ("/connect", {"user": "alice", "password": 12345678901234567890}),
-        ("/chat", {"chat_name": ["room"]}),
-        ("/chat", {"chat_name": "room", "private": 1}),
-        ("/report", {"user": 5}),
+        ("/connect", {"user": 5, "password": "x"}, "user must be a string"),
+        ("/connect", {"user": "alice", "password": ["x"]}, "password must be a string"),
+        ("/connect", {"user": "alice", "password": {"p": 1}}, "password must be a string"),
+        ("/connect", {"user": True, "password": "x"}, "user must be a string"),
+        ("/connect", {"user": None, "password": "x"}, "user is required"),
+        ("/connect", {"user": "alice", "password": 12345678901234567890},
+         "password must be a string"),
+        ("/chat", {"chat_name": ["room"]}, "chat_name must be a string"),
+        ("/chat", {"chat_name": "room", "private": 1}, "private must be true or false"),
+        ("/report", {"user": 5}, "user must be a string"),
     ],
 )
-async def test_wrong_field_types_400(server: ms.MessengerServer, path: str, body: Any) -> None:
+async def test_wrong_field_types_400(
+    server: ms.MessengerServer, path: str, body: Any, message: str
+) -> None:
     (alice,) = await login(server, "alice")
     response = await alice.post(path, body)
-    assert_error(response, 400, "invalid_field")
+    assert_error(response, 400, "invalid_field", message)
 
 
 @pytest.mark.asyncio
@@ -1222,13 +1314,18 @@ async def test_body_over_64_kib_413(server: ms.MessengerServer) -> None:
     assert response.status == 201, response.body
     async with Client(server.port) as client:
         too_big = await client.request("POST", "/connect", fits + b" ")
-        assert_error(too_big, 413, "too_large")
+        assert_error(too_big, 413, "too_large", "the body is larger than 65536 bytes")
         assert await client.closed()
     deep = b"[" * 100_000 + b"]" * 100_000
-    assert_error(await call(server.port, "POST", "/connect", deep), 413, "too_large")
+    assert_error(
+        await call(server.port, "POST", "/connect", deep), 413, "too_large",
+        "the body is larger than 65536 bytes"
+    )
     (alice,) = await login(server, "alice", password="x")
     big_text = {"text": "x" * 70_000}
-    assert_error(await alice.post("/send", big_text), 413, "too_large")
+    assert_error(
+        await alice.post("/send", big_text), 413, "too_large", "the body is larger than 65536 bytes"
+    )
 
 
 # Privacy ####################################################################
@@ -1266,22 +1363,21 @@ async def test_privacy_outsider_reads_nothing(
     assert (await eve.json("/messages"))["messages"] == []
     for key in ("in_secret", "in_club", "private", "comment", "chat_comment"):
         message_id = private_world[key]["id"]
-        assert_error(await eve.get(f"/messages/{message_id}"), 404,
-                     "not_found")
+        unseen = f"no message {message_id} that you can see"
+        assert_error(await eve.get(f"/messages/{message_id}"), 404, "not_found", unseen)
         reply = await eve.post("/send", {"text": "me too", "reply_to": message_id})
-        assert_error(reply, 404, "not_found")
+        assert_error(reply, 404, "not_found", unseen)
     for chat in ("secret", "club"):
         for path in (f"/history?chat={chat}", f"/messages?chat={chat}"):
-            assert_error(await eve.get(path), 403, "not_a_member")
+            assert_error(await eve.get(path), 403, "not_a_member", f"not a member of {chat}")
         sent = await eve.post("/send", {"text": "hi", "chat": chat})
-        assert_error(sent, 403, "not_a_member")
-    assert_error(await eve.join("secret"), 403, "forbidden")
-    assert_error(
-        await eve.get(f"/files/{private_world['file']}"), 404, "not_found"
-    )
-    assert_error(
-        await eve.get("/chat/secret/requests"), 403, "forbidden"
-    )
+        assert_error(sent, 403, "not_a_member", f"you are not a member of {chat}")
+    joined = await eve.join("secret")
+    assert_error(joined, 403, "forbidden", "secret is private: ask its owner for an invitation")
+    download = await eve.get(f"/files/{private_world['file']}")
+    assert_error(download, 404, "not_found", f"no file {private_world['file']} that you can use")
+    requests = await eve.get("/chat/secret/requests")
+    assert_error(requests, 403, "forbidden", "only the owner of secret may do that")
     chats = {c["name"] for c in (await eve.json("/chat"))["chats"]}
     assert "secret" not in chats
     status = await eve.status()
@@ -1313,7 +1409,7 @@ async def test_privacy_the_two_parties_see_it_all(
 async def test_send_at_with_hundreds_of_digits_400(server: ms.MessengerServer) -> None:
     (alice,) = await login(server, "alice")
     raw = b'{"text": "x", "send_at": 1' + b"0" * 400 + b"}"
-    assert_error(await alice.post("/send", raw), 400, "invalid_field")
+    assert_error(await alice.post("/send", raw), 400, "invalid_field", "send_at is too large")
 
 
 @pytest.mark.asyncio
@@ -1334,7 +1430,7 @@ async def test_a_malformed_body_on_a_route_without_body_changes_nothing(
             f"{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {alice.token}\r\n"
             "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode()
         )
-        assert_error(await client.response(), 400, "bad_request")
+        assert_error(await client.response(), 400, "bad_request", "malformed chunk size line")
     assert server.messenger.export() == before
     assert (await alice.get("/status")).status == 200
 
@@ -1368,9 +1464,10 @@ async def test_a_cancelled_scheduled_message_frees_its_client_id(
 @pytest.mark.asyncio
 async def test_connect_method_follows_the_route_checks(server: ms.MessengerServer) -> None:
     known = await call(server.port, "CONNECT", "/health")
-    assert_error(known, 405, "method_not_allowed")
+    assert_error(known, 405, "method_not_allowed", "/health does not take CONNECT")
     assert known.headers["allow"] == "GET, HEAD"
-    assert_error(await call(server.port, "CONNECT", "/nowhere"), 404, "not_found")
+    unknown = await call(server.port, "CONNECT", "/nowhere")
+    assert_error(unknown, 404, "not_found", "no such resource: /nowhere")
 
 
 @pytest.mark.asyncio
@@ -1384,7 +1481,7 @@ async def test_messages_wait_out_of_range_says_what_is_wrong(
 ) -> None:
     (alice,) = await login(server, "alice")
     refused = await alice.get(f"/messages?{query}")
-    assert assert_error(refused, 400, "invalid_field")["message"] == message
+    assert assert_error(refused, 400, "invalid_field", message)["message"] == message
 
 
 @pytest.mark.asyncio
@@ -1398,5 +1495,5 @@ async def test_messages_wait_in_exponent_form_is_a_number(server: ms.MessengerSe
 @pytest.mark.asyncio
 async def test_query_method_on_a_known_path_is_405_with_allow(server: ms.MessengerServer) -> None:
     answer = await call(server.port, "QUERY", "/messages", b"{}")
-    assert "QUERY" in assert_error(answer, 405, "method_not_allowed")["message"]
+    assert_error(answer, 405, "method_not_allowed", "/messages does not take QUERY")
     assert answer.headers["allow"] == "GET, HEAD"

@@ -105,15 +105,19 @@ async def test_a_filter_names_chats_users_and_the_private_ones(
     assert await bob.texts("/messages?chat=general&chat=%40alice") == ["g", "p"]
     assert await bob.texts("/messages?chat=@&chat=@carol&chat=@") == ["p", "c"]
     assert await bob.texts("/messages?chat=room&chat=room") == ["r"]
-    for query, status, code in [
-        ("chat=no%20such", 400, "invalid_field"), ("chat=@@", 400, "invalid_field"),
-        ("chat=", 400, "invalid_field"), ("chat=nowhere", 404, "not_found"),
-        ("chat=@nobody", 404, "not_found"), ("chat=general&chat=den", 404, "not_found"),
+    not_a_name = "each chat must be a chat name, @user or @"
+    for query, status, code, message in [
+        ("chat=no%20such", 400, "invalid_field", not_a_name),
+        ("chat=@@", 400, "invalid_field", not_a_name),
+        ("chat=", 400, "invalid_field", not_a_name),
+        ("chat=nowhere", 404, "not_found", "no chat named 'nowhere'"),
+        ("chat=@nobody", 404, "not_found", "no user named 'nobody'"),
+        ("chat=general&chat=den", 404, "not_found", "no chat named 'den'"),
     ]:
-        assert_error(await bob.get(f"/messages?{query}"), status, code)
+        assert_error(await bob.get(f"/messages?{query}"), status, code, message)
     assert (await world["alice"].join("den", private=True)).status == 201
     den = await bob.get("/messages?chat=general&chat=den&since=0")
-    assert_error(den, 403, "not_a_member")
+    assert_error(den, 403, "not_a_member", "you are not a member of den")
     assert await bob.texts("/messages") == ["g", "r", "p", "c"]  # the refused ones marked nothing
 
 
@@ -273,7 +277,7 @@ async def test_a_notice_cannot_be_answered_or_commented_on(server: ms.MessengerS
     await alice.post("/chat/plans/invite", {"user": "bob"})
     (notice,) = await bob.messages("/messages?chat=@")
     reply = await bob.send("thanks", reply_to=notice["id"])
-    assert_error(reply, 400, "invalid_field")
+    assert_error(reply, 400, "invalid_field", "a notice cannot be answered or commented on")
     thread = await bob.json(f"/messages/{notice['id']}")
     assert thread == {"message": notice, "comments": []}
 

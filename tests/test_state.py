@@ -301,7 +301,7 @@ async def test_a_symlink_planted_as_a_stored_file_is_never_served(
         stored.unlink()
         stored.symlink_to(victim)
         response = await alice.get(f"/files/{file_id}")
-        assert "no file" in assert_error(response, 404, "not_found")["message"]
+        assert "no file" in assert_error(response, 404, "not_found", "no file")["message"]
         assert SECRET not in response.body
     again = opened(config, clock)  # at start: dropped, and the link removed
     again.close()
@@ -363,7 +363,7 @@ async def test_a_client_cannot_forge_a_log_line(spawn: Spawn) -> None:
     token = await connect(server.port, "alice")
     forged = quote("x\n2030-01-01 00:00:00,000 WARNING messenger: forged", safe="")
     response = await call(server.port, "GET", f"/files/{forged}", token=token)
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", "no file x")
     response = await call(server.port, "GET", "/status", token=token)  # a line after it
     await server.stop(signal.SIGTERM)
     assert not [line for line in server.log if line.startswith("2030-01-01")]
