@@ -1,5 +1,6 @@
 """Fixtures: a real server on an ephemeral port, a raw HTTP/1.1 client for it (``Client``,
-and ``call`` for one request), the contract's error check, and server processes (``spawn``)."""
+and ``call`` for one request), a user of it (``Api``, from ``login``), the contract's error
+check, and server processes (``spawn``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
@@ -146,23 +148,38 @@ async def call(
         return await client.request(method, path, body, token=token, headers=headers)
 
 
-def assert_error(
-    response: RawResponse, status: int | set[int], code: str | set[str] | None = None
-) -> dict[str, Any]:
-    """The contract's error shape, with the status (or one of a set): JSON whose ``error``
-    and ``message`` are strings; the body.
+def json_body(response: RawResponse) -> Any:
+    """The body of a 200 answer in JSON."""
+    assert response.status == 200, response.body
+    assert response.headers["content-type"] == JSON_TYPE
+    return response.json()
 
-    With ``code`` (one or a set), the error must also be that code and the message not empty.
-    """
+
+def assert_contract_error(response: RawResponse, status: int) -> dict[str, Any]:
+    """Only the contract's error shape: ``status``, JSON whose ``error`` and ``message`` are
+    strings that say something; the body. For generated requests, whose error no test can
+    name; a test that knows the request names its error with ``assert_error``."""
+    assert response.status == status, (response.status, response.body[:300])
+    assert response.headers["content-type"] == JSON_TYPE
+    body: dict[str, Any] = response.json()
+    assert isinstance(body["error"], str) and isinstance(body["message"], str), body
+    assert body["error"] and body["message"], body
+    return body
+
+
+def assert_error(
+    response: RawResponse, status: int | set[int], code: str | set[str], message: str
+) -> dict[str, Any]:
+    """The contract's error: the status (or one of a set), JSON whose ``error`` is the code
+    (or one of a set) and whose ``message`` says ``message`` (a part of it); the body."""
     statuses = {status} if isinstance(status, int) else status
     assert response.status in statuses, (response.status, response.body[:300])
     assert response.headers["content-type"] == JSON_TYPE
     body: dict[str, Any] = response.json()
     assert isinstance(body["error"], str) and isinstance(body["message"], str), body
-    if code is not None:
-        codes = {code} if isinstance(code, str) else code
-        assert body["error"] in codes, body
-        assert body["message"], body
+    codes = {code} if isinstance(code, str) else code
+    assert body["error"] in codes, body
+    assert message and message in body["message"], (message, body)
     return body
 
 
@@ -233,6 +250,105 @@ async def connect(port: int, user: str, password: str = "secret") -> str:
     return token
 
 
+@dataclasses.dataclass(frozen=True)
+class Api:
+    """One user of the server: its token, and a fresh connection per request."""
+
+    port: int
+    name: str
+    token: str
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> RawResponse:
+        return await call(self.port, method, path, body, token=self.token, headers=headers)
+
+    async def get(self, path: str) -> RawResponse:
+        return await self.call("GET", path)
+
+    async def post(self, path: str, body: Any = None) -> RawResponse:
+        return await self.call("POST", path, {} if body is None else body)
+
+    async def json(self, path: str) -> Any:
+        """GET ``path``, which must answer 200 with JSON; the body."""
+        return json_body(await self.get(path))
+
+    async def send(self, text: str = "hello", **fields: Any) -> RawResponse:
+        return await self.post("/send", {"text": text, **fields})
+
+    async def posted(self, text: str = "hello", **fields: Any) -> dict[str, Any]:
+        """Send a message that must be accepted now; return it."""
+        response = await self.send(text, **fields)
+        assert response.status == 201, response.body
+        message: dict[str, Any] = response.json()["message"]
+        return message
+
+    async def join(self, chat: str, **fields: Any) -> RawResponse:
+        """POST /chat: create or join ``chat`` and make it the active chat."""
+        return await self.post("/chat", {"chat_name": chat, **fields})
+
+    async def messages(self, path: str) -> list[dict[str, Any]]:
+        """The messages a GET of ``path`` (/messages or /history) answers."""
+        messages: list[dict[str, Any]] = (await self.json(path))["messages"]
+        return messages
+
+    async def texts(self, path: str) -> list[str]:
+        return [message["text"] for message in await self.messages(path)]
+
+    async def seen(self) -> list[dict[str, Any]]:
+        """Everything the user can see in /messages (``since=0`` marks nothing read)."""
+        return await self.messages("/messages?since=0&limit=1000")
+
+    async def seen_texts(self) -> list[str]:
+        return [message["text"] for message in await self.seen()]
+
+    async def history(self, chat: str = "general") -> list[str]:
+        return await self.texts(f"/history?chat={chat}&limit=1000")
+
+    async def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = await self.json("/status")
+        return status
+
+    async def scheduled(self) -> list[dict[str, Any]]:
+        pending: list[dict[str, Any]] = (await self.json("/scheduled"))["scheduled"]
+        return sorted(pending, key=lambda record: record["send_at"])
+
+    async def chat_names(self) -> set[str]:
+        return {chat["name"] for chat in (await self.json("/chat"))["chats"]}
+
+    async def upload(
+        self, data: bytes, name: str = "blob.bin", media_type: str = "application/octet-stream"
+    ) -> RawResponse:
+        return await self.call(
+            "POST", f"/files?name={quote(name, safe='')}", data,
+            headers={"Content-Type": media_type},
+        )
+
+    async def uploaded(
+        self, data: bytes, name: str = "blob.bin", media_type: str = "application/octet-stream"
+    ) -> dict[str, Any]:
+        """Upload a file that must be stored; its record."""
+        response = await self.upload(data, name, media_type)
+        assert response.status == 201, response.body
+        record: dict[str, Any] = response.json()["file"]
+        return record
+
+    def on(self, server: ms.MessengerServer) -> Api:
+        """The same user (same token) on another server instance."""
+        return dataclasses.replace(self, port=server.port)
+
+
+async def login(
+    server: ms.MessengerServer, *names: str, password: str = "secret"
+) -> list[Api]:
+    """Connect each name (registering it on first use; a name twice is two sessions)."""
+    return [Api(server.port, name, await connect(server.port, name, password)) for name in names]
+
+
 async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
     """Wait until ``predicate`` holds, for states that offer no event to await (a count in
     the server, a child process's /proc); False if ``seconds`` pass first."""
@@ -243,6 +359,11 @@ async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+def waiting(server: ms.MessengerServer, user: str) -> Callable[[], bool]:
+    """Whether ``user`` has a long poll parked in ``server`` (a predicate for ``settle``)."""
+    return lambda: bool(server.app.waiters._by_user.get(user))
 
 
 @pytest.fixture

@@ -174,7 +174,7 @@ async def test_strangers_cannot_lock_out_or_ban_the_owner(spawn: Spawn) -> None:
     async with SourceClient(server.port, "127.0.0.2") as client:
         for n in range(11):
             guess = await client.request("POST", "/connect", {"user": "owner", "password": f"{n}"})
-        assert_error(guess, 429, "rate_limited")
+        assert_error(guess, 429, "rate_limited", "too many wrong passwords: try again later")
     async with SourceClient(server.port, "127.0.0.3") as client:
         login = await client.request("POST", "/connect", {"user": "owner", "password": "right"})
     assert login.status == 200, "the owner, from its own address"
@@ -182,7 +182,10 @@ async def test_strangers_cannot_lock_out_or_ban_the_owner(spawn: Spawn) -> None:
     for n in range(3):
         sock = await connect(server.port, f"sock{n}")
         refused = await call(server.port, "POST", "/report", {"user": "owner"}, token=sock)
-        assert_error(refused, 403, "forbidden")
+        assert_error(
+            refused, 403, "forbidden",
+            "you can report owner only for a message of theirs you can see"
+        )
     sent = await call(server.port, "POST", "/send", {"text": "still free"}, token=owner)
     assert sent.status == 201
 

@@ -76,7 +76,7 @@ def test_poll_private_message_only_to_its_parties(messenger: ms.Messenger) -> No
     assert poll_ids(messenger, "alice") == [message.id]
     assert poll_ids(messenger, "bob") == [message.id]
     assert poll_ids(messenger, "carol") == []
-    with pytest.raises(ms.UnknownMessage):
+    with pytest.raises(ms.UnknownMessage, match="no message 1 that you can see"):
         messenger.thread("carol", message.id)
 
 
@@ -92,9 +92,9 @@ def test_poll_chat_messages_only_to_members_since_they_joined(messenger: ms.Mess
 def test_poll_non_members_see_no_chat_messages(messenger: ms.Messenger) -> None:
     message = post(messenger, "alice", chat="club")
     assert poll_ids(messenger, "carol") == []
-    with pytest.raises(ms.NotAMember):
+    with pytest.raises(ms.NotAMember, match="you are not a member of club"):
         messenger.poll("carol", 0, ["club"], 100)
-    with pytest.raises(ms.UnknownMessage):
+    with pytest.raises(ms.UnknownMessage, match="no message 1 that you can see"):
         messenger.thread("carol", message.id)
 
 
@@ -113,7 +113,7 @@ def test_history_refuses_non_members(clock: FakeClock, private: bool) -> None:
     register(messenger, "alice", "bob")
     messenger.join("alice", "room", private)
     post(messenger, "alice", chat="room")
-    with pytest.raises(ms.NotAMember):
+    with pytest.raises(ms.NotAMember, match="you are not a member of room"):
         messenger.history("bob", "room", None, 20)
 
 
@@ -385,9 +385,9 @@ def test_a_ban_is_noticed_with_its_end(clock: FakeClock) -> None:
 def test_a_notice_cannot_be_answered(messenger: ms.Messenger) -> None:
     messenger.invite("alice", "club", "carol")
     notice = messenger.last_id
-    with pytest.raises(ms.InvalidField):
+    with pytest.raises(ms.InvalidField, match="a notice cannot be answered or commented on"):
         messenger.send("carol", ms.Draft("thanks", reply_to=notice))
-    with pytest.raises(ms.UnknownMessage):
+    with pytest.raises(ms.UnknownMessage, match="no message 1 that you can see"):
         messenger.send("bob", ms.Draft("hm", reply_to=notice))
     assert messenger.thread("carol", notice)[1] == []
 
@@ -430,7 +430,9 @@ def test_send_comment_elsewhere_than_its_parent_is_refused(
     messenger: ms.Messenger, field: dict[str, Any]
 ) -> None:
     parent = post(messenger, "alice", "topic", chat="club")
-    with pytest.raises(ms.InvalidField):
+    with pytest.raises(
+        ms.InvalidField, match="a comment goes where its parent is: drop chat and to"
+    ):
         messenger.send("bob", ms.Draft("reply", reply_to=parent.id, **field))
 
 
@@ -447,7 +449,7 @@ def test_send_comment_on_a_message_one_cannot_see_is_not_found(
     messenger: ms.Messenger,
 ) -> None:
     parent = post(messenger, "alice", "topic", chat="club")
-    with pytest.raises(ms.UnknownMessage):
+    with pytest.raises(ms.UnknownMessage, match="no message 1 that you can see"):
         messenger.send("carol", ms.Draft("reply", reply_to=parent.id))
 
 
@@ -473,7 +475,7 @@ def test_send_retry_after_the_message_expired_makes_no_copy(clock: FakeClock) ->
     post(messenger, "alice", "hello", client_id="k1")
     clock.advance(700)
     messenger.tick()  # the server's timer runs at every expiry
-    with pytest.raises(ms.NotFound):
+    with pytest.raises(ms.NotFound, match="the message sent with client_id k1 has expired"):
         messenger.send("alice", ms.Draft("hello", client_id="k1"))
     assert messenger.messages == {}
     clock.advance(ms.IDEMPOTENCY_WINDOW)  # forgotten at last: the key is free again
@@ -512,7 +514,7 @@ def test_send_rate_limit_allows_exactly_the_limit(clock: FakeClock) -> None:
         result = messenger.send("alice", ms.Draft("hi"))
         assert result.rate == ms.RateInfo(3, left, clock.now + 100.0)
     recorded = len(events)
-    with pytest.raises(ms.RateLimited) as refused:
+    with pytest.raises(ms.RateLimited, match="at most 3 messages per window in general") as refused:
         messenger.send("alice", ms.Draft("one too many"))
     assert refused.value.retry_after == 100
     assert len(events) == recorded
@@ -526,7 +528,7 @@ def test_send_rate_limit_resets_when_the_window_ends(clock: FakeClock) -> None:
     clock.advance(40)
     post(messenger, "alice")
     clock.advance(59.5)
-    with pytest.raises(ms.RateLimited) as refused:
+    with pytest.raises(ms.RateLimited, match="at most 2 messages per window in general") as refused:
         post(messenger, "alice")
     assert refused.value.retry_after == 1  # ceil(0.5)
     clock.now = start + 100.0
@@ -578,7 +580,9 @@ def test_report_bans_at_the_threshold_for_the_duration(clock: FakeClock) -> None
     banned_at = clock.now
     assert messenger.moderation.report("c", "x", "spam").banned_until == banned_at + 100.0
     clock.advance(99.9)
-    with pytest.raises(ms.Banned) as refused:
+    with pytest.raises(
+        ms.Banned, match="you are banned from sending after reports from other users"
+    ) as refused:
         post(messenger, "x")
     assert refused.value.until == banned_at + 100.0
     clock.now = banned_at + 100.0
@@ -621,7 +625,9 @@ def test_send_banned_user_sends_nothing(clock: FakeClock, fields: dict[str, Any]
     messenger.moderation.report("a", "x", "")
     messenger.moderation.report("b", "x", "")
     recorded = len(events)
-    with pytest.raises(ms.Banned):
+    with pytest.raises(
+        ms.Banned, match="you are banned from sending after reports from other users"
+    ):
         messenger.send("x", ms.Draft("hi", **fields))
     assert len(events) == recorded
 
@@ -637,7 +643,7 @@ def test_report_rate_limit(clock: FakeClock) -> None:
     clock.advance(10)
     messenger.moderation.report("r", "x2", "")
     recorded = len(events)
-    with pytest.raises(ms.RateLimited) as refused:
+    with pytest.raises(ms.RateLimited, match="too many reports: try again later") as refused:
         messenger.moderation.report("r", "x3", "")
     assert refused.value.retry_after == 90
     assert len(events) == recorded
@@ -714,7 +720,9 @@ def test_send_at_must_be_in_the_next_seven_days(
     if accepted:
         assert messenger.send("alice", draft).scheduled is not None
     else:
-        with pytest.raises(ms.InvalidField):
+        with pytest.raises(
+            ms.InvalidField, match="send_at must be in the future, at most 7 days ahead"
+        ):
             messenger.send("alice", draft)
 
 
@@ -722,10 +730,10 @@ def test_cancel_only_the_callers_pending_messages(
     messenger: ms.Messenger, clock: FakeClock
 ) -> None:
     later = schedule(messenger, "alice", "later", chat="club", send_at=clock.now + 60)
-    with pytest.raises(ms.NotFound):
+    with pytest.raises(ms.NotFound, match=f"no pending scheduled message {later.id} of yours"):
         messenger.cancel("bob", later.id)
     messenger.cancel("alice", later.id)
-    with pytest.raises(ms.NotFound):
+    with pytest.raises(ms.NotFound, match=f"no pending scheduled message {later.id} of yours"):
         messenger.cancel("alice", later.id)
     clock.advance(60)
     messenger.tick()
@@ -742,7 +750,7 @@ def test_tick_sends_a_due_message_once_the_journal_works_again(
 
     messenger.record = disk_full
     clock.advance(60)
-    with pytest.raises(ms.Unavailable):
+    with pytest.raises(ms.Unavailable, match="disk full"):
         messenger.tick()
     messenger.record = ms._ignore
     clock.advance(1)
@@ -779,7 +787,7 @@ def test_expire_drops_chat_messages_after_the_ttl(
     assert ids(messenger.history("bob", "club", None, 20)) == [new.id]
     assert poll_ids(messenger, "bob") == [new.id]
     for gone in old:
-        with pytest.raises(ms.UnknownMessage):
+        with pytest.raises(ms.UnknownMessage, match=f"no message {gone} that you can see"):
             messenger.thread("bob", gone)
     assert messenger.unread("bob")[0]["club"] == 1
     assert [m[0] for m in messenger.export()[1]] == [new.id]
@@ -876,7 +884,7 @@ def test_expire_drops_an_unused_file_after_the_ttl(
     clock.advance(1)
     messenger.tick()
     assert (messenger.files, gone) == ({}, [F])
-    with pytest.raises(ms.NotFound):
+    with pytest.raises(ms.NotFound, match=f"no file {F} that you can use"):
         messenger.send("alice", ms.Draft("", file=F))
 
 
@@ -949,7 +957,9 @@ def test_check_login_allowed_after_too_many_wrong_passwords(clock: FakeClock) ->
     for _ in range(3):
         messenger.accounts.check_login_allowed("alice", "10.0.0.66")
         messenger.accounts.login_failed("alice", "10.0.0.66")
-    with pytest.raises(ms.RateLimited) as refused:
+    with pytest.raises(
+        ms.RateLimited, match="too many wrong passwords: try again later"
+    ) as refused:
         messenger.accounts.check_login_allowed("alice", "10.0.0.66")
     assert refused.value.retry_after == 60
     messenger.accounts.check_login_allowed("bob", "10.0.0.66")  # counted per name
@@ -973,13 +983,15 @@ def test_join_creates_a_chat_owned_by_the_caller_and_makes_it_active(
 
 def test_join_private_chat_needs_an_invitation(messenger: ms.Messenger) -> None:
     messenger.join("alice", "den", True)
-    with pytest.raises(ms.Forbidden) as refused:
+    with pytest.raises(
+        ms.Forbidden, match="den is private: ask its owner for an invitation"
+    ) as refused:
         messenger.join("carol", "den", None)
     assert type(refused.value) is ms.Forbidden
     messenger.invite("alice", "den", "carol")
     messenger.join("carol", "den", None)
     messenger.leave("carol", "den")
-    with pytest.raises(ms.Forbidden):
+    with pytest.raises(ms.Forbidden, match="den is private: ask its owner for an invitation"):
         messenger.join("carol", "den", None)
 
 
@@ -988,16 +1000,17 @@ def test_join_with_the_other_privacy_is_a_conflict(
     messenger: ms.Messenger, name: str, private: bool
 ) -> None:
     messenger.join("alice", "den", True)
-    with pytest.raises(ms.Conflict):
+    taken_by = "a private chat" if name == "den" else "a public chat"
+    with pytest.raises(ms.Conflict, match=f"{name} is already taken by {taken_by}"):
         messenger.join("alice", name, private)
 
 
 def test_leave_rules(messenger: ms.Messenger) -> None:
-    with pytest.raises(ms.BadRequest):
+    with pytest.raises(ms.BadRequest, match="nobody leaves general: every user stays a member"):
         messenger.leave("bob", "general")
-    with pytest.raises(ms.NotAMember):
+    with pytest.raises(ms.NotAMember, match="you are not a member of club"):
         messenger.leave("carol", "club")
-    with pytest.raises(ms.UnknownChat):
+    with pytest.raises(ms.UnknownChat, match="no chat named 'nowhere'"):
         messenger.leave("carol", "nowhere")
     assert messenger.users["bob"].active_chat == "club"
     messenger.leave("bob", "club")
@@ -1018,11 +1031,11 @@ def test_make_link_revokes_the_previous_one(messenger: ms.Messenger) -> None:
     messenger.join("alice", "den", True)
     old = messenger.make_link("alice", "den")
     new = messenger.make_link("alice", "den")
-    with pytest.raises(ms.NotFound):
+    with pytest.raises(ms.NotFound, match="unknown or revoked join link"):
         messenger.request_join("bob", old)
     assert messenger.request_join("bob", new)[1] is False
     assert messenger.request_join("alice", new)[1] is True
-    with pytest.raises(ms.Forbidden):
+    with pytest.raises(ms.Forbidden, match="only the owner of den may do that"):
         messenger.make_link("bob", "den")
 
 
@@ -1032,12 +1045,12 @@ def test_request_join_then_decide(messenger: ms.Messenger, approve: bool) -> Non
     link = messenger.make_link("alice", "den")
     messenger.request_join("carol", link)
     assert set(messenger.pending_requests("alice", "den")) == {"carol"}
-    with pytest.raises(ms.Forbidden):
+    with pytest.raises(ms.Forbidden, match="only the owner of den may do that"):
         messenger.decide("bob", "den", "carol", True)
     messenger.decide("alice", "den", "carol", approve)
     assert messenger.pending_requests("alice", "den") == {}
     assert ("carol" in messenger.chats["den"].members) is approve
-    with pytest.raises(ms.NotFound):
+    with pytest.raises(ms.NotFound, match="carol has no pending request to join den"):
         messenger.decide("alice", "den", "carol", approve)
 
 
@@ -1204,7 +1217,7 @@ def test_send_stores_nothing_when_the_journal_fails(world: World) -> None:
         raise ms.Unavailable("disk full")
 
     world.messenger.record = disk_full
-    with pytest.raises(ms.Unavailable):
+    with pytest.raises(ms.Unavailable, match="disk full"):
         world.messenger.send("carol", ms.Draft("lost"))
     assert world.messenger.export() == before
 
@@ -1442,7 +1455,7 @@ def test_a_user_creates_at_most_max_owned_chats(clock: FakeClock) -> None:
     messenger.join("alice", "one", None)
     messenger.join("alice", "two", None)
     recorded = len(events)
-    with pytest.raises(ms.Forbidden):
+    with pytest.raises(ms.Forbidden, match="you may create at most 2 chats"):
         messenger.join("alice", "three", None)
     assert len(events) == recorded and "three" not in messenger.chats
     messenger.join("alice", "general", None)  # joining is not creating

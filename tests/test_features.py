@@ -21,13 +21,13 @@ import pytest_asyncio
 
 import messenger_server as ms
 from tests.conftest import (
+    Api,
     Client,
     FakeClock,
     RawResponse,
     Restarter,
     assert_error,
-    call,
-    connect,
+    login,
     make_config,
 )
 
@@ -46,83 +46,11 @@ SMALL_RULES = ms.Rules(
 )
 MAX_FILE = 1024  # bytes; --max-file-size of the files server
 DEFAULT_BAN = ms.Rules().ban_duration
+RATE_LIMITED = f"at most {RATE_LIMIT} messages per window in general"
+OUTSIDE_A_WEEK = "send_at must be in the future, at most 7 days ahead"
 
 
 # Helpers ####################################################################
-
-
-@dataclasses.dataclass(frozen=True)
-class Api:
-    """One user of the server: its token, and a fresh connection per request."""
-
-    port: int
-    name: str
-    token: str
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> RawResponse:
-        return await call(self.port, method, path, body, token=self.token, headers=headers)
-
-    async def get(self, path: str) -> RawResponse:
-        return await self.call("GET", path)
-
-    async def post(self, path: str, body: Any = None) -> RawResponse:
-        return await self.call("POST", path, {} if body is None else body)
-
-    async def send(self, text: str = "hello", **fields: Any) -> RawResponse:
-        return await self.post("/send", {"text": text, **fields})
-
-    async def posted(self, text: str = "hello", **fields: Any) -> dict[str, Any]:
-        """Send a message that must be accepted now; return it."""
-        response = await self.send(text, **fields)
-        assert response.status == 201, response.body
-        message: dict[str, Any] = response.json()["message"]
-        return message
-
-    async def seen(self) -> list[dict[str, Any]]:
-        """Everything the user can see in /messages (``since=0`` marks nothing read)."""
-        response = await self.get("/messages?since=0&limit=1000")
-        assert response.status == 200, response.body
-        messages: list[dict[str, Any]] = response.json()["messages"]
-        return messages
-
-    async def seen_texts(self) -> list[str]:
-        return [message["text"] for message in await self.seen()]
-
-    async def history(self, chat: str = "general") -> list[str]:
-        response = await self.get(f"/history?chat={chat}&limit=1000")
-        assert response.status == 200, response.body
-        return [message["text"] for message in response.json()["messages"]]
-
-    async def status(self) -> dict[str, Any]:
-        response = await self.get("/status")
-        assert response.status == 200, response.body
-        status: dict[str, Any] = response.json()
-        return status
-
-    async def scheduled(self) -> list[dict[str, Any]]:
-        response = await self.get("/scheduled")
-        assert response.status == 200, response.body
-        pending: list[dict[str, Any]] = response.json()["scheduled"]
-        return sorted(pending, key=lambda record: record["send_at"])
-
-    async def chat_names(self) -> set[str]:
-        response = await self.get("/chat")
-        assert response.status == 200, response.body
-        return {chat["name"] for chat in response.json()["chats"]}
-
-    def on(self, server: ms.MessengerServer) -> Api:
-        """The same user (same token) on another server instance."""
-        return dataclasses.replace(self, port=server.port)
-
-
-async def login(server: ms.MessengerServer, *names: str) -> list[Api]:
-    return [Api(server.port, name, await connect(server.port, name)) for name in names]
 
 
 def ids(messages: list[dict[str, Any]]) -> list[int]:
@@ -130,7 +58,7 @@ def ids(messages: list[dict[str, Any]]) -> list[int]:
 
 
 async def create_private(owner: Api, name: str = "vault") -> dict[str, Any]:
-    response = await owner.post("/chat", {"chat_name": name, "private": True})
+    response = await owner.join(name, private=True)
     assert response.status == 201, response.body
     chat: dict[str, Any] = response.json()["chat"]
     return chat
@@ -154,21 +82,6 @@ async def ban(target: Api, *reporters: Api) -> float:
     until: float = response.json()["banned_until"]
     assert until is not None
     return until
-
-
-async def upload(
-    api: Api, data: bytes, name: str = "blob.bin", media_type: str = "application/octet-stream"
-) -> RawResponse:
-    return await api.call(
-        "POST", f"/files?name={quote(name, safe='')}", data, headers={"Content-Type": media_type}
-    )
-
-
-async def uploaded(api: Api, data: bytes, name: str = "blob.bin") -> dict[str, Any]:
-    response = await upload(api, data, name)
-    assert response.status == 201, response.body
-    record: dict[str, Any] = response.json()["file"]
-    return record
 
 
 def stored_blobs(server: ms.MessengerServer) -> list[str]:
@@ -195,10 +108,10 @@ async def files_server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ms.Mes
 @pytest.mark.asyncio
 async def test_comment_on_chat_message_lands_in_its_chat(server: ms.MessengerServer) -> None:
     alice, bob = await login(server, "alice", "bob")
-    await alice.post("/chat", {"chat_name": "lounge"})
-    await bob.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
+    await bob.join("lounge")
     parent = await alice.posted("question", chat="lounge")
-    await bob.post("/chat", {"chat_name": "general"})  # bob's active chat is general again
+    await bob.join("general")  # bob's active chat is general again
 
     comment = await bob.posted("answer", reply_to=parent["id"])
 
@@ -226,7 +139,8 @@ async def test_comment_on_private_message_is_private_between_the_same_two(
     for party in (alice, bob):
         assert comment["id"] in ids(await party.seen())
     assert comment["id"] not in ids(await carol.seen())
-    assert (await carol.get(f"/messages/{comment['id']}")).status == 404
+    unseen = f"no message {comment['id']} that you can see"
+    assert_error(await carol.get(f"/messages/{comment['id']}"), 404, "not_found", unseen)
     assert "re" not in await carol.history("general")
 
 
@@ -261,17 +175,17 @@ async def test_comment_stranger_can_neither_see_nor_comment(
         await create_private(alice)
         parent = await alice.posted("members only", chat="vault")
     else:
-        await alice.post("/chat", {"chat_name": "lobby"})
+        await alice.join("lobby")
         parent = await alice.posted("members only", chat="lobby")
         if where == "left-chat":
-            await carol.post("/chat", {"chat_name": "lobby"})
+            await carol.join("lobby")
             assert (await carol.post("/chat/lobby/leave")).status == 200
 
     seen = await carol.get(f"/messages/{parent['id']}")
     commented = await carol.send("me too", reply_to=parent["id"])
 
-    assert_error(seen, 404, "not_found")
-    assert_error(commented, 404, "not_found")
+    assert_error(seen, 404, "not_found", "no message 1 that you can see")
+    assert_error(commented, 404, "not_found", "no message 1 that you can see")
     thread = await alice.get(f"/messages/{parent['id']}")
     assert thread.json()["comments"] == []
     assert "me too" not in await alice.seen_texts() + await bob.seen_texts()
@@ -283,7 +197,7 @@ async def test_comment_on_unknown_message_is_404(server: ms.MessengerServer) -> 
 
     response = await alice.send("into the void", reply_to=999_999)
 
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", "no message 999999 that you can see")
     assert await alice.history() == []
 
 
@@ -371,18 +285,19 @@ async def test_scheduled_message_wakes_a_long_poll_when_the_timer_runs(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    "send_at",
-    [T0 - 3600, T0 - 0.5, T0, T0 + WEEK + 1, "tomorrow"],
+    ("send_at", "message"),
+    [(T0 - 3600, OUTSIDE_A_WEEK), (T0 - 0.5, OUTSIDE_A_WEEK), (T0, OUTSIDE_A_WEEK),
+     (T0 + WEEK + 1, OUTSIDE_A_WEEK), ("tomorrow", "send_at must be a number")],
     ids=["an-hour-ago", "just-past", "now", "over-7-days", "not-a-number"],
 )
 async def test_scheduled_send_at_outside_the_next_7_days_is_400(
-    server: ms.MessengerServer, send_at: object
+    server: ms.MessengerServer, send_at: object, message: str
 ) -> None:
     (alice,) = await login(server, "alice")
 
     response = await alice.send("when?", send_at=send_at)
 
-    assert_error(response, 400, {"invalid_field", "bad_request"})
+    assert_error(response, 400, {"invalid_field", "bad_request"}, message)
     assert await alice.scheduled() == []
     assert await alice.history() == []
 
@@ -432,7 +347,7 @@ async def test_scheduled_cancel_answers_204_and_the_message_never_goes_out(
     server.messenger.tick()
     assert "never" not in await bob.seen_texts()
     again = await alice.call("DELETE", f"/scheduled/{record['id']}")
-    assert_error(again, 404, "not_found")
+    assert_error(again, 404, "not_found", "no pending scheduled message")
 
 
 @pytest.mark.asyncio
@@ -444,7 +359,7 @@ async def test_scheduled_cancel_by_another_user_is_404_and_it_still_goes_out(
 
     response = await bob.call("DELETE", f"/scheduled/{record['id']}")
 
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", "no pending scheduled message")
     assert await alice.scheduled() == [record]
     clock.advance(60)
     server.messenger.tick()
@@ -466,7 +381,8 @@ async def test_scheduled_cancel_of_nothing_pending_is_404(
 
     response = await alice.call("DELETE", f"/scheduled/{scheduled_id}")
 
-    assert_error(response, 404, "not_found")
+    message = f"no pending scheduled message {scheduled_id} of yours"
+    assert_error(response, 404, "not_found", message)
     assert await alice.history() == (["gone"] if case == "already-sent" else [])
 
 
@@ -476,8 +392,8 @@ async def test_scheduled_message_is_dropped_when_its_sender_may_no_longer_send(
     server: ms.MessengerServer, clock: FakeClock, reason: str
 ) -> None:
     alice, bob, carol, dave = await login(server, "alice", "bob", "carol", "dave")
-    await alice.post("/chat", {"chat_name": "lounge"})
-    await bob.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
+    await bob.join("lounge")
     assert (await alice.send("too late", chat="lounge", send_at=T0 + 60)).status == 202
     if reason == "left-the-chat":
         assert (await alice.post("/chat/lounge/leave")).status == 200
@@ -501,7 +417,7 @@ async def test_private_chat_is_created_with_the_caller_as_owner(
 ) -> None:
     (alice,) = await login(server, "alice")
 
-    response = await alice.post("/chat", {"chat_name": "vault", "private": True})
+    response = await alice.join("vault", private=True)
 
     assert response.status == 201
     chat = response.json()["chat"]
@@ -515,7 +431,7 @@ async def test_private_chat_is_created_with_the_caller_as_owner(
 async def test_private_chat_is_listed_only_for_its_members(server: ms.MessengerServer) -> None:
     alice, bob = await login(server, "alice", "bob")
     await create_private(alice)
-    await alice.post("/chat", {"chat_name": "lobby"})
+    await alice.join("lobby")
 
     assert await alice.chat_names() == {"general", "lobby", "vault"}
     assert await bob.chat_names() == {"general", "lobby"}
@@ -538,14 +454,14 @@ async def test_chat_refuses_a_non_member_read_or_post(
     server: ms.MessengerServer, method: str, path: str, body: dict[str, str] | None, chat: str
 ) -> None:
     alice, bob = await login(server, "alice", "bob")
-    await alice.post("/chat", {"chat_name": chat, "private": chat == "vault"})
+    await alice.join(chat, private=chat == "vault")
     await alice.posted("members only", chat=chat)
     if body is not None:
         body = {key: value.format(chat=chat) for key, value in body.items()}
 
     response = await bob.call(method, path.format(chat=chat), body)
 
-    assert_error(response, 403, "not_a_member")
+    assert_error(response, 403, "not_a_member", f"you are not a member of {chat}")
     assert await alice.history(chat) == ["members only"]
     assert "members only" not in await bob.seen_texts()
 
@@ -564,7 +480,7 @@ async def test_private_chat_join_without_invitation_is_forbidden(
 
     response = await bob.post("/chat", body)
 
-    assert_error(response, 403, "forbidden")
+    assert_error(response, 403, "forbidden", "vault is private: ask its owner for an invitation")
     assert "vault" not in await bob.chat_names()
     assert (await bob.status())["chat"] == "general"
     (chat,) = [c for c in (await alice.status())["chats"] if c["name"] == "vault"]
@@ -582,12 +498,13 @@ async def test_chat_name_taken_with_the_other_privacy_is_409(
 ) -> None:
     alice, bob = await login(server, "alice", "bob")
     if name != "general":
-        response = await alice.post("/chat", {"chat_name": name, "private": existing_private})
+        response = await alice.join(name, private=existing_private)
         assert response.status == 201
 
-    conflict = await bob.post("/chat", {"chat_name": name, "private": not existing_private})
+    conflict = await bob.join(name, private=not existing_private)
 
-    assert_error(conflict, 409, "conflict")
+    taken_by = "a private chat" if existing_private else "a public chat"
+    assert_error(conflict, 409, "conflict", f"{name} is already taken by {taken_by}")
     assert (await bob.status())["chat"] == "general"
 
 
@@ -601,18 +518,18 @@ async def test_private_chat_invite_is_owner_only_and_lets_the_guest_join(
 
     refused = await bob.post("/chat/vault/invite", {"user": "carol"})
     invited = await alice.post("/chat/vault/invite", {"user": "bob"})
-    joined = await bob.post("/chat", {"chat_name": "vault"})
+    joined = await bob.join("vault")
 
-    assert_error(refused, 403, "forbidden")
+    assert_error(refused, 403, "forbidden", "only the owner of vault may do that")
     assert invited.status == 200 and invited.json()["chat"]["name"] == "vault"
     assert joined.status == 200
     assert joined.json()["chat"]["members"] == 2
     assert [m["text"] for m in joined.json()["history"]] == ["before you came"]
     assert await bob.history("vault") == ["before you came"]
     member_refused = await bob.post("/chat/vault/invite", {"user": "carol"})
-    assert_error(member_refused, 403, "forbidden")
-    carol_join = await carol.post("/chat", {"chat_name": "vault"})
-    assert_error(carol_join, 403, "forbidden")
+    assert_error(member_refused, 403, "forbidden", "only the owner of vault may do that")
+    carol_join = await carol.join("vault")
+    assert_error(carol_join, 403, "forbidden", "vault is private: ask its owner for an invitation")
 
 
 @pytest.mark.asyncio
@@ -620,12 +537,12 @@ async def test_private_chat_link_is_owner_only(server: ms.MessengerServer) -> No
     alice, bob = await login(server, "alice", "bob")
     await create_private(alice)
     await alice.post("/chat/vault/invite", {"user": "bob"})
-    await bob.post("/chat", {"chat_name": "vault"})
+    await bob.join("vault")
 
     refused = await bob.post("/chat/vault/link")
     made = await alice.post("/chat/vault/link")
 
-    assert_error(refused, 403, "forbidden")
+    assert_error(refused, 403, "forbidden", "only the owner of vault may do that")
     assert made.status == 201
     assert re.fullmatch(r"/join/[A-Za-z0-9_-]+", made.json()["link"])
 
@@ -649,7 +566,7 @@ async def test_join_link_asks_to_join_and_waits_for_the_owner(
     assert requests.status == 200
     assert requests.json() == {"requests": [{"user": "bob", "ts": T0}]}
     history = await bob.get("/history?chat=vault")
-    assert_error(history, 403, "not_a_member")
+    assert_error(history, 403, "not_a_member", "you are not a member of vault")
     assert "vault" not in await bob.chat_names()
 
 
@@ -678,12 +595,12 @@ async def test_new_join_link_revokes_the_old_one(server: ms.MessengerServer) -> 
     accepted = await carol.post(new)
 
     assert new != old
-    assert_error(revoked, 404, "not_found")
+    assert_error(revoked, 404, "not_found", "unknown or revoked join link")
     assert accepted.status == 202
     requests = (await alice.get("/chat/vault/requests")).json()["requests"]
     assert sorted(request["user"] for request in requests) == ["bob", "carol"]
     unknown = await carol.post("/join/no-such-link")
-    assert_error(unknown, 404, "not_found")
+    assert_error(unknown, 404, "not_found", "unknown or revoked join link")
 
 
 @pytest.mark.asyncio
@@ -695,8 +612,8 @@ async def test_join_requests_are_for_the_owner_only(server: ms.MessengerServer) 
     listed = await bob.get("/chat/vault/requests")
     decided = await carol.post("/chat/vault/requests/bob", {"approve": True})
 
-    assert_error(listed, 403, "forbidden")
-    assert_error(decided, 403, "forbidden")
+    assert_error(listed, 403, "forbidden", "only the owner of vault may do that")
+    assert_error(decided, 403, "forbidden", "only the owner of vault may do that")
     requests = (await alice.get("/chat/vault/requests")).json()["requests"]
     assert [request["user"] for request in requests] == ["bob"]
 
@@ -733,9 +650,9 @@ async def test_declined_request_is_removed_without_membership(
     assert response.json()["chat"]["members"] == 1
     assert (await alice.get("/chat/vault/requests")).json()["requests"] == []
     history = await bob.get("/history?chat=vault")
-    assert_error(history, 403, "not_a_member")
-    join = await bob.post("/chat", {"chat_name": "vault"})
-    assert_error(join, 403, "forbidden")
+    assert_error(history, 403, "not_a_member", "you are not a member of vault")
+    join = await bob.join("vault")
+    assert_error(join, 403, "forbidden", "vault is private: ask its owner for an invitation")
 
 
 @pytest.mark.asyncio
@@ -746,10 +663,10 @@ async def test_private_chat_owner_who_leaves_may_rejoin(server: ms.MessengerServ
 
     left = await alice.post("/chat/vault/leave")
     away = await alice.get("/history?chat=vault")
-    back = await alice.post("/chat", {"chat_name": "vault"})
+    back = await alice.join("vault")
 
     assert left.status == 200
-    assert_error(away, 403, "not_a_member")
+    assert_error(away, 403, "not_a_member", "you are not a member of vault")
     assert back.status == 200
     assert (back.json()["chat"]["owner"], back.json()["chat"]["members"]) == ("alice", 1)
     await alice.posted("back again", chat="vault")
@@ -778,9 +695,9 @@ async def test_chat_message_expires_ttl_after_posting(
     assert ids(await bob.seen()) == [comment["id"]]
     assert await bob.history() == ["reply"]
     gone = await bob.get(f"/messages/{parent['id']}")
-    assert_error(gone, 404, "not_found")
+    assert_error(gone, 404, "not_found", "no message 1 that you can see")
     late = await bob.send("too late", reply_to=parent["id"])
-    assert late.status == 404
+    assert_error(late, 404, "not_found", f"no message {parent['id']} that you can see")
 
     clock.advance(30)
     assert await bob.seen() == []
@@ -807,7 +724,8 @@ async def test_private_message_expires_ttl_after_first_delivery(
     moderated.messenger.tick()
     for party in (alice, bob):
         assert await party.seen() == []
-        assert (await party.get(f"/messages/{message['id']}")).status == 404
+        gone = await party.get(f"/messages/{message['id']}")
+        assert_error(gone, 404, "not_found", f"no message {message['id']} that you can see")
 
 
 @pytest.mark.asyncio
@@ -854,7 +772,7 @@ async def test_general_rate_limit_refuses_the_send_past_the_limit(
     clock.advance(40)
     refused = await alice.send("one too many")
 
-    assert_error(refused, 429, "rate_limited")
+    assert_error(refused, 429, "rate_limited", "at most 3 messages per window in general")
     assert refused.headers["retry-after"] == str(int(RATE_WINDOW - 40))
     assert rate_headers(refused) == (str(RATE_LIMIT), "0", reset)
     assert await alice.history() == ["left 2", "left 1", "left 0"]
@@ -869,7 +787,7 @@ async def test_general_rate_limit_resets_when_the_window_ends(
     for _ in range(RATE_LIMIT):
         await alice.posted()
     clock.advance(RATE_WINDOW - 1)
-    assert (await alice.send("still early")).status == 429
+    assert_error(await alice.send("still early"), 429, "rate_limited", RATE_LIMITED)
 
     clock.advance(1)
     response = await alice.send("new window")
@@ -901,7 +819,7 @@ async def test_general_rate_limit_counts_comments_and_scheduled_messages(
     refused_scheduled = await alice.send("over", send_at=T0 + 50)
 
     for response in (refused, refused_comment, refused_scheduled):
-        assert_error(response, 429, "rate_limited")
+        assert_error(response, 429, "rate_limited", "at most 3 messages per window in general")
     assert "over" not in await bob.seen_texts()
     assert all(record["text"] != "over" for record in await alice.scheduled())
 
@@ -922,7 +840,7 @@ async def test_scheduled_message_to_general_counts_once_against_the_limit(
     assert (await alice.status())["limits"]["general_left"] == RATE_LIMIT - 1
     for _ in range(RATE_LIMIT - 1):
         await alice.posted()
-    assert (await alice.send("over")).status == 429
+    assert_error(await alice.send("over"), 429, "rate_limited", RATE_LIMITED)
 
 
 @pytest.mark.asyncio
@@ -931,8 +849,8 @@ async def test_general_rate_limit_leaves_other_destinations_alone(
     moderated: ms.MessengerServer, where: str
 ) -> None:
     alice, bob = await login(moderated, "alice", "bob")
-    await bob.post("/chat", {"chat_name": "lounge"})
-    await alice.post("/chat", {"chat_name": "lounge"})
+    await bob.join("lounge")
+    await alice.join("lounge")
     for _ in range(RATE_LIMIT):
         await alice.posted(chat="general")
     fields = {"to": "bob"} if where == "private" else {"chat": "lounge"}
@@ -1002,7 +920,7 @@ async def test_three_distinct_reporters_ban_every_kind_of_send(
 ) -> None:
     alice, bob, carol, dave = await login(moderated, "alice", "bob", "carol", "dave")
     parent = await bob.posted("topic")
-    await alice.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
     fields: dict[str, Any] = {
         "chat": {"chat": "lounge"},
         "private": {"to": "bob"},
@@ -1014,7 +932,9 @@ async def test_three_distinct_reporters_ban_every_kind_of_send(
     response = await alice.send("banned words", **fields)
 
     assert until == T0 + BAN_DURATION
-    assert_error(response, 403, "banned")
+    assert_error(
+        response, 403, "banned", "you are banned from sending after reports from other users"
+    )
     assert response.json()["until"] == until
     assert (await alice.status())["limits"]["banned_until"] == until
     assert "banned words" not in await bob.seen_texts()
@@ -1029,7 +949,7 @@ async def test_ban_ends_on_time_and_the_report_count_restarts(
     await ban(alice, bob, carol, dave)
 
     clock.advance(BAN_DURATION - 1)
-    assert (await alice.send("not yet")).status == 403
+    assert_error(await alice.send("not yet"), 403, "banned", "you are banned from sending")
     clock.advance(1)
     response = await alice.send("free again")
 
@@ -1055,7 +975,7 @@ async def test_reports_are_rate_limited(tmp_path: Path, clock: FakeClock) -> Non
         refused = await alice.post("/report", {"user": "dave"})
         repeated = await alice.post("/report", {"user": "bob"})
 
-        assert_error(refused, 429, "rate_limited")
+        assert_error(refused, 429, "rate_limited", "too many reports: try again later")
         assert int(refused.headers["retry-after"]) == int(RATE_WINDOW)
         assert (await dave.status())["limits"]["reports"] == 0
         assert (repeated.status, repeated.json()["reports"]) == (200, 1)
@@ -1074,7 +994,7 @@ async def test_upload_answers_201_with_the_file_record(files_server: ms.Messenge
     (alice,) = await login(files_server, "alice")
     data = b"\x89PNG not really"
 
-    response = await upload(alice, data, "pic.png", "image/png")
+    response = await alice.upload(data, "pic.png", "image/png")
 
     assert response.status == 201
     record = response.json()["file"]
@@ -1091,7 +1011,7 @@ async def test_upload_answers_201_with_the_file_record(files_server: ms.Messenge
 async def test_download_round_trips_every_byte_value(files_server: ms.MessengerServer) -> None:
     (alice,) = await login(files_server, "alice")
     data = bytes(range(256))
-    record = await uploaded(alice, data, "résumé 1.bin")
+    record = await alice.uploaded(data, "résumé 1.bin")
 
     async with Client(files_server.port) as client:
         head = await client.request("HEAD", f"/files/{record['id']}", token=alice.token)
@@ -1118,11 +1038,11 @@ async def test_upload_of_exactly_the_size_limit_is_accepted_and_one_byte_more_is
 ) -> None:
     (alice,) = await login(files_server, "alice")
 
-    exact = await upload(alice, b"x" * MAX_FILE)
-    over = await upload(alice, b"x" * (MAX_FILE + 1))
+    exact = await alice.upload(b"x" * MAX_FILE)
+    over = await alice.upload(b"x" * (MAX_FILE + 1))
 
     assert exact.status == 201 and exact.json()["file"]["size"] == MAX_FILE
-    assert_error(over, 413, "too_large")
+    assert_error(over, 413, "too_large", "files are limited to 1024 bytes")
     assert stored_blobs(files_server) == [exact.json()["file"]["id"]]
 
 
@@ -1187,7 +1107,9 @@ async def test_upload_without_content_length_or_chunked_is_411(
         await client.send_raw(request.encode())
         response = await client.response()
 
-    assert_error(response, 411, "length_required")
+    assert_error(
+        response, 411, "length_required", "a file upload needs Content-Length or a chunked body"
+    )
     assert stored_blobs(files_server) == []
 
 
@@ -1217,16 +1139,17 @@ async def test_file_is_readable_by_the_uploader_and_the_audience_of_a_message_ca
     files_server: ms.MessengerServer,
 ) -> None:
     alice, bob, carol = await login(files_server, "alice", "bob", "carol")
-    record = await uploaded(alice, b"for bob only")
+    record = await alice.uploaded(b"for bob only")
     path = f"/files/{record['id']}"
-    assert (await bob.get(path)).status == 404  # not shared yet
+    unusable = f"no file {record['id']} that you can use"
+    assert_error(await bob.get(path), 404, "not_found", unusable)  # not shared yet
 
     await alice.posted("", to="bob", file=record["id"])
 
     assert (await alice.get(path)).body == b"for bob only"
     assert (await bob.get(path)).body == b"for bob only"
     stranger = await carol.get(path)
-    assert_error(stranger, 404, "not_found")
+    assert_error(stranger, 404, "not_found", "no file")
     assert (await carol.call("HEAD", path)).status == 404
 
 
@@ -1240,7 +1163,7 @@ async def test_upload_keeps_a_hostile_name_as_metadata_only(
 ) -> None:
     (alice,) = await login(files_server, "alice")
 
-    record = await uploaded(alice, b"harmless", name)
+    record = await alice.uploaded(b"harmless", name)
 
     assert record["name"] == name
     assert stored_blobs(files_server) == [record["id"]]
@@ -1275,7 +1198,7 @@ async def test_message_with_a_file_carries_the_file_object(
     files_server: ms.MessengerServer,
 ) -> None:
     alice, bob = await login(files_server, "alice", "bob")
-    record = await uploaded(alice, b"notes", "notes.txt")
+    record = await alice.uploaded(b"notes", "notes.txt")
 
     message = await alice.posted("", file=record["id"])
 
@@ -1293,13 +1216,14 @@ async def test_send_with_a_file_not_uploaded_by_the_sender_is_404(
     files_server: ms.MessengerServer, owner: str
 ) -> None:
     alice, bob = await login(files_server, "alice", "bob")
-    file_id = (await uploaded(alice, b"alice's"))["id"] if owner == "someone-else" else "nope"
+    file_id = (await alice.uploaded(b"alice's"))["id"] if owner == "someone-else" else "nope"
 
     response = await bob.send("look", file=file_id)
 
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", f"no file {file_id} that you can use")
     assert await bob.history() == []
-    assert (await bob.get(f"/files/{file_id}")).status == 404
+    unusable = f"no file {file_id} that you can use"
+    assert_error(await bob.get(f"/files/{file_id}"), 404, "not_found", unusable)
 
 
 # Restart ###################################################################
@@ -1311,7 +1235,7 @@ async def test_restart_keeps_sessions_and_read_positions(restartable: Restarter)
     alice, bob = users
     message = await alice.posted("read before the restart")
     await bob.get(f"/messages?since={message['id']}")
-    await alice.post("/chat", {"chat_name": "lounge"})
+    await alice.join("lounge")
 
     server = await restartable.restart()
 
@@ -1359,10 +1283,11 @@ async def test_restart_keeps_private_chats_invites_requests_and_the_link(
     assert "vault" not in await dave.chat_names()
     requests = (await alice.get("/chat/vault/requests")).json()["requests"]
     assert requests == [{"user": "carol", "ts": T0}]
-    assert (await dave.post(old_link)).status == 404
+    assert_error(await dave.post(old_link), 404, "not_found", "unknown or revoked join link")
     assert (await dave.post(link)).status == 202  # the current link works on
-    assert (await erin.post("/chat", {"chat_name": "vault"})).status == 403
-    assert (await bob.post("/chat", {"chat_name": "vault"})).status == 200  # invited
+    private = "vault is private: ask its owner for an invitation"
+    assert_error(await erin.join("vault"), 403, "forbidden", private)
+    assert (await bob.join("vault")).status == 200  # invited
     assert (await carol.post(link)).json()["status"] == "pending"
     approved = await alice.post("/chat/vault/requests/carol", {"approve": True})
     assert approved.json()["chat"]["members"] == 3
@@ -1399,7 +1324,9 @@ async def test_restart_keeps_bans_and_reports(restartable: Restarter) -> None:
 
     alice, bob, carol, dave, erin = (api.on(server) for api in users)
     refused = await alice.send("am I free?")
-    assert_error(refused, 403, "banned")
+    assert_error(
+        refused, 403, "banned", "you are banned from sending after reports from other users"
+    )
     assert refused.json()["until"] == until == T0 + DEFAULT_BAN
     assert (await alice.status())["limits"]["reports"] == 3
     assert (await erin.status())["limits"]["reports"] == 1

@@ -61,7 +61,10 @@ def test_flood_limit_counts_chats_private_comments_and_scheduled_alike(clock: Fa
     send(messenger, "a", chat="room", send_at=clock.now + 600)  # the 4th: the last allowed
     recorded = len(events)
     clock.advance(59)
-    with pytest.raises(ms.RateLimited) as refused:
+    with pytest.raises(
+        ms.RateLimited,
+        match="at most 4 messages, invitations and join requests per 60 seconds: slow down",
+    ) as refused:
         send(messenger, "a", chat="room")
     assert refused.value.retry_after == pytest.approx(1)
     assert len(events) == recorded, "a refused send records nothing"
@@ -162,7 +165,9 @@ async def test_invitation_flood_over_http_is_429_with_retry_after(
                 assert invited.status == 200
             refused = await client.request("POST", "/chat/den/invite", {"user": "dave"},
                                            token=alice)
-        assert "at most 2" in assert_error(refused, 429, "rate_limited")["message"]
+        assert_error(
+            refused, 429, "rate_limited", "at most 2 messages, invitations and join requests"
+        )
         assert refused.headers["retry-after"] == "60"
 
 
@@ -203,14 +208,18 @@ def test_undelivered_private_messages_are_capped_per_sender(clock: FakeClock) ->
     register(messenger, "a", "b", "c")
     send(messenger, "a", to="b")
     send(messenger, "a", to="c")  # the last allowed
-    with pytest.raises(ms.QuotaExceeded) as refused:
+    with pytest.raises(
+        ms.QuotaExceeded, match="at most 2 of your private messages may wait for recipients"
+    ) as refused:
         send(messenger, "a", to="b")
     assert "at most 2" in refused.value.message and refused.value.status == 403
     assert refused.value.code == "quota_exceeded"
     send(messenger, "a", chat="general")  # chats are not concerned
     messenger.poll("b", None, None, 100)  # b receives its message: one place frees
     send(messenger, "a", to="b")
-    with pytest.raises(ms.QuotaExceeded):
+    with pytest.raises(
+        ms.QuotaExceeded, match="at most 2 of your private messages may wait for recipients"
+    ):
         send(messenger, "a", to="c")
 
 
@@ -254,7 +263,7 @@ def test_pending_scheduled_messages_are_capped_per_user(clock: FakeClock) -> Non
     register(messenger, "a", "b")
     first = send(messenger, "a", send_at=clock.now + 60).scheduled
     send(messenger, "a", send_at=clock.now + 30)  # the last allowed
-    with pytest.raises(ms.QuotaExceeded):
+    with pytest.raises(ms.QuotaExceeded, match="at most 2 scheduled messages may be pending"):
         send(messenger, "a", send_at=clock.now + 90)
     send(messenger, "b", send_at=clock.now + 90)  # per user
     assert first is not None
@@ -269,13 +278,13 @@ def test_memberships_are_capped_for_joins_and_approvals(clock: FakeClock) -> Non
     register(messenger, "a", "owner")
     messenger.join("a", "one", None)
     messenger.join("a", "two", None)  # general, one, two: the last allowed
-    with pytest.raises(ms.QuotaExceeded):
+    with pytest.raises(ms.QuotaExceeded, match="a may be a member of at most 3 chats"):
         messenger.join("a", "three", None)
     assert "three" not in messenger.chats, "refused before the chat is made"
     messenger.join("a", "one", None)  # a chat one is in already is no new membership
     messenger.join("owner", "den", True)
     messenger.request_join("a", messenger.make_link("owner", "den"))
-    with pytest.raises(ms.QuotaExceeded):
+    with pytest.raises(ms.QuotaExceeded, match="a may be a member of at most 3 chats"):
         messenger.decide("owner", "den", "a", True)
     messenger.leave("a", "two")
     messenger.decide("owner", "den", "a", True)
@@ -286,7 +295,7 @@ def test_chats_created_are_capped_with_quota_exceeded(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, max_owned_chats=1)
     register(messenger, "a")
     messenger.join("a", "mine", None)
-    with pytest.raises(ms.QuotaExceeded):
+    with pytest.raises(ms.QuotaExceeded, match="you may create at most 1 chats"):
         messenger.join("a", "another", None)
 
 
@@ -301,7 +310,9 @@ def test_report_only_from_someone_who_can_see_a_message_of_the_target(clock: Fak
     send(messenger, "target", "in the room", chat="room")
     send(messenger, "target", "psst", to="friend")
     recorded = len(events)
-    with pytest.raises(ms.Forbidden) as refused:
+    with pytest.raises(
+        ms.Forbidden, match="you can report target only for a message of theirs you can see"
+    ) as refused:
         messenger.moderation.report("outsider", "target", "made up")
     assert type(refused.value) is ms.Forbidden
     assert len(events) == recorded
@@ -309,10 +320,14 @@ def test_report_only_from_someone_who_can_see_a_message_of_the_target(clock: Fak
     assert messenger.moderation.report("friend", "target", "").reports == 2
     clock.advance(HOUR)  # the messages expire: nothing left to point at
     messenger.tick()
-    with pytest.raises(ms.Forbidden):
+    with pytest.raises(
+        ms.Forbidden, match="you can report target only for a message of theirs you can see"
+    ):
         messenger.moderation.report("outsider", "target", "")
     messenger.join("outsider", "room", None)
-    with pytest.raises(ms.Forbidden):
+    with pytest.raises(
+        ms.Forbidden, match="you can report target only for a message of theirs you can see"
+    ):
         messenger.moderation.report("outsider", "target", "")
 
 
@@ -322,7 +337,9 @@ def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
     messenger.join("victim", "quiet", None)
     send(messenger, "victim", "only here", chat="quiet")
     for sock in ("sock1", "sock2", "sock3"):
-        with pytest.raises(ms.Forbidden):
+        with pytest.raises(
+            ms.Forbidden, match="you can report victim only for a message of theirs you can see"
+        ):
             messenger.moderation.report(sock, "victim", "")
     assert messenger.moderation.standing("victim") == ms.Standing(0, None)
 
@@ -335,7 +352,9 @@ def test_upload_quota_counts_stored_files_until_they_go(clock: FakeClock) -> Non
     register(messenger, "a", "b")
     messenger.uploads.add_file("a", "a" * 32, "one", 5_000, "text/plain", "0" * 64)
     messenger.uploads.check_upload("a", 5_000)  # exactly the quota
-    with pytest.raises(ms.QuotaExceeded) as refused:
+    with pytest.raises(
+        ms.QuotaExceeded, match="your stored files may total at most 10000 bytes"
+    ) as refused:
         messenger.uploads.add_file("a", "b" * 32, "two", 5_001, "text/plain", "0" * 64)
     assert "10000 bytes" in refused.value.message
     messenger.uploads.check_upload("b", 10_000)  # per user
@@ -385,7 +404,9 @@ async def test_get_chat_pages_to_the_end_with_next(tmp_path: Path, clock: FakeCl
         whole = (await call(server.port, "GET", "/chat", token=alice)).json()
         assert (len(whole["chats"]), whole["next"]) == (6, None)
         bad = await call(server.port, "GET", "/chat?limit=0", token=alice)
-        assert "limit" in assert_error(bad, 400, "invalid_field")["message"]
+        assert "limit" in assert_error(
+            bad, 400, "invalid_field", "limit must be an integer of at least 1"
+        )["message"]
 
 
 @pytest.mark.asyncio
@@ -422,7 +443,10 @@ async def test_upload_over_the_quota_is_refused_before_its_body(
         async with Client(server.port) as client:
             await client.send_raw(head)  # no body: the answer comes without it
             refused = await client.response()
-        assert "10000 bytes" in assert_error(refused, 403, "quota_exceeded")["message"]
+        assert "10000 bytes" in assert_error(
+            refused, 403, "quota_exceeded",
+            "your stored files may total at most 10000 bytes (10000 used)"
+        )["message"]
         assert len(list(server.store.files.iterdir())) == 1
 
 
@@ -437,7 +461,9 @@ async def test_chunked_upload_is_refused_as_soon_as_it_passes_the_limit(
         async with Client(server.port) as client:
             await client.send_raw(head + b"8\r\n12345678\r\n8\r\n")  # 16 bytes said
             refused = await client.response()
-            assert "10 bytes" in assert_error(refused, 413, "too_large")["message"]
+            assert "10 bytes" in assert_error(
+                refused, 413, "too_large", "the body is larger than 10 bytes"
+            )["message"]
             assert await client.closed()
         assert list(server.store.files.iterdir()) == []
 
@@ -456,7 +482,7 @@ async def test_an_upload_in_tiny_chunks_is_refused_early_and_small_ones_still_pa
         async with Client(server.port) as client:
             await client.send_raw(head + b"1\r\nx\r\n" * 20_000)
             refused = await client.response()
-            assert "too small" in assert_error(refused, 400, "bad_request")["message"]
+            assert_error(refused, 400, "bad_request", "the chunks are too small")
         assert list(server.store.files.iterdir()) == []
         pieces = b"".join(b"80\r\n" + b"y" * 128 + b"\r\n" for _ in range(8192))
         async with Client(server.port) as client:
@@ -479,7 +505,9 @@ async def test_no_upload_while_the_disk_is_nearly_full(tmp_path: Path, clock: Fa
         alice = await connect(server.port, "alice")
         refused = await call(server.port, "POST", "/files?name=a", b"x", token=alice,
                              headers={"Content-Type": "text/plain"})
-        assert "disk" in assert_error(refused, 503, "unavailable")["message"]
+        assert "disk" in assert_error(
+            refused, 503, "unavailable", "the server's disk is nearly full: no uploads for now"
+        )["message"]
         assert refused.headers["retry-after"] == "60"
         sent = await call(server.port, "POST", "/send", {"text": "still"}, token=alice)
         assert sent.status == 201, "messages still go: the journal has its room"
@@ -490,7 +518,9 @@ async def test_report_of_a_stranger_is_403_through_http(tmp_path: Path, clock: F
     async with ms.MessengerServer(make_config(tmp_path), clock) as server:
         alice, bob = await connect(server.port, "alice"), await connect(server.port, "bob")
         refused = await call(server.port, "POST", "/report", {"user": "bob"}, token=alice)
-        assert "bob" in assert_error(refused, 403, "forbidden")["message"]
+        assert "bob" in assert_error(
+            refused, 403, "forbidden", "you can report bob only for a message of theirs you can see"
+        )["message"]
         await call(server.port, "POST", "/send", {"text": "hi all"}, token=bob)
         accepted = await call(server.port, "POST", "/report", {"user": "bob"}, token=alice)
         assert accepted.json()["reports"] == 1
@@ -507,7 +537,10 @@ async def test_flood_over_http_is_429_with_retry_after(tmp_path: Path, clock: Fa
                 await client.request("POST", "/send", {"text": text, "to": "bob"}, token=alice)
             await client.request("POST", "/send", {"text": "3"}, token=alice)
             refused = await client.request("POST", "/send", {"text": "4"}, token=alice)
-        assert "at most 3" in assert_error(refused, 429, "rate_limited")["message"]
+        assert_error(
+            refused, 429, "rate_limited",
+            "at most 3 messages, invitations and join requests per 60 seconds: slow down",
+        )
         assert refused.headers["retry-after"] == "60"
 
 
@@ -538,15 +571,19 @@ async def test_registrations_per_address_and_lock_out_per_name_and_address(
         for user in ("a1", "a2"):  # the last one allowed
             assert (await connect_as(user, "pw", "10.0.0.1")).status == 201
         refused = await connect_as("a3", "pw", "10.0.0.1")
-        assert "at most 2 new users" in assert_error(refused, 429, "rate_limited")["message"]
+        assert "at most 2 new users" in assert_error(
+            refused, 429, "rate_limited",
+            "at most 2 new users per address and registration window: try again later"
+        )["message"]
         assert (await connect_as("b1", "pw", "10.0.0.2")).status == 201, "another address"
         clock.advance(HOUR)
         assert (await connect_as("a3", "pw", "10.0.0.1")).status == 201, "a new window"
 
         for _ in range(2):
-            assert (await connect_as("a1", "wrong", "10.0.0.9")).status == 401
+            wrong = await connect_as("a1", "wrong", "10.0.0.9")
+            assert_error(wrong, 401, "unauthorized", "wrong password")
         locked = await connect_as("a1", "pw", "10.0.0.9")
-        assert_error(locked, 429, "rate_limited")
+        assert_error(locked, 429, "rate_limited", "too many wrong passwords: try again later")
         assert (await connect_as("a1", "pw", "10.0.0.1")).status == 200, "the owner elsewhere"
         assert any("'10.0.0.9'" in line for line in caplog.messages), "logs name the client"
 
@@ -562,7 +599,10 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
         assert first.status == 201
         second = await call(server.port, "POST", "/connect", {"user": "u2", "password": "p"},
                             headers=forwarded("10.0.0.2"))
-        assert_error(second, 429, "rate_limited")
+        assert_error(
+            second, 429, "rate_limited",
+            "at most 1 new users per address and registration window: try again later"
+        )
 
 
 def test_client_address_is_the_rightmost_untrusted_entry() -> None:
@@ -592,10 +632,14 @@ async def test_sessions_are_capped_least_recently_used_first_and_expire_unused(
         newest = await connect(port, "alice")  # the 3rd: the least recently used goes
         assert (await call(port, "GET", "/status", token=oldest)).status == 200
         gone = await call(port, "GET", "/status", token=middle)
-        assert "revoked" in assert_error(gone, 401, "unauthorized")["message"]
+        assert "revoked" in assert_error(
+            gone, 401, "unauthorized", "unknown or revoked token: connect again"
+        )["message"]
         clock.advance(30 * 24 * HOUR)
         expired = await call(port, "GET", "/status", token=newest)
-        assert "expired" in assert_error(expired, 401, "unauthorized")["message"]
+        assert "expired" in assert_error(
+            expired, 401, "unauthorized", "the session expired unused: connect again"
+        )["message"]
 
 
 @pytest.mark.asyncio
@@ -613,6 +657,8 @@ async def test_password_hash_queue_full_is_503_retry_after_1(
         ))
         busy = [a for a in answers if a.status == 503]
         assert len(busy) >= 4 and all(a.headers["retry-after"] == "1" for a in busy)
+        for answer in busy:
+            assert_error(answer, 503, "unavailable", "the server is busy checking passwords")
         assert {a.status for a in answers} <= {201, 503}
 
 
@@ -637,12 +683,16 @@ async def test_two_clients_behind_nginx_get_their_own_limits_and_log_lines(
 
         assert (await connect_from("127.0.0.2", "first")).status == 201
         refused = await connect_from("127.0.0.2", "second")
-        assert "at most 1 new users" in assert_error(refused, 429, "rate_limited")["message"]
+        assert "at most 1 new users" in assert_error(
+            refused, 429, "rate_limited",
+            "at most 1 new users per address and registration window: try again later"
+        )["message"]
         assert (await connect_from("127.0.0.3", "third")).status == 201, "its own count"
 
-        assert (await connect_from("127.0.0.2", "third", "wrong")).status == 401
+        wrong = await connect_from("127.0.0.2", "third", "wrong")
+        assert_error(wrong, 401, "unauthorized", "wrong password")
         locked = await connect_from("127.0.0.2", "third")
-        assert_error(locked, 429, "rate_limited")
+        assert_error(locked, 429, "rate_limited", "too many wrong passwords: try again later")
         assert (await connect_from("127.0.0.3", "third")).status == 200, "the owner elsewhere"
     log = "".join(server.log)
     assert re.search(r"user new_user='first' .*address='127\.0\.0\.2'", log)
@@ -661,7 +711,7 @@ async def test_refused_large_upload_is_answered_before_its_body(
         async with Client(server.port) as client:
             await client.send_raw(head + b"x" * 1000)  # the rest never comes
             refused = await client.response()
-            assert_error(refused, 401, "unauthorized")
+            assert_error(refused, 401, "unauthorized", "unknown or revoked token: connect again")
             assert refused.headers["connection"] == "close"
 
 
@@ -682,7 +732,9 @@ async def test_connection_cap_behind_a_proxy_counts_each_client_address(
         try:
             async with Client(server.port) as third:
                 refused = await third.request("GET", "/health", headers=forwarded("10.0.0.1"))
-                assert "your address" in assert_error(refused, 503, "unavailable")["message"]
+                assert "your address" in assert_error(
+                    refused, 503, "unavailable", "too many open connections from your address"
+                )["message"]
             async with Client(server.port) as other:
                 answer = await other.request("GET", "/health", headers=forwarded("10.0.0.2"))
                 assert answer.status == 200, "another client behind the same proxy"
@@ -704,7 +756,10 @@ async def test_max_connections_in_all_refuses_the_next_one(
         for client in (first, second):  # the last ones allowed, from two addresses
             assert (await client.request("GET", "/health")).status == 200
         async with SourceClient(server.port, "127.0.0.4") as third:
-            assert_error(await third.response(), 503, "unavailable")
+            assert_error(
+                await third.response(), 503, "unavailable",
+                "too many open connections: try again later"
+            )
 
 
 def test_client_address_takes_bracketed_ipv6_entries() -> None:
@@ -736,7 +791,7 @@ def test_disconnect_of_a_session_revoked_meanwhile_is_401(clock: FakeClock) -> N
     register(messenger, "a")
     token_hash = ms.hash_token("token-a")
     messenger.accounts.disconnect(token_hash)
-    with pytest.raises(ms.Unauthorized):
+    with pytest.raises(ms.Unauthorized, match="unknown or revoked token"):
         messenger.accounts.disconnect(token_hash)
 
 
@@ -746,7 +801,7 @@ def test_empty_files_count_a_block_against_the_upload_quota(clock: FakeClock) ->
     register(messenger, "a")
     messenger.uploads.add_file("a", "a" * 32, "empty", 0, "text/plain", "0" * 64)
     messenger.uploads.add_file("a", "b" * 32, "empty", 0, "text/plain", "0" * 64)  # the last one
-    with pytest.raises(ms.QuotaExceeded):
+    with pytest.raises(ms.QuotaExceeded, match="your stored files may total at most 8192 bytes"):
         messenger.uploads.add_file("a", "c" * 32, "empty", 0, "text/plain", "0" * 64)
 
 
@@ -762,7 +817,10 @@ async def test_uploads_under_way_count_against_the_quota(tmp_path: Path, clock: 
             assert await settle(lambda: "alice" in server.app.uploading)
             refused = await call(server.port, "POST", "/files?name=other", b"y" * 8000,
                                  token=alice)
-            assert_error(refused, 403, "quota_exceeded")
+            assert_error(
+                refused, 403, "quota_exceeded",
+                "your stored files may total at most 10000 bytes (0 used)"
+            )
             await slow.send_raw(b"x" * 7900)
             assert (await slow.response()).status == 201
         assert server.app.uploading == {}
@@ -802,7 +860,11 @@ async def test_messages_names_at_most_100_conversations(tmp_path: Path, clock: F
         alice = await connect(server.port, "alice")
         many = "&".join(f"chat=%40u{n}" for n in range(101))
         refused = await call(server.port, "GET", f"/messages?since=0&{many}", token=alice)
-        assert "at most 100" in assert_error(refused, 400, "invalid_field")["message"]
+        assert "at most 100" in assert_error(
+            refused, 400, "invalid_field", "at most 100 chat values in one request"
+        )["message"]
         allowed = "&".join(f"chat=%40u{n}" for n in range(100))
         answer = await call(server.port, "GET", f"/messages?since=0&{allowed}", token=alice)
-        assert_error(answer, 404, "not_found")  # the limit passed: now the names are checked
+        assert_error(
+            answer, 404, "not_found", "no user named 'u0'"
+        )  # the limit passed: now the names are checked

@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 
 import messenger_server as ms
-from tests.conftest import Client, FakeClock, call, connect, make_config, opened
+from tests.conftest import (
+    Client,
+    FakeClock,
+    assert_error,
+    call,
+    connect,
+    make_config,
+    opened,
+)
 from tests.servers import ServerProcess, Spawn
 from tests.test_domain import post, register, scenario
 
@@ -143,7 +151,7 @@ def test_journal_append_on_a_full_disk_leaves_no_half_record(
     journal.append(EVENTS[0])
     size = path.stat().st_size
     full_disk(journal._fd)
-    with pytest.raises(ms.Unavailable):
+    with pytest.raises(ms.Unavailable, match="the state cannot be written: nothing was stored"):
         journal.append(EVENTS[1])
     assert path.stat().st_size == size
     monkeypatch.undo()
@@ -161,7 +169,7 @@ def test_journal_append_to_an_unwritable_file_fails_and_writes_nothing(tmp_path:
     journal.append(EVENTS[0])
     writable, journal._fd = journal._fd, os.open(path, os.O_RDONLY)
     try:
-        with pytest.raises(ms.Unavailable):
+        with pytest.raises(ms.Unavailable, match="the state cannot be written: nothing was stored"):
             journal.append(EVENTS[1])
     finally:
         os.close(journal._fd)
@@ -184,7 +192,9 @@ async def test_send_answers_503_and_stores_nothing_when_the_disk_is_full(
         async with Client(server.port) as client:
             refused = await client.request("POST", "/send", {"text": "lost"}, token=token)
             monkeypatch.undo()
-            assert (refused.status, refused.json()["error"]) == (503, "unavailable")
+            assert_error(
+                refused, 503, "unavailable", "the state cannot be written: nothing was stored"
+            )
             assert server.messenger.messages == {}
             polled = await client.request("GET", "/messages?since=0", token=token)
             assert polled.json()["messages"] == []

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 import messenger_server as ms
-from tests.conftest import FakeClock, assert_error, call, connect, make_config, opened
+from tests.conftest import FakeClock, assert_error, call, connect, login, make_config, opened
 from tests.servers import SERVER_SCRIPT, Spawn
 from tests.test_domain import fid, make_messenger, scenario
 from tests.test_persistence import record, write_journal
@@ -289,29 +289,19 @@ def test_restore_skips_a_bad_message_row(
 # Symlinks ###################################################################
 
 
-async def uploaded_file(port: int, token: str, data: bytes) -> str:
-    response = await call(
-        port, "POST", "/files?name=a.txt", data, token=token,
-        headers={"Content-Type": "text/plain"},
-    )
-    assert response.status == 201, response.body
-    file_id: str = response.json()["file"]["id"]
-    return file_id
-
-
 @pytest.mark.asyncio
 async def test_a_symlink_planted_as_a_stored_file_is_never_served(
     tmp_path: Path, clock: FakeClock, victim: Path
 ) -> None:
     config = make_config(tmp_path)
     async with ms.MessengerServer(config, clock) as server:
-        token = await connect(server.port, "alice")
-        file_id = await uploaded_file(server.port, token, b"mine")
+        (alice,) = await login(server, "alice")
+        file_id = (await alice.uploaded(b"mine", "a.txt", "text/plain"))["id"]
         stored = server.store.files / file_id
         stored.unlink()
         stored.symlink_to(victim)
-        response = await call(server.port, "GET", f"/files/{file_id}", token=token)
-        assert "no file" in assert_error(response, 404, "not_found")["message"]
+        response = await alice.get(f"/files/{file_id}")
+        assert "no file" in assert_error(response, 404, "not_found", "no file")["message"]
         assert SECRET not in response.body
     again = opened(config, clock)  # at start: dropped, and the link removed
     again.close()
@@ -373,7 +363,7 @@ async def test_a_client_cannot_forge_a_log_line(spawn: Spawn) -> None:
     token = await connect(server.port, "alice")
     forged = quote("x\n2030-01-01 00:00:00,000 WARNING messenger: forged", safe="")
     response = await call(server.port, "GET", f"/files/{forged}", token=token)
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "not_found", "no file x")
     response = await call(server.port, "GET", "/status", token=token)  # a line after it
     await server.stop(signal.SIGTERM)
     assert not [line for line in server.log if line.startswith("2030-01-01")]
@@ -399,7 +389,8 @@ async def test_every_route_that_changes_state_logs_one_quoted_info_line(
 ) -> None:
     async with ms.MessengerServer(make_config(tmp_path), clock) as server:
         port = server.port
-        alice = await connect(port, "alice", "alice's password")
+        (alice_user,) = await login(server, "alice", password="alice's password")
+        alice = alice_user.token
         bob = await connect(port, "bob")
         sent = await call(port, "POST", "/send", {"text": "a private text"}, token=alice)
         message_id = sent.json()["message"]["id"]
@@ -407,7 +398,7 @@ async def test_every_route_that_changes_state_logs_one_quoted_info_line(
                                  token=alice)
         assert link_answer.status == 201
         link = (await call(port, "POST", "/chat/den/link", token=alice)).json()["link"]
-        file_id = await uploaded_file(port, alice, b"bytes")
+        file_id = (await alice_user.uploaded(b"bytes", "a.txt", "text/plain"))["id"]
         later = await call(port, "POST", "/send",
                            {"text": "later", "send_at": clock.now + 60}, token=alice)
         scheduled_id = later.json()["scheduled"]["id"]

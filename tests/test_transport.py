@@ -273,7 +273,7 @@ async def test_chunked_body_with_extension_and_trailer(client: Client) -> None:
 @pytest.mark.asyncio
 async def test_unread_body_is_skipped_on_keep_alive(client: Client) -> None:
     response = await client.request("POST", "/send", b'{"text": "no token"}')
-    assert response.status == 401
+    assert_error(response, 401, "unauthorized", "this route needs Authorization: Bearer <token>")
     assert (await client.request("GET", "/health")).status == 200
 
 
@@ -281,96 +281,110 @@ async def test_unread_body_is_skipped_on_keep_alive(client: Client) -> None:
 
 POST_CONNECT = "POST /connect HTTP/1.1"
 # (raw request, status, code): each error closes the connection.
-TRANSPORT_ERRORS: dict[str, tuple[bytes, int, str]] = {
+TRANSPORT_ERRORS: dict[str, tuple[bytes, int, str, str]] = {
     "cl-and-te": (
         head(POST_CONNECT, "Host: t", "Content-Length: 5", "Transfer-Encoding: chunked")
-        + b"0\r\n\r\n", 400, "bad_request"),
+        + b"0\r\n\r\n", 400, "bad_request", "Content-Length and Transfer-Encoding together"),
     "te-and-cl": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked", "Content-Length: 5")
-        + b"0\r\n\r\n", 400, "bad_request"),
+        + b"0\r\n\r\n", 400, "bad_request", "Content-Length and Transfer-Encoding together"),
     "chunked-not-last": (
-        head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked, gzip"), 400, "bad_request"),
+        head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked, gzip"), 400, "bad_request",
+        "chunked must be the last transfer coding, once"),
     "chunked-twice": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked, chunked"), 400,
-        "bad_request"),
+        "bad_request", "chunked must be the last transfer coding, once"),
     "conflicting-content-length": (
         head(POST_CONNECT, "Host: t", "Content-Length: 5", "Content-Length: 6") + b"123456",
-        400, "bad_request"),
+        400, "bad_request", "the content-length header appears twice"),
     "content-length-list": (
         head(POST_CONNECT, "Host: t", "Content-Length: 5, 6") + b"123456", 400,
-        "bad_request"),
+        "bad_request", "Content-Length must be decimal digits"),
     "content-length-sign": (
-        head(POST_CONNECT, "Host: t", "Content-Length: +5") + b"12345", 400, "bad_request"),
+        head(POST_CONNECT, "Host: t", "Content-Length: +5") + b"12345", 400, "bad_request",
+        "Content-Length must be decimal digits"),
     "content-length-hex": (
-        head(POST_CONNECT, "Host: t", "Content-Length: 0x5") + b"12345", 400, "bad_request"),
+        head(POST_CONNECT, "Host: t", "Content-Length: 0x5") + b"12345", 400, "bad_request",
+        "Content-Length must be decimal digits"),
     "chunk-size-not-hex": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked") + b"zz\r\nab\r\n0\r\n\r\n",
-        400, "bad_request"),
+        400, "bad_request", "malformed chunk size line"),
     "chunk-size-signed": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked") + b"-1\r\nab\r\n0\r\n\r\n",
-        400, "bad_request"),
+        400, "bad_request", "malformed chunk size line"),
     "chunk-size-0x": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked") + b"0x2\r\nab\r\n0\r\n\r\n",
-        400, "bad_request"),
-    "cr-in-value": (head("GET /health HTTP/1.1", "Host: t", "X-A: a\rb"), 400, "bad_request"),
-    "space-before-colon": (head("GET /health HTTP/1.1", "Host : t"), 400, "bad_request"),
+        400, "bad_request", "malformed chunk size line"),
+    "cr-in-value": (head("GET /health HTTP/1.1", "Host: t", "X-A: a\rb"), 400, "bad_request",
+                    "malformed header line"),
+    "space-before-colon": (head("GET /health HTTP/1.1", "Host : t"), 400, "bad_request",
+                           "malformed header line"),
     "folded-line": (head("GET /health HTTP/1.1", "Host: t", "X-A: b", " c"), 400,
-                    "bad_request"),
-    "bare-lf": (b"GET /health HTTP/1.1\nHost: t\n\n", 400, "bad_request"),
+                    "bad_request", "malformed header line"),
+    "bare-lf": (b"GET /health HTTP/1.1\nHost: t\n\n", 400, "bad_request",
+                "malformed request line"),
     "nul-in-value": (head("GET /health HTTP/1.1", "Host: t", "X-A: a\x00b"), 400,
-                     "bad_request"),
-    "no-host": (head("GET /health HTTP/1.1"), 400, "bad_request"),
-    "two-hosts": (head("GET /health HTTP/1.1", "Host: a", "Host: b"), 400, "bad_request"),
-    "malformed-version": (head("GET /health HTTP/1", "Host: t"), 400, "bad_request"),
-    "lowercase-version": (head("GET /health http/1.1", "Host: t"), 400, "bad_request"),
+                     "bad_request", "malformed header line"),
+    "no-host": (head("GET /health HTTP/1.1"), 400, "bad_request",
+                "HTTP/1.1 requests need a Host header"),
+    "two-hosts": (head("GET /health HTTP/1.1", "Host: a", "Host: b"), 400, "bad_request",
+                  "the host header appears twice"),
+    "malformed-version": (head("GET /health HTTP/1", "Host: t"), 400, "bad_request",
+                          "malformed HTTP version"),
+    "lowercase-version": (head("GET /health http/1.1", "Host: t"), 400, "bad_request",
+                          "malformed HTTP version"),
     "gzip-chunked": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: gzip, chunked"), 501,
-        "not_implemented"),
+        "not_implemented", "only the chunked transfer coding is supported"),
     "unknown-coding": (head(POST_CONNECT, "Host: t", "Transfer-Encoding: x-foo"), 501,
-                       "not_implemented"),
-    "http-2": (head("GET /health HTTP/2.0", "Host: t"), 505, "http_version"),
-    "http-3": (head("GET /health HTTP/3.0", "Host: t"), 505, "http_version"),
+                       "not_implemented", "only the chunked transfer coding is supported"),
+    "http-2": (head("GET /health HTTP/2.0", "Host: t"), 505, "http_version",
+               "only HTTP/1.x is served"),
+    "http-3": (head("GET /health HTTP/3.0", "Host: t"), 505, "http_version",
+               "only HTTP/1.x is served"),
     "request-line-too-long": (
-        head("GET /" + "a" * 9000 + " HTTP/1.1", "Host: t"), 414, "uri_too_long"),
+        head("GET /" + "a" * 9000 + " HTTP/1.1", "Host: t"), 414, "uri_too_long",
+        "the request line is longer than 8192 bytes"),
     "header-line-too-long": (
         head("GET /health HTTP/1.1", "Host: t", "X-Big: " + "a" * 9000), 431,
-        "headers_too_large"),
+        "headers_too_large", "a header line is longer than 8192 bytes"),
     "too-many-headers": (
         head("GET /health HTTP/1.1", "Host: t", *(f"X-{n}: v" for n in range(100))), 431,
-        "headers_too_large"),
+        "headers_too_large", "more than 100 header lines"),
     "head-too-large": (
         head("GET /health HTTP/1.1", "Host: t", *(f"X-{n}: {'v' * 7000}" for n in range(5))),
-        431, "headers_too_large"),
+        431, "headers_too_large", "the request head is larger than 32768 bytes"),
     "body-too-large": (
-        head(POST_CONNECT, "Host: t", "Content-Length: 70000"), 413, "too_large"),
+        head(POST_CONNECT, "Host: t", "Content-Length: 70000"), 413, "too_large",
+        "the body is larger than 65536 bytes"),
     "chunked-too-large": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked") + b"10001\r\n", 413,
-        "too_large"),
+        "too_large", "the body is larger than 65536 bytes"),
     "chunked-too-large-whole": (
         head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked")
         + b"".join(b"400\r\n" + b" " * 1024 + b"\r\n" for _ in range(70)) + b"0\r\n\r\n",
-        413, "too_large"),
+        413, "too_large", "the body is larger than 65536 bytes"),
 }
 TRANSPORT_ERROR_PARAMS = [pytest.param(*case, id=name) for name, case in TRANSPORT_ERRORS.items()]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("raw", "status", "code"), TRANSPORT_ERROR_PARAMS)
+@pytest.mark.parametrize(("raw", "status", "code", "message"), TRANSPORT_ERROR_PARAMS)
 async def test_transport_error_answers_and_closes(
-    tmp_path: Path, clock: FakeClock, raw: bytes, status: int, code: str
+    tmp_path: Path, clock: FakeClock, raw: bytes, status: int, code: str, message: str
 ) -> None:
     # A short body timeout: a server that waits for a body it should refuse answers 408 soon.
     config = make_config(tmp_path, body_timeout=1.0)
     async with ms.MessengerServer(config, clock) as server:
-        await _error_answers_and_closes(server, raw, status, code)
+        await _error_answers_and_closes(server, raw, status, code, message)
 
 
 async def _error_answers_and_closes(
-    server: ms.MessengerServer, raw: bytes, status: int, code: str
+    server: ms.MessengerServer, raw: bytes, status: int, code: str, message: str
 ) -> None:
     async with Client(server.port) as client:
         await client.send_raw(raw)
-        assert_error(await client.response(), status, code)
+        assert_error(await client.response(), status, code, message)
         assert await client.closed()
     await health_on_a_new_connection(server.port)
 
@@ -391,7 +405,8 @@ async def test_transport_limits_are_inclusive(server: ms.MessengerServer) -> Non
 async def test_transport_unknown_method_501(server: ms.MessengerServer, method: str) -> None:
     async with Client(server.port) as client:
         await client.send_raw(head(f"{method} /health HTTP/1.1", "Host: t"))
-        assert_error(await client.response(), 501, "not_implemented")
+        unknown = f"the method {method} is not implemented"
+        assert_error(await client.response(), 501, "not_implemented", unknown)
     await health_on_a_new_connection(server.port)
 
 
@@ -407,7 +422,10 @@ async def test_transport_smuggled_request_is_never_answered(
     )
     async with Client(server.port) as client:
         await client.send_raw(raw)
-        assert_error(await client.response(), 400, "bad_request")
+        assert_error(
+            await client.response(), 400, "bad_request",
+            "Content-Length and Transfer-Encoding together"
+        )
         assert await client.closed()
 
 
@@ -421,7 +439,7 @@ async def test_slowloris_head_gets_408_and_close(fast_server: ms.MessengerServer
         started = loop.time()
         await client.send_raw(b"GET /health HTTP/1.1\r\nHo")
         response = await client.response()
-        assert_error(response, 408, "timeout")
+        assert_error(response, 408, "timeout", "the request head did not arrive in time")
         assert response.headers["connection"].lower() == "close"
         assert await client.closed()
         assert 0.25 <= loop.time() - started < 2
@@ -437,14 +455,16 @@ async def test_slow_head_deadline_is_for_the_whole_head(
     async with Client(fast_server.port) as client:
         await client.send_raw(b"GET /health HTTP/1.1\r\n")
         response = await response_while_trickling(client, b"X")
-        assert_error(response, 408, "timeout")
+        assert_error(response, 408, "timeout", "the request head did not arrive in time")
 
 
 @pytest.mark.asyncio
 async def test_stalled_body_gets_408_and_close(fast_server: ms.MessengerServer) -> None:
     async with Client(fast_server.port) as client:
         await client.send_raw(head(POST_CONNECT, "Host: t", "Content-Length: 100") + b'{"us')
-        assert_error(await client.response(), 408, "timeout")
+        assert_error(
+            await client.response(), 408, "timeout", "the request body did not arrive in time"
+        )
         assert await client.closed()
     await health_on_a_new_connection(fast_server.port)
 
@@ -458,7 +478,7 @@ async def test_slow_body_deadline_is_for_the_whole_body(
     async with Client(fast_server.port) as client:
         await client.send_raw(head(POST_CONNECT, "Host: t", "Content-Length: 1000"))
         response = await response_while_trickling(client, b" ")
-        assert_error(response, 408, "timeout")
+        assert_error(response, 408, "timeout", "the request body did not arrive in time")
 
 
 @pytest.mark.asyncio
@@ -467,7 +487,9 @@ async def test_stalled_chunked_body_gets_408(fast_server: ms.MessengerServer) ->
         await client.send_raw(
             head(POST_CONNECT, "Host: t", "Transfer-Encoding: chunked") + b"10\r\n{\"us"
         )
-        assert_error(await client.response(), 408, "timeout")
+        assert_error(
+            await client.response(), 408, "timeout", "the request body did not arrive in time"
+        )
         assert await client.closed()
 
 
@@ -508,7 +530,9 @@ async def test_per_ip_cap_refuses_the_extra_connection(
                 assert (await client.request("GET", "/health")).status == 200
             async with Client(server.port) as fourth:
                 response = await fourth.response()
-                assert_error(response, 503, "unavailable")
+                assert_error(
+                    response, 503, "unavailable", "too many open connections from your address"
+                )
                 assert response.headers["connection"].lower() == "close"
                 assert await fourth.closed()
             for client in clients:
@@ -549,7 +573,9 @@ async def test_a_refused_upload_still_being_sent_gets_its_413_and_no_reset(
             head("POST /files?name=big HTTP/1.1", "Host: t", f"Authorization: Bearer {token}",
                  f"Content-Length: {100 * 1024 * 1024}")
         )
-        assert_error(await client.response(), 413, "too_large")
+        assert_error(
+            await client.response(), 413, "too_large", "files are limited to 5242880 bytes"
+        )
         for _ in range(16):  # a client busy with its upload, not yet reading the answer
             await client.send_raw(b"x" * 65536)
         assert await client.closed()
@@ -603,7 +629,10 @@ async def test_a_body_larger_than_any_route_takes_is_a_413(
         await client.send_raw(
             head(f"POST {target} HTTP/1.1", "Host: t", f"Content-Length: {too_big}")
         )
-        assert_error(await client.response(), 413, "too_large")
+        too_large = "the body is larger than" if target.startswith("/files") else (
+            "no route takes a body over"
+        )
+        assert_error(await client.response(), 413, "too_large", too_large)
         assert await client.closed()
 
 
@@ -615,5 +644,7 @@ async def test_a_body_within_the_limits_keeps_the_order_of_checks(
     connection lives on, the body skipped."""
     async with Client(server.port) as client:
         response = await client.request("POST", "/send", b"x" * 100 * 1024)
-        assert_error(response, 401, "unauthorized")
+        assert_error(
+            response, 401, "unauthorized", "this route needs Authorization: Bearer <token>"
+        )
         assert (await client.request("GET", "/health")).status == 200
