@@ -350,6 +350,11 @@ class RateLimited(MessengerError):
         return [("Retry-After", str(self.retry_after)), *rate_headers(self.rate)]
 
 
+def how_many(count: int, noun: str) -> str:
+    """A count with its noun, for messages: ``1 chat``, ``2 chats``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def rate_headers(rate: RateInfo | None) -> list[tuple[str, str]]:
     """GitHub's X-RateLimit-* headers, for sends to the general chat."""
     if rate is None:
@@ -1008,12 +1013,12 @@ class UnknownMessage(NotFound):
 
 class UnknownFile(NotFound):
     def __init__(self, file_id: str) -> None:
-        super().__init__(f"no file {file_id} that you can use")
+        super().__init__(f"no file {file_id!r} that you can use")
 
 
 class UnknownScheduled(NotFound):
     def __init__(self, scheduled_id: str) -> None:
-        super().__init__(f"no pending scheduled message {scheduled_id} of yours")
+        super().__init__(f"no pending scheduled message {scheduled_id!r} of yours")
 
 
 class Message(NamedTuple):
@@ -1374,7 +1379,7 @@ class Accounts:
         now = self._messenger.clock()
         if self.registrations.used(address, now) >= self._rules.registrations_per_ip:
             raise RateLimited(
-                f"at most {self._rules.registrations_per_ip} new users per address "
+                f"at most {how_many(self._rules.registrations_per_ip, 'new user')} per address "
                 "and registration window: try again later",
                 self.registrations.reset_at(address, now) - now,
             )
@@ -1704,7 +1709,8 @@ class Messenger:
                 raise InvalidField("send_at must be in the future, at most 7 days ahead")
             if len(user.scheduled) >= self.rules.max_scheduled:
                 raise QuotaExceeded(
-                    f"at most {self.rules.max_scheduled} scheduled messages may be pending"
+                    f"at most {how_many(self.rules.max_scheduled, 'scheduled message')} "
+                    "may be pending"
                 )
             scheduled_id = secrets.token_hex(12)  # hex: an id never starts with "-"
             self.emit(
@@ -1789,8 +1795,8 @@ class Messenger:
         if user.flood.used(now, self.rules.flood_window) >= self.rules.flood_limit:
             reset = user.flood.reset_at(now, self.rules.flood_window) or now
             raise RateLimited(
-                f"at most {self.rules.flood_limit} messages, invitations and join requests "
-                f"per {self.rules.flood_window:g} seconds: slow down",
+                f"messages, invitations and join requests are limited to "
+                f"{self.rules.flood_limit} per {self.rules.flood_window:g} seconds: slow down",
                 reset - now,
             )
 
@@ -1808,7 +1814,7 @@ class Messenger:
             rate = self._rate(user, GENERAL)
             reset = rate.reset if rate is not None and rate.reset is not None else now
             raise RateLimited(
-                f"at most {self.rules.rate_limit} messages per window in {GENERAL}",
+                f"at most {how_many(self.rules.rate_limit, 'message')} per window in {GENERAL}",
                 reset - now,
                 rate,
             )
@@ -2095,7 +2101,9 @@ class Messenger:
             if name in chat.members and user.active_chat == chat_name:
                 return chat, False
         elif user.owned >= self.rules.max_owned_chats:
-            raise QuotaExceeded(f"you may create at most {self.rules.max_owned_chats} chats")
+            raise QuotaExceeded(
+                f"you may create at most {how_many(self.rules.max_owned_chats, 'chat')}"
+            )
         if chat is None or name not in chat.members:
             self._check_memberships(user)
         self.emit("join", chat_name, name, bool(private), self.clock())
@@ -2104,7 +2112,8 @@ class Messenger:
     def _check_memberships(self, user: User) -> None:
         if len(user.chats) >= self.rules.max_memberships:
             raise QuotaExceeded(
-                f"{user.name} may be a member of at most {self.rules.max_memberships} chats"
+                f"{user.name} may be a member of at most "
+                f"{how_many(self.rules.max_memberships, 'chat')}"
             )
 
     def leave(self, name: str, chat_name: str) -> Chat:
@@ -3535,6 +3544,8 @@ class Fields:
         if pattern is not None and not pattern.fullmatch(value):
             raise InvalidField(f"{name} must match {pattern.pattern}")
         if not min_length <= len(value) <= max_length:
+            if min_length == 0:
+                raise InvalidField(f"{name} must be at most {max_length} characters")
             raise InvalidField(f"{name} must be {min_length} to {max_length} characters")
         try:
             value.encode("utf-8")
@@ -3563,10 +3574,7 @@ class Fields:
             value = float(value)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise InvalidField(f"{name} must be a number")
-        try:
-            number = float(value)  # an integer of hundreds of digits overflows here
-        except OverflowError as exc:
-            raise InvalidField(f"{name} is too large") from exc
+        number = float(value)  # no overflow: see _parse_json_int
         if not math.isfinite(number) or number < minimum:
             if math.isinf(clamp_to):
                 raise InvalidField(f"{name} must be a finite number of at least {minimum:g}")
@@ -3584,7 +3592,19 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-_json_decoder: Final = json.JSONDecoder(parse_constant=_reject_constant)
+MAX_INT_DIGITS: Final = 300  # longer than any id or time: a float (finite, or inf) instead
+
+
+def _parse_json_int(digits: str) -> int | float:
+    """A JSON integer: a long one is read as a float (of up to 308 digits, finite; then
+    inf), so that every number has one check and one message, however many its digits
+    (``int()`` refuses more than 4,300 of them; ``float()`` of a longer int overflows)."""
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
+
+
+_json_decoder: Final = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_int=_parse_json_int
+)
 
 
 class Waiters:

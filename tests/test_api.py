@@ -358,7 +358,7 @@ async def test_send_to_chat_not_a_member_403(server: ms.MessengerServer) -> None
 @pytest.mark.parametrize(
     ("text", "message"),
     [("", TEXT_RULE),
-     ("x" * 4097, "text must be 0 to 4096 characters")],
+     ("x" * 4097, "text must be at most 4096 characters")],
     ids=["empty", "4097"],
 )
 async def test_send_text_length_400(server: ms.MessengerServer, text: str, message: str) -> None:
@@ -1278,13 +1278,14 @@ async def test_send_invalid_field_400(server: ms.MessengerServer, body: Any, mes
     [
         (b'{"text": "x", "send_at": 1e999}', FINITE_SEND_AT),
         (b'{"text": "x", "reply_to": -1e999}', REPLY_TO_RULE),
-        (b'{"text": "x", "reply_to": 1' + b"0" * 5000 + b"}", NOT_JSON),
-        (b'{"text": "x", "send_at": 1' + b"0" * 5000 + b"}", NOT_JSON),
+        (b'{"text": "x", "reply_to": 1' + b"0" * 5000 + b"}", REPLY_TO_RULE),
+        (b'{"text": "x", "send_at": 1' + b"0" * 400 + b"}", FINITE_SEND_AT),
+        (b'{"text": "x", "send_at": 1' + b"0" * 5000 + b"}", FINITE_SEND_AT),
         (b'{"text": "x", "send_at": 1' + b"0" * 5000 + b".5}", FINITE_SEND_AT),
         (b'{"text": "x", "send_at": 0.' + b"0" * 5000 + b"1}", SEND_AT_RULE),
-        (b'{"user": 1' + b"0" * 5000 + b', "password": "x"}', NOT_JSON),
+        (b'{"user": 1' + b"0" * 5000 + b', "password": "x"}', "user must be a string"),
     ],
-    ids=["send_at-1e999", "reply_to-minus-1e999", "reply_to-5000-digits",
+    ids=["send_at-1e999", "reply_to-minus-1e999", "reply_to-5000-digits", "send_at-400-digits",
          "send_at-5000-digits", "send_at-5000-digit-float", "send_at-tiny", "user-5000-digits"],
 )
 async def test_send_huge_numbers_400(
@@ -1293,8 +1294,8 @@ async def test_send_huge_numbers_400(
     (alice,) = await login(server, "alice")
     path = "/connect" if raw.startswith(b'{"user"') else "/send"
     response = await alice.post(path, raw)
-    # Valid JSON with an out-of-range number: either code is a 400 the user can act on.
-    assert_error(response, 400, {"bad_json", "invalid_field"}, message)
+    # Valid JSON with a number out of range, however many its digits: one field's refusal.
+    assert_error(response, 400, "invalid_field", message)
 
 
 @pytest.mark.asyncio
@@ -1391,7 +1392,7 @@ async def test_privacy_outsider_reads_nothing(
     joined = await eve.join("secret")
     assert_error(joined, 403, "forbidden", "secret is private: ask its owner for an invitation")
     download = await eve.get(f"/files/{private_world['file']}")
-    assert_error(download, 404, "not_found", f"no file {private_world['file']} that you can use")
+    assert_error(download, 404, "not_found", f"no file {private_world['file']!r} that you can use")
     requests = await eve.get("/chat/secret/requests")
     assert_error(requests, 403, "forbidden", "only the owner of secret may do that")
     chats = {c["name"] for c in (await eve.json("/chat"))["chats"]}
@@ -1419,13 +1420,6 @@ async def test_privacy_the_two_parties_see_it_all(
 
 
 # Found by review ############################################################
-
-
-@pytest.mark.asyncio
-async def test_send_at_with_hundreds_of_digits_400(server: ms.MessengerServer) -> None:
-    (alice,) = await login(server, "alice")
-    raw = b'{"text": "x", "send_at": 1' + b"0" * 400 + b"}"
-    assert_error(await alice.post("/send", raw), 400, "invalid_field", "send_at is too large")
 
 
 @pytest.mark.asyncio

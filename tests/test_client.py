@@ -591,7 +591,7 @@ def test_send_over_the_rate_limit_says_when_to_try_again(
     cli("send", "one")
     line = error_line(cli("send", "two", code=1))
     assert re.fullmatch(
-        r"Error: at most 1 messages per window in general \(try again in \d+ s\)", line
+        r"Error: at most 1 message per window in general \(try again in \d+ s\)", line
     ), line
 
 
@@ -611,7 +611,7 @@ def test_send_later_list_and_cancel(cli: Cli) -> None:
     assert cli("cancel", item["id"]).stdout == f"Cancelled {item['id']}.\n"
     assert cli("scheduled").stdout == "No scheduled messages.\n"
     line = error_line(cli("cancel", item["id"], code=1))
-    assert line == f"Error: no pending scheduled message {item['id']} of yours"
+    assert line == f"Error: no pending scheduled message {item['id']!r} of yours"
 
 
 def test_send_at_a_clock_time_or_an_iso_datetime(cli: Cli) -> None:
@@ -698,7 +698,7 @@ def test_download_keeps_only_the_base_name(
 def test_download_an_unknown_file_fails(cli: Cli) -> None:
     cli.login("alice")
     line = error_line(cli("download", "nosuchfile", code=1))
-    assert line == "Error: no file nosuchfile that you can use"
+    assert line == "Error: no file 'nosuchfile' that you can use"
 
 
 # status, report ##############################################################
@@ -1027,7 +1027,7 @@ def test_json_errors_carry_the_hint_and_retry_after(serve: Callable[..., ServerT
     cli("send", "one")
     error = json_error(cli("send", "two", json_output=True, code=1))
     assert (error["error"], error["status"]) == ("rate_limited", 429)
-    assert error["message"] == "at most 1 messages per window in general"
+    assert error["message"] == "at most 1 message per window in general"
     assert error["hint"] == f"try again in {error['retry_after']} s"
 
 

@@ -730,10 +730,10 @@ def test_cancel_only_the_callers_pending_messages(
     messenger: ms.Messenger, clock: FakeClock
 ) -> None:
     later = schedule(messenger, "alice", "later", chat="club", send_at=clock.now + 60)
-    with pytest.raises(ms.NotFound, match=f"no pending scheduled message {later.id} of yours"):
+    with pytest.raises(ms.NotFound, match=f"no pending scheduled message {later.id!r} of yours"):
         messenger.cancel("bob", later.id)
     messenger.cancel("alice", later.id)
-    with pytest.raises(ms.NotFound, match=f"no pending scheduled message {later.id} of yours"):
+    with pytest.raises(ms.NotFound, match=f"no pending scheduled message {later.id!r} of yours"):
         messenger.cancel("alice", later.id)
     clock.advance(60)
     messenger.tick()
@@ -884,7 +884,7 @@ def test_expire_drops_an_unused_file_after_the_ttl(
     clock.advance(1)
     messenger.tick()
     assert (messenger.files, gone) == ({}, [F])
-    with pytest.raises(ms.NotFound, match=f"no file {F} that you can use"):
+    with pytest.raises(ms.NotFound, match=f"no file {F!r} that you can use"):
         messenger.send("alice", ms.Draft("", file=F))
 
 

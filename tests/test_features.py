@@ -381,7 +381,7 @@ async def test_scheduled_cancel_of_nothing_pending_is_404(
 
     response = await alice.call("DELETE", f"/scheduled/{scheduled_id}")
 
-    message = f"no pending scheduled message {scheduled_id} of yours"
+    message = f"no pending scheduled message {scheduled_id!r} of yours"
     assert_error(response, 404, "not_found", message)
     assert await alice.history() == (["gone"] if case == "already-sent" else [])
 
@@ -1141,7 +1141,7 @@ async def test_file_is_readable_by_the_uploader_and_the_audience_of_a_message_ca
     alice, bob, carol = await login(files_server, "alice", "bob", "carol")
     record = await alice.uploaded(b"for bob only")
     path = f"/files/{record['id']}"
-    unusable = f"no file {record['id']} that you can use"
+    unusable = f"no file {record['id']!r} that you can use"
     assert_error(await bob.get(path), 404, "not_found", unusable)  # not shared yet
 
     await alice.posted("", to="bob", file=record["id"])
@@ -1220,9 +1220,9 @@ async def test_send_with_a_file_not_uploaded_by_the_sender_is_404(
 
     response = await bob.send("look", file=file_id)
 
-    assert_error(response, 404, "not_found", f"no file {file_id} that you can use")
+    assert_error(response, 404, "not_found", f"no file {file_id!r} that you can use")
     assert await bob.history() == []
-    unusable = f"no file {file_id} that you can use"
+    unusable = f"no file {file_id!r} that you can use"
     assert_error(await bob.get(f"/files/{file_id}"), 404, "not_found", unusable)
 
 

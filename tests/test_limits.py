@@ -63,7 +63,7 @@ def test_flood_limit_counts_chats_private_comments_and_scheduled_alike(clock: Fa
     clock.advance(59)
     with pytest.raises(
         ms.RateLimited,
-        match="at most 4 messages, invitations and join requests per 60 seconds: slow down",
+        match="messages, invitations and join requests are limited to 4 per 60 seconds: slow down",
     ) as refused:
         send(messenger, "a", chat="room")
     assert refused.value.retry_after == pytest.approx(1)
@@ -166,7 +166,7 @@ async def test_invitation_flood_over_http_is_429_with_retry_after(
             refused = await client.request("POST", "/chat/den/invite", {"user": "dave"},
                                            token=alice)
         assert_error(
-            refused, 429, "rate_limited", "at most 2 messages, invitations and join requests"
+            refused, 429, "rate_limited", "messages, invitations and join requests are limited to 2"
         )
         assert refused.headers["retry-after"] == "60"
 
@@ -295,7 +295,7 @@ def test_chats_created_are_capped_with_quota_exceeded(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, max_owned_chats=1)
     register(messenger, "a")
     messenger.join("a", "mine", None)
-    with pytest.raises(ms.QuotaExceeded, match="you may create at most 1 chats"):
+    with pytest.raises(ms.QuotaExceeded, match="you may create at most 1 chat"):
         messenger.join("a", "another", None)
 
 
@@ -539,7 +539,7 @@ async def test_flood_over_http_is_429_with_retry_after(tmp_path: Path, clock: Fa
             refused = await client.request("POST", "/send", {"text": "4"}, token=alice)
         assert_error(
             refused, 429, "rate_limited",
-            "at most 3 messages, invitations and join requests per 60 seconds: slow down",
+            "messages, invitations and join requests are limited to 3 per 60 seconds: slow down",
         )
         assert refused.headers["retry-after"] == "60"
 
@@ -601,7 +601,7 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
                             headers=forwarded("10.0.0.2"))
         assert_error(
             second, 429, "rate_limited",
-            "at most 1 new users per address and registration window: try again later"
+            "at most 1 new user per address and registration window: try again later"
         )
 
 
@@ -683,9 +683,9 @@ async def test_two_clients_behind_nginx_get_their_own_limits_and_log_lines(
 
         assert (await connect_from("127.0.0.2", "first")).status == 201
         refused = await connect_from("127.0.0.2", "second")
-        assert "at most 1 new users" in assert_error(
+        assert "at most 1 new user" in assert_error(
             refused, 429, "rate_limited",
-            "at most 1 new users per address and registration window: try again later"
+            "at most 1 new user per address and registration window: try again later"
         )["message"]
         assert (await connect_from("127.0.0.3", "third")).status == 201, "its own count"
 

@@ -363,12 +363,12 @@ async def test_a_client_cannot_forge_a_log_line(spawn: Spawn) -> None:
     token = await connect(server.port, "alice")
     forged = quote("x\n2030-01-01 00:00:00,000 WARNING messenger: forged", safe="")
     response = await call(server.port, "GET", f"/files/{forged}", token=token)
-    assert_error(response, 404, "not_found", "no file x")
+    assert_error(response, 404, "not_found", "no file 'x\\n2030-01-01")  # quoted, escaped
     response = await call(server.port, "GET", "/status", token=token)  # a line after it
     await server.stop(signal.SIGTERM)
     assert not [line for line in server.log if line.startswith("2030-01-01")]
     quoted = [line for line in server.log if "forged" in line]
-    assert len(quoted) == 1 and "x\\n2030" in quoted[0], quoted
+    assert len(quoted) == 1 and "\\n2030" in quoted[0], quoted
 
 
 async def logged_changes(
