@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -1100,87 +1101,102 @@ def world(clock: FakeClock) -> World:
 
 Action = Callable[[World], object]
 
-REFUSED: list[tuple[str, Action, type[ms.MessengerError]]] = [
+REFUSED: list[tuple[str, Action, type[ms.MessengerError], str]] = [
     ("send to a chat one is not in", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", chat="secret")), ms.NotAMember),
+        "carol", ms.Draft("x", chat="secret")), ms.NotAMember, "you are not a member of secret"),
     ("send to an unknown chat", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", chat="nowhere")), ms.UnknownChat),
+        "carol", ms.Draft("x", chat="nowhere")), ms.UnknownChat, "no chat named 'nowhere'"),
     ("send to an unknown user", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", to="nobody")), ms.UnknownUser),
+        "carol", ms.Draft("x", to="nobody")), ms.UnknownUser, "no user named 'nobody'"),
     ("send with chat and to", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", chat="general", to="bob")), ms.InvalidField),
+        "carol", ms.Draft("x", chat="general", to="bob")), ms.InvalidField,
+     "give chat or to, not both"),
     ("comment on a hidden message", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", reply_to=w.private)), ms.UnknownMessage),
+        "carol", ms.Draft("x", reply_to=w.private)), ms.UnknownMessage, "that you can see"),
     ("comment elsewhere", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", reply_to=w.general, to="bob")), ms.InvalidField),
+        "carol", ms.Draft("x", reply_to=w.general, to="bob")), ms.InvalidField,
+     "a comment goes where its parent is: drop chat and to"),
     ("send another's file", lambda w: w.messenger.send(
-        "bob", ms.Draft("x", file=F)), ms.NotFound),
+        "bob", ms.Draft("x", file=F)), ms.NotFound, f"no file {F} that you can use"),
     ("send_at in the past", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", send_at=w.clock.now - 1)), ms.InvalidField),
+        "carol", ms.Draft("x", send_at=w.clock.now - 1)), ms.InvalidField,
+     "send_at must be in the future, at most 7 days ahead"),
     ("send_at too far", lambda w: w.messenger.send(
-        "carol", ms.Draft("x", send_at=w.clock.now + 8 * DAY)), ms.InvalidField),
-    ("send while banned", lambda w: w.messenger.send("dave", ms.Draft("x")), ms.Banned),
-    ("send over the limit", lambda w: w.messenger.send("eve", ms.Draft("x")), ms.RateLimited),
+        "carol", ms.Draft("x", send_at=w.clock.now + 8 * DAY)), ms.InvalidField,
+     "send_at must be in the future, at most 7 days ahead"),
+    ("send while banned", lambda w: w.messenger.send("dave", ms.Draft("x")), ms.Banned,
+     "you are banned from sending after reports from other users"),
+    ("send over the limit", lambda w: w.messenger.send("eve", ms.Draft("x")), ms.RateLimited,
+     "at most 2 messages per window in general"),
     ("schedule over the limit", lambda w: w.messenger.send(
-        "eve", ms.Draft("x", send_at=w.clock.now + 60)), ms.RateLimited),
+        "eve", ms.Draft("x", send_at=w.clock.now + 60)), ms.RateLimited,
+     "at most 2 messages per window in general"),
     ("comment over the limit", lambda w: w.messenger.send(
-        "eve", ms.Draft("x", reply_to=w.general)), ms.RateLimited),
+        "eve", ms.Draft("x", reply_to=w.general)), ms.RateLimited,
+     "at most 2 messages per window in general"),
     ("poll a chat one is not in", lambda w: w.messenger.poll(
-        "carol", 0, ["secret"], 10), ms.NotAMember),
+        "carol", 0, ["secret"], 10), ms.NotAMember, "you are not a member of secret"),
     ("poll a chat one is not in among others", lambda w: w.messenger.poll(
-        "carol", 0, ["general", "@", "secret"], 10), ms.NotAMember),
+        "carol", 0, ["general", "@", "secret"], 10), ms.NotAMember,
+     "you are not a member of secret"),
     ("poll an unknown user's conversation", lambda w: w.messenger.poll(
-        "carol", 0, ["@nobody"], 10), ms.UnknownUser),
+        "carol", 0, ["@nobody"], 10), ms.UnknownUser, "no user named 'nobody'"),
     ("history of a chat one is not in", lambda w: w.messenger.history(
-        "carol", "secret", None, 10), ms.NotAMember),
+        "carol", "secret", None, 10), ms.NotAMember, "you are not a member of secret"),
     ("thread of a hidden private message", lambda w: w.messenger.thread(
-        "carol", w.private), ms.UnknownMessage),
+        "carol", w.private), ms.UnknownMessage, "that you can see"),
     ("thread of a hidden chat message", lambda w: w.messenger.thread(
-        "carol", w.secret), ms.UnknownMessage),
+        "carol", w.secret), ms.UnknownMessage, "that you can see"),
     ("join a private chat uninvited", lambda w: w.messenger.join(
-        "carol", "secret", None), ms.Forbidden),
+        "carol", "secret", None), ms.Forbidden,
+     "secret is private: ask its owner for an invitation"),
     ("join with the other privacy", lambda w: w.messenger.join(
-        "carol", "secret", False), ms.Conflict),
-    ("leave general", lambda w: w.messenger.leave("carol", "general"), ms.BadRequest),
+        "carol", "secret", False), ms.Conflict, "secret is already taken by a private chat"),
+    ("leave general", lambda w: w.messenger.leave("carol", "general"), ms.BadRequest,
+     "nobody leaves general: every user stays a member"),
     ("leave a chat one is not in", lambda w: w.messenger.leave(
-        "carol", "secret"), ms.NotAMember),
+        "carol", "secret"), ms.NotAMember, "you are not a member of secret"),
     ("invite as a non-owner", lambda w: w.messenger.invite(
-        "bob", "secret", "carol"), ms.Forbidden),
+        "bob", "secret", "carol"), ms.Forbidden, "only the owner of secret may do that"),
     ("invite an unknown user", lambda w: w.messenger.invite(
-        "alice", "secret", "nobody"), ms.UnknownUser),
+        "alice", "secret", "nobody"), ms.UnknownUser, "no user named 'nobody'"),
     ("make a link as a non-owner", lambda w: w.messenger.make_link(
-        "bob", "secret"), ms.Forbidden),
+        "bob", "secret"), ms.Forbidden, "only the owner of secret may do that"),
     ("join by an unknown link", lambda w: w.messenger.request_join(
-        "carol", "no-such-link"), ms.NotFound),
+        "carol", "no-such-link"), ms.NotFound, "unknown or revoked join link"),
     ("decide without a request", lambda w: w.messenger.decide(
-        "alice", "secret", "carol", True), ms.NotFound),
+        "alice", "secret", "carol", True), ms.NotFound,
+     "carol has no pending request to join secret"),
     ("decide as a non-owner", lambda w: w.messenger.decide(
-        "carol", "secret", "bob", True), ms.Forbidden),
+        "carol", "secret", "bob", True), ms.Forbidden, "only the owner of secret may do that"),
     ("report oneself", lambda w: w.messenger.moderation.report(
-        "carol", "carol", ""), ms.InvalidField),
+        "carol", "carol", ""), ms.InvalidField, "you cannot report yourself"),
     ("report an unknown user", lambda w: w.messenger.moderation.report(
-        "carol", "nobody", ""), ms.UnknownUser),
+        "carol", "nobody", ""), ms.UnknownUser, "no user named 'nobody'"),
     ("report over the limit", lambda w: w.messenger.moderation.report(
-        "alice", "carol", ""), ms.RateLimited),
+        "alice", "carol", ""), ms.RateLimited, "too many reports: try again later"),
     ("cancel another's message", lambda w: w.messenger.cancel(
-        "bob", w.scheduled), ms.NotFound),
+        "bob", w.scheduled), ms.NotFound, "no pending scheduled message "),
     ("cancel an unknown message", lambda w: w.messenger.cancel(
-        "alice", "nothing"), ms.NotFound),
-    ("read a hidden file", lambda w: w.messenger.uploads.readable_file("bob", F), ms.NotFound),
+        "alice", "nothing"), ms.NotFound, "no pending scheduled message nothing of yours"),
+    ("read a hidden file", lambda w: w.messenger.uploads.readable_file("bob", F), ms.NotFound,
+     f"no file {F} that you can use"),
     ("register a taken name", lambda w: w.messenger.accounts.register(
-        "bob", b"h", b"s", 4, "t", "10.0.0.1"), ms.Conflict),
+        "bob", b"h", b"s", 4, "t", "10.0.0.1"), ms.Conflict, "the name bob was taken a moment ago"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("action", "error"), [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED]
+    ("action", "error", "message"),
+    [case[1:] for case in REFUSED],
+    ids=[case[0] for case in REFUSED],
 )
 def test_refused_request_records_no_event(
-    world: World, action: Action, error: type[ms.MessengerError]
+    world: World, action: Action, error: type[ms.MessengerError], message: str
 ) -> None:
     before = world.messenger.export()
     recorded = len(world.events)
-    with pytest.raises(error):
+    with pytest.raises(error, match=re.escape(message)):
         action(world)
     assert world.events[recorded:] == []
     assert world.messenger.export() == before

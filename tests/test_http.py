@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 import pytest
@@ -109,101 +110,152 @@ def test_parse_head_chunked(coding: str) -> None:
     assert request.chunked and request.content_length is None and request.has_body
 
 
-BAD_HEADS: list[tuple[str, list[str], type[ms.MessengerError]]] = [
-    ("missing host", ["GET / HTTP/1.1"], ms.BadRequest),
-    ("two hosts", ["GET / HTTP/1.1", "Host: a", "Host: a"], ms.BadRequest),
-    ("host list", ["GET / HTTP/1.1", "Host: a, b"], ms.BadRequest),
-    ("host userinfo", ["GET / HTTP/1.1", "Host: u@a"], ms.BadRequest),
-    ("host path", ["GET / HTTP/1.1", "Host: a/b"], ms.BadRequest),
-    ("empty host", ["GET / HTTP/1.1", "Host: "], ms.BadRequest),
+BAD_HEADS: list[tuple[str, list[str], type[ms.MessengerError], str]] = [
+    ("missing host", ["GET / HTTP/1.1"], ms.BadRequest, "HTTP/1.1 requests need a Host header"),
+    ("two hosts", ["GET / HTTP/1.1", "Host: a", "Host: a"], ms.BadRequest,
+     "the host header appears twice"),
+    ("host list", ["GET / HTTP/1.1", "Host: a, b"], ms.BadRequest,
+     "the Host header is not a valid host[:port]"),
+    ("host userinfo", ["GET / HTTP/1.1", "Host: u@a"], ms.BadRequest,
+     "the Host header is not a valid host[:port]"),
+    ("host path", ["GET / HTTP/1.1", "Host: a/b"], ms.BadRequest,
+     "the Host header is not a valid host[:port]"),
+    ("empty host", ["GET / HTTP/1.1", "Host: "], ms.BadRequest,
+     "the Host header is not a valid host[:port]"),
     (
         "two authorizations",
         ["GET / HTTP/1.1", "Host: a", "Authorization: a", "Authorization: b"],
         ms.BadRequest,
+        "the authorization header appears twice",
     ),
-    ("double space", ["GET  / HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("tab separator", ["GET\t/ HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("leading space", [" GET / HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("no target", ["GET HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("space in target", ["GET /a b HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("non-token method", ['G"T / HTTP/1.1', "Host: a"], ms.BadRequest),
-    ("lowercase version", ["GET / http/1.1", "Host: a"], ms.BadRequest),
-    ("version without minor", ["GET / HTTP/1", "Host: a"], ms.BadRequest),
-    ("version two digits", ["GET / HTTP/1.10", "Host: a"], ms.BadRequest),
-    ("version leading zero", ["GET / HTTP/01.1", "Host: a"], ms.BadRequest),
-    ("garbage after version", ["GET / HTTP/1.1 x", "Host: a"], ms.BadRequest),
-    ("http 2", ["GET / HTTP/2.0", "Host: a"], ms.VersionNotSupported),
-    ("http 0.9 shape", ["GET / HTTP/0.9"], ms.VersionNotSupported),
-    ("asterisk with get", ["GET * HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("absolute userinfo", ["GET http://u:p@a/ HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("relative target", ["GET health HTTP/1.1", "Host: a"], ms.BadRequest),
-    ("space before colon", ["GET / HTTP/1.1", "Host: a", "X-A : 1"], ms.BadRequest),
-    ("tab before colon", ["GET / HTTP/1.1", "Host: a", "X-A\t: 1"], ms.BadRequest),
-    ("obs-fold", ["GET / HTTP/1.1", "Host: a", "X-A: 1", " 2"], ms.BadRequest),
-    ("no colon", ["GET / HTTP/1.1", "Host: a", "X-A"], ms.BadRequest),
-    ("empty name", ["GET / HTTP/1.1", "Host: a", ": v"], ms.BadRequest),
-    ("bad name byte", ["GET / HTTP/1.1", "Host: a", "X[A]: v"], ms.BadRequest),
-    ("NUL in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\x00b"], ms.BadRequest),
-    ("CR in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\rb"], ms.BadRequest),
-    ("LF in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\nB: c"], ms.BadRequest),
-    ("form feed in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\x0cb"], ms.BadRequest),
-    ("DEL in name", ["GET / HTTP/1.1", "Host: a", "X\x7fA: 1"], ms.BadRequest),
+    ("double space", ["GET  / HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request line must be: method SP target SP version"),
+    ("tab separator", ["GET\t/ HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request line must be: method SP target SP version"),
+    ("leading space", [" GET / HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request line must be: method SP target SP version"),
+    ("no target", ["GET HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request line must be: method SP target SP version"),
+    ("space in target", ["GET /a b HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request line must be: method SP target SP version"),
+    ("DEL in target", ["GET /a\x7fb HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request target is empty or holds a forbidden byte"),
+    ("empty target", ["GET  HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request target is empty or holds a forbidden byte"),
+    ("non-token method", ['G"T / HTTP/1.1', "Host: a"], ms.BadRequest, "the method is not a token"),
+    ("lowercase version", ["GET / http/1.1", "Host: a"], ms.BadRequest, "malformed HTTP version"),
+    ("version without minor", ["GET / HTTP/1", "Host: a"], ms.BadRequest, "malformed HTTP version"),
+    ("version two digits", ["GET / HTTP/1.10", "Host: a"], ms.BadRequest, "malformed HTTP version"),
+    ("version leading zero", ["GET / HTTP/01.1", "Host: a"], ms.BadRequest,
+     "malformed HTTP version"),
+    ("garbage after version", ["GET / HTTP/1.1 x", "Host: a"], ms.BadRequest,
+     "the request line must be: method SP target SP version"),
+    ("http 2", ["GET / HTTP/2.0", "Host: a"], ms.VersionNotSupported, "only HTTP/1.x is served"),
+    ("http 0.9 shape", ["GET / HTTP/0.9"], ms.VersionNotSupported, "only HTTP/1.x is served"),
+    ("asterisk with get", ["GET * HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the asterisk form is for OPTIONS only"),
+    ("absolute userinfo", ["GET http://u:p@a/ HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request target must be a path or an absolute http URI"),
+    ("relative target", ["GET health HTTP/1.1", "Host: a"], ms.BadRequest,
+     "the request target must be a path or an absolute http URI"),
+    ("space before colon", ["GET / HTTP/1.1", "Host: a", "X-A : 1"], ms.BadRequest,
+     "malformed header line"),
+    ("tab before colon", ["GET / HTTP/1.1", "Host: a", "X-A\t: 1"], ms.BadRequest,
+     "malformed header line"),
+    ("obs-fold", ["GET / HTTP/1.1", "Host: a", "X-A: 1", " 2"], ms.BadRequest,
+     "malformed header line"),
+    ("no colon", ["GET / HTTP/1.1", "Host: a", "X-A"], ms.BadRequest, "malformed header line"),
+    ("empty name", ["GET / HTTP/1.1", "Host: a", ": v"], ms.BadRequest, "malformed header line"),
+    ("bad name byte", ["GET / HTTP/1.1", "Host: a", "X[A]: v"], ms.BadRequest,
+     "malformed header line"),
+    ("NUL in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\x00b"], ms.BadRequest,
+     "malformed header line"),
+    ("CR in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\rb"], ms.BadRequest,
+     "malformed header line"),
+    ("LF in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\nB: c"], ms.BadRequest,
+     "malformed header line"),
+    ("form feed in value", ["GET / HTTP/1.1", "Host: a", "X-A: a\x0cb"], ms.BadRequest,
+     "malformed header line"),
+    ("DEL in name", ["GET / HTTP/1.1", "Host: a", "X\x7fA: 1"], ms.BadRequest,
+     "malformed header line"),
     (
         "CL and TE",
         ["POST / HTTP/1.1", "Host: a", "Content-Length: 3", "Transfer-Encoding: chunked"],
         ms.BadRequest,
+        "Content-Length and Transfer-Encoding together",
     ),
     (
         "two CLs",
         ["POST / HTTP/1.1", "Host: a", "Content-Length: 3", "Content-Length: 3"],
         ms.BadRequest,
+        "the content-length header appears twice",
     ),
-    ("CL list", ["POST / HTTP/1.1", "Host: a", "Content-Length: 3, 3"], ms.BadRequest),
-    ("CL sign", ["POST / HTTP/1.1", "Host: a", "Content-Length: +3"], ms.BadRequest),
-    ("CL negative", ["POST / HTTP/1.1", "Host: a", "Content-Length: -1"], ms.BadRequest),
-    ("CL hex", ["POST / HTTP/1.1", "Host: a", "Content-Length: 0x5"], ms.BadRequest),
-    ("CL underscore", ["POST / HTTP/1.1", "Host: a", "Content-Length: 1_0"], ms.BadRequest),
-    ("CL empty", ["POST / HTTP/1.1", "Host: a", "Content-Length: "], ms.BadRequest),
-    ("CL inner space", ["POST / HTTP/1.1", "Host: a", "Content-Length: 1 0"], ms.BadRequest),
-    ("CL unicode digit", ["POST / HTTP/1.1", "Host: a", "Content-Length: \xb2"], ms.BadRequest),
+    ("CL list", ["POST / HTTP/1.1", "Host: a", "Content-Length: 3, 3"], ms.BadRequest,
+     "Content-Length must be decimal digits"),
+    ("CL sign", ["POST / HTTP/1.1", "Host: a", "Content-Length: +3"], ms.BadRequest,
+     "Content-Length must be decimal digits"),
+    ("CL negative", ["POST / HTTP/1.1", "Host: a", "Content-Length: -1"], ms.BadRequest,
+     "Content-Length must be decimal digits"),
+    ("CL hex", ["POST / HTTP/1.1", "Host: a", "Content-Length: 0x5"], ms.BadRequest,
+     "Content-Length must be decimal digits"),
+    ("CL underscore", ["POST / HTTP/1.1", "Host: a", "Content-Length: 1_0"], ms.BadRequest,
+     "Content-Length must be decimal digits"),
+    ("CL empty", ["POST / HTTP/1.1", "Host: a", "Content-Length: "], ms.BadRequest,
+     "Content-Length must be decimal digits"),
+    ("CL inner space", ["POST / HTTP/1.1", "Host: a", "Content-Length: 1 0"], ms.BadRequest,
+     "Content-Length must be decimal digits"),
+    ("CL unicode digit", ["POST / HTTP/1.1", "Host: a", "Content-Length: \xb2"], ms.BadRequest,
+     "Content-Length must be decimal digits"),
     (
         "chunked not last",
         ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked, gzip"],
         ms.BadRequest,
+        "chunked must be the last transfer coding, once",
     ),
     (
         "chunked twice",
         ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked, chunked"],
         ms.BadRequest,
+        "chunked must be the last transfer coding, once",
     ),
-    ("empty TE", ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: "], ms.BadRequest),
-    ("TE in 1.0", ["POST / HTTP/1.0", "Transfer-Encoding: chunked"], ms.BadRequest),
+    ("empty TE", ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: "], ms.BadRequest,
+     "an empty Transfer-Encoding"),
+    ("TE in 1.0", ["POST / HTTP/1.0", "Transfer-Encoding: chunked"], ms.BadRequest,
+     "Transfer-Encoding in an HTTP/1.0 request"),
     (
         "gzip then chunked",
         ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: gzip, chunked"],
         ms.NotImplementedByServer,
+        "only the chunked transfer coding is supported",
     ),
     (
         "unknown coding",
         ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: x-foo"],
         ms.NotImplementedByServer,
+        "only the chunked transfer coding is supported",
     ),
     (
         "identity",
         ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: identity"],
         ms.NotImplementedByServer,
+        "only the chunked transfer coding is supported",
     ),
     (
         "nbsp around chunked",
         ["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: \xa0chunked\xa0"],
         ms.NotImplementedByServer,
+        "only the chunked transfer coding is supported",
     ),
 ]
 
 
-@pytest.mark.parametrize(("name", "lines", "error"), BAD_HEADS, ids=[case[0] for case in BAD_HEADS])
-def test_parse_head_rejects(name: str, lines: list[str], error: type[ms.MessengerError]) -> None:
-    with pytest.raises(error) as caught:
+@pytest.mark.parametrize(
+    ("name", "lines", "error", "message"), BAD_HEADS, ids=[case[0] for case in BAD_HEADS]
+)
+def test_parse_head_rejects(
+    name: str, lines: list[str], error: type[ms.MessengerError], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)) as caught:
         ms.parse_head(head(*lines), LIMITS)
     assert type(caught.value) is error
 
@@ -220,21 +272,33 @@ def test_parse_head_limits() -> None:
         ms.parse_head(head("GET / HTTP/1.1", *["A: 1234"] * 2, "Host: abcdefghi" * 3), limits)
 
 
+PARTIAL_HEADS: list[tuple[str, bytes, type[ms.MessengerError], str]] = [
+    ("bare LF ending the request line", b"GET / HTTP/1.1\nHost: a", ms.BadRequest,
+     "malformed request line"),
+    ("bare LF ending a header line", b"GET / HTTP/1.1\r\nHost: a\nX", ms.BadRequest,
+     "lines must end with CRLF"),
+    ("bare CR", b"GET / HTTP/1.1\r\nHost: a\rX", ms.BadRequest, "lines must end with CRLF"),
+    ("NUL first", b"\x00GET", ms.BadRequest, "malformed request line"),
+    ("DEL in target", b"GET /\x7f", ms.BadRequest, "malformed request line"),
+    ("space after version", b"GET / HTTP/1.1 ", ms.BadRequest, "malformed request line"),
+    ("long request line", b"GET /" + b"a" * 9000, ms.UriTooLong,
+     "the request line is longer than 8192 bytes"),
+    ("long header line", b"GET / HTTP/1.1\r\nX: " + b"a" * 9000, ms.HeadersTooLarge,
+     "a header line is longer than 8192 bytes"),
+    ("large head", b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 6000, ms.HeadersTooLarge,
+     "the request head is larger than 32768 bytes"),
+]
+
+
 @pytest.mark.parametrize(
-    ("partial", "error"),
-    [
-        (b"GET / HTTP/1.1\nHost: a", ms.BadRequest),
-        (b"GET / HTTP/1.1\r\nHost: a\rX", ms.BadRequest),
-        (b"\x00GET", ms.BadRequest),
-        (b"GET /\x7f", ms.BadRequest),
-        (b"GET / HTTP/1.1 ", ms.BadRequest),
-        (b"GET /" + b"a" * 9000, ms.UriTooLong),
-        (b"GET / HTTP/1.1\r\nX: " + b"a" * 9000, ms.HeadersTooLarge),
-        (b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 6000, ms.HeadersTooLarge),
-    ],
+    ("partial", "error", "message"),
+    [case[1:] for case in PARTIAL_HEADS],
+    ids=[case[0] for case in PARTIAL_HEADS],
 )
-def test_check_partial_head_refuses_early(partial: bytes, error: type[ms.MessengerError]) -> None:
-    with pytest.raises(error):
+def test_check_partial_head_refuses_early(
+    partial: bytes, error: type[ms.MessengerError], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
         ms.check_partial_head(partial, LIMITS)
 
 
@@ -341,18 +405,20 @@ def test_parse_chunk_size_rejects(line: bytes) -> None:
         ms.parse_chunk_size(line)
 
 
+BAD_CHUNKED: list[tuple[str, bytes, str]] = [
+    ("data longer than its size", b"5\r\nhelloX\r\n", "a chunk is longer than its size"),
+    ("bare LF after the data", b"5\r\nhello\n0\r\n\r\n", "a chunk is longer than its size"),
+    ("bare LF after the size", b"3\nabc", "lines must end with CRLF"),
+    ("trailer without a colon", b"0\r\nBad Trailer\r\n\r\n", "malformed header line"),
+    ("trailer without a name", b"0\r\n : x\r\n\r\n", "malformed header line"),
+]
+
+
 @pytest.mark.parametrize(
-    "data",
-    [
-        b"5\r\nhelloX\r\n",
-        b"5\r\nhello\n0\r\n\r\n",
-        b"3\nabc",
-        b"0\r\nBad Trailer\r\n\r\n",
-        b"0\r\n : x\r\n\r\n",
-    ],
+    ("data", "message"), [case[1:] for case in BAD_CHUNKED], ids=[case[0] for case in BAD_CHUNKED]
 )
-def test_chunked_decoder_rejects(data: bytes) -> None:
-    with pytest.raises(ms.BadRequest):
+def test_chunked_decoder_rejects(data: bytes, message: str) -> None:
+    with pytest.raises(ms.BadRequest, match=re.escape(message)):
         ms.ChunkedDecoder(LIMITS).feed(data)
 
 

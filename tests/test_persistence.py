@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import pickle
+import re
 import signal
 import stat
 import zlib
@@ -231,12 +232,23 @@ async def test_snapshot_round_trip(
     assert restored.export() == messenger.export()
 
 
+SNAPSHOT_DAMAGES: list[tuple[str, str]] = [
+    ("magic", f"not a format {ms.SNAPSHOT_FORMAT} snapshot"),
+    ("format", f"not a format {ms.SNAPSHOT_FORMAT} snapshot"),
+    ("length", "size or checksum mismatch"),
+    ("digest", "size or checksum mismatch"),
+    ("first payload byte", "size or checksum mismatch"),
+    ("last byte", "size or checksum mismatch"),
+    ("cut", "size or checksum mismatch"),
+    ("empty", "shorter than its header"),
+]
+
+
 @pytest.mark.parametrize(
-    "damage",
-    ["magic", "format", "length", "digest", "first payload byte", "last byte", "cut", "empty"],
+    ("damage", "message"), SNAPSHOT_DAMAGES, ids=[case[0] for case in SNAPSHOT_DAMAGES]
 )
 def test_read_snapshot_refuses_a_damaged_file(
-    tmp_path: Path, clock: FakeClock, damage: str
+    tmp_path: Path, clock: FakeClock, damage: str, message: str
 ) -> None:
     messenger = ms.Messenger(ms.Rules(), clock)
     scenario(messenger, clock)
@@ -250,7 +262,7 @@ def test_read_snapshot_refuses_a_damaged_file(
         flip(path, positions[damage] % path.stat().st_size)
     else:
         path.write_bytes(path.read_bytes()[: path.stat().st_size - 1 if damage == "cut" else 0])
-    with pytest.raises(ms.DamagedState):
+    with pytest.raises(ms.DamagedState, match=re.escape(message)):
         ms.read_snapshot(path)
 
 
