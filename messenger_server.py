@@ -689,7 +689,7 @@ class ChunkedDecoder:
             else:
                 end = data[pos : pos + 2]
                 if not b"\r\n".startswith(end):
-                    raise BadRequest("a chunk is longer than its size")
+                    raise BadRequest("a chunk's data must end with CRLF right at its size")
                 if len(end) < 2:
                     break
                 pos += 2

@@ -1117,7 +1117,7 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError], str]] = [
         "carol", ms.Draft("x", reply_to=w.general, to="bob")), ms.InvalidField,
      "a comment goes where its parent is: drop chat and to"),
     ("send another's file", lambda w: w.messenger.send(
-        "bob", ms.Draft("x", file=F)), ms.NotFound, f"no file {F} that you can use"),
+        "bob", ms.Draft("x", file=F)), ms.NotFound, f"no file {F!r} that you can use"),
     ("send_at in the past", lambda w: w.messenger.send(
         "carol", ms.Draft("x", send_at=w.clock.now - 1)), ms.InvalidField,
      "send_at must be in the future, at most 7 days ahead"),
@@ -1178,9 +1178,9 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError], str]] = [
     ("cancel another's message", lambda w: w.messenger.cancel(
         "bob", w.scheduled), ms.NotFound, "no pending scheduled message "),
     ("cancel an unknown message", lambda w: w.messenger.cancel(
-        "alice", "nothing"), ms.NotFound, "no pending scheduled message nothing of yours"),
+        "alice", "nothing"), ms.NotFound, "no pending scheduled message 'nothing' of yours"),
     ("read a hidden file", lambda w: w.messenger.uploads.readable_file("bob", F), ms.NotFound,
-     f"no file {F} that you can use"),
+     f"no file {F!r} that you can use"),
     ("register a taken name", lambda w: w.messenger.accounts.register(
         "bob", b"h", b"s", 4, "t", "10.0.0.1"), ms.Conflict, "the name bob was taken a moment ago"),
 ]

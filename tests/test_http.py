@@ -314,10 +314,16 @@ def test_check_partial_head_lets_the_cr_of_an_empty_line_wait() -> None:
     ms.check_partial_head(b"\r", LIMITS)
 
 
-@pytest.mark.parametrize("checked", [0, 14, 15])
-def test_check_partial_head_finds_a_bare_lf_in_the_new_bytes(checked: int) -> None:
-    with pytest.raises(ms.BadRequest, match="malformed request line"):
-        ms.check_partial_head(b"GET / HTTP/1.1\nHost: a", LIMITS, checked)
+@pytest.mark.parametrize(("checked", "refused"), [(0, True), (16, True), (24, True), (25, False)])
+def test_check_partial_head_finds_a_bare_lf_in_the_new_bytes(checked: int, refused: bool) -> None:
+    """The bare LF is byte 23: found while it is among the bytes not checked before
+    (from ``checked - 1``, which may end a CRLF), not once an earlier call judged it."""
+    head = b"GET / HTTP/1.1\r\nHost: a\nX"
+    if refused:
+        with pytest.raises(ms.BadRequest, match="lines must end with CRLF"):
+            ms.check_partial_head(head, LIMITS, checked)
+    else:
+        ms.check_partial_head(head, LIMITS, checked)
 
 
 # Chunked bodies ############################################################
@@ -405,9 +411,10 @@ def test_parse_chunk_size_rejects(line: bytes) -> None:
         ms.parse_chunk_size(line)
 
 
+CHUNK_END = "a chunk's data must end with CRLF right at its size"
 BAD_CHUNKED: list[tuple[str, bytes, str]] = [
-    ("data longer than its size", b"5\r\nhelloX\r\n", "a chunk is longer than its size"),
-    ("bare LF after the data", b"5\r\nhello\n0\r\n\r\n", "a chunk is longer than its size"),
+    ("data longer than its size", b"5\r\nhelloX\r\n", CHUNK_END),
+    ("bare LF after the data", b"5\r\nhello\n0\r\n\r\n", CHUNK_END),
     ("bare LF after the size", b"3\nabc", "lines must end with CRLF"),
     ("trailer without a colon", b"0\r\nBad Trailer\r\n\r\n", "malformed header line"),
     ("trailer without a name", b"0\r\n : x\r\n\r\n", "malformed header line"),
