@@ -5161,6 +5161,14 @@ class TextLogFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, log_format: str) -> None:
+    # No record needs where it was logged from, nor the thread, process or task: each of
+    # these costs time on every line (the logging HOWTO, "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    if sys.version_info >= (3, 12):
+        logging.logAsyncioTasks = False
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonLogFormatter())
