@@ -330,6 +330,7 @@ class Chat(TypedDict):
     owner: str | None
     members: int
     unread: int
+    requests: int  # pending join requests (for the owner; else 0)
 
 
 class ConnectAnswer(TypedDict):
@@ -365,6 +366,7 @@ class ScheduledList(TypedDict):
 
 class ChatList(TypedDict):
     chats: list[Chat]
+    next: str | None  # the name to list from (``after``) for the next page; None at the end
 
 
 class JoinAnswer(TypedDict):
@@ -382,7 +384,7 @@ class LinkAnswer(TypedDict):
 
 class JoinRequestAnswer(TypedDict):
     status: str
-    chat: NotRequired[str]
+    chat: str
 
 
 class JoinRequest(TypedDict):
@@ -418,6 +420,12 @@ class Limits(TypedDict):
     banned_until: float | None
 
 
+class Quotas(TypedDict):
+    flood_left: int
+    scheduled_left: int
+    upload_left: int
+
+
 class ServerInfo(TypedDict):
     version: str
     uptime: float
@@ -432,6 +440,7 @@ class Status(TypedDict):
     chats: list[Chat]
     unread: Unread
     limits: Limits
+    quotas: Quotas
     server: ServerInfo
 
 
@@ -579,8 +588,19 @@ class MessengerClient:
 
     # Chats
 
-    def chats(self) -> ChatList:
-        return cast(ChatList, self._json("GET", "/chat"))
+    def chats(self, *, after: str | None = None) -> ChatList:
+        """A page of the chats the user can see, by name, after the chat ``after``."""
+        return cast(ChatList, self._json("GET", "/chat", query={"after": after}))
+
+    def all_chats(self) -> Iterator[Chat]:
+        """Every chat the user can see, by name, a page at a time."""
+        after: str | None = None
+        while True:
+            page = self.chats(after=after)
+            yield from page["chats"]
+            after = page["next"]
+            if after is None:
+                return
 
     def join(self, chat: str, *, private: bool = False) -> tuple[JoinAnswer, bool]:
         """Join ``chat`` (it becomes active), creating it if new; also whether it was created."""
@@ -1112,10 +1132,10 @@ def disconnect(app: App) -> None:
 def chats(app: App) -> None:
     """List the public chats and the private ones you belong to."""
     client, _ = app.login()
-    answer = client.chats()
-    if app.printed_as_json(answer):
+    if app.json_output:
+        print_json({"chats": list(client.all_chats()), "next": None})
         return
-    for chat in answer["chats"]:
+    for chat in client.all_chats():
         click.echo(format_chat(chat))
 
 

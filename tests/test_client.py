@@ -272,6 +272,21 @@ def test_chats_lists_public_chats_and_own_private_ones(cli: Cli) -> None:
     assert sorted(names) == ["books", "general", "secret"]
 
 
+def test_chats_lists_every_page(serve: Callable[..., ServerThread]) -> None:
+    """The server answers 100 chats a page; the client follows ``next`` to the end."""
+    cli = Cli(serve(rules=ms.Rules(max_owned_chats=150, max_memberships=150)).url)
+    token = cli.login("alice")
+    client = mc.MessengerClient(cli.url, token)
+    names = [f"room{number:03}" for number in range(120)]
+    for name in names:
+        client.join(name)
+    assert client.chats()["next"] is not None, "more than one page"
+    listed = [line.split()[0] for line in cli("chats", user="alice").stdout.splitlines()]
+    assert listed == sorted(["general", *names])
+    as_json = cli.json("chats", user="alice")
+    assert [chat["name"] for chat in as_json["chats"]] == listed and as_json["next"] is None
+
+
 def test_join_creates_a_chat_then_joins_it(cli: Cli) -> None:
     cli.login("alice")
     cli.login("bob")
