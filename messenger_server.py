@@ -134,6 +134,13 @@ def flag(value: Any, help_text: str, **argparse_options: Any) -> Any:
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def parse_prefix(text: str) -> int:
+    """An IPv6 prefix length, for ``--ipv6-prefix``."""
+    if not (text.isascii() and text.isdigit() and int(text) <= 128):
+        raise argparse.ArgumentTypeError(f"an IPv6 prefix length is 0 to 128, not {text!r}")
+    return int(text)
+
+
 def parse_networks(text: str) -> tuple[IpNetwork, ...]:
     """``--forwarded-allow-ips``: comma-separated addresses or networks (CIDR), ``*`` for
     any, or ``none``."""
@@ -179,12 +186,18 @@ class Rules:
     max_owned_chats: int = flag(100, "chats a user may create; 403 above")
     upload_quota: int = flag(50 * MIB, "bytes of stored files per user; 403 above")
     report_limit: int = flag(10, "new reports per user per rate window; 429 above")
-    ban_threshold: int = flag(3, "distinct reporters that ban a user from sending")
+    ban_threshold: int = flag(
+        3, "reporters that ban a user from sending, counted once per address they registered from"
+    )
     ban_duration: float = flag(4 * HOUR, "seconds a ban lasts")
     login_failures: int = flag(
         10, "wrong passwords for a name from an address per login window; 429 above"
     )
     login_window: float = flag(MINUTE, "seconds")
+    password_checks_per_ip: int = flag(
+        10, "logins and registrations (each a password hash) per client address per login "
+        "window; 429 above"
+    )
     registrations_per_ip: int = flag(
         10, "new users per client address per registration window; 429 above"
     )
@@ -214,14 +227,20 @@ class ServerConfig:
     max_connections_per_ip: int = flag(
         MAX_CONNECTIONS_PER_IP, "open connections per client address; 503 above"
     )
+    ipv6_prefix: int = flag(
+        64, "leading bits of an IPv6 client address that per-address rules count it by "
+        "(a /64 is one subscriber)", type=parse_prefix,
+    )
     forwarded_allow_ips: tuple[IpNetwork, ...] = flag(
         (), "proxies (addresses or networks, comma-separated, or *) whose X-Forwarded-For "
         "names the client", type=parse_networks, default="none",
     )
     rules: Rules = field(default_factory=Rules)
     password_cost: int = flag(PASSWORD_COST, "log2 of scrypt's n for new passwords")
-    hash_queue: int = flag(
-        HASH_QUEUE, "password hashes that may wait per core; 503 above"
+    hash_queue: int = flag(HASH_QUEUE, "password hashes that may wait per core; 503 above")
+    hash_share: int = flag(
+        1, "password hashes one client address may have running or waiting, per core; "
+        "503 above"
     )
     max_wait: float = flag(MAX_WAIT, "seconds a long-poll may wait")
     snapshot_interval: float = flag(SNAPSHOT_INTERVAL, "seconds between snapshots")
@@ -736,16 +755,44 @@ def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[IpNet
         return peer
     entries = _split_list(forwarded_for)
     for entry in reversed(entries):
-        try:
-            address = ipaddress.ip_address(entry.removeprefix("[").removesuffix("]"))
-        except ValueError:
+        address = _forwarded_address(entry)
+        if address is None:
             return peer
         if not any(address in network for network in trusted):
             return str(address)
     if not entries:
         return peer
     # Every entry (each one parsed above) is a trusted proxy: the leftmost is the client.
-    return str(ipaddress.ip_address(entries[0].removeprefix("[").removesuffix("]")))
+    return str(_forwarded_address(entries[0]))
+
+
+def _forwarded_address(entry: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address of an ``X-Forwarded-For`` entry: ``192.0.2.1``, ``2001:db8::1``, or with
+    the port some proxies add, ``192.0.2.1:4711`` or ``[2001:db8::1]:4711``; None if it is
+    none of these."""
+    if entry.startswith("["):
+        entry = entry[1:].partition("]")[0]
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]
+    try:
+        return ipaddress.ip_address(entry)
+    except ValueError:
+        return None
+
+
+def address_group(address: str, ipv6_prefix: int) -> str:
+    """What per-address rules count a client by: an IPv4 address itself (also when an
+    IPv6 socket shows it mapped), an IPv6 address by its network of ``ipv6_prefix`` bits
+    (one subscriber gets a whole /64: counted one by one, its addresses never run out)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return address
 
 
 def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
@@ -1111,6 +1158,7 @@ class User:
     salt: bytes
     cost: int
     created: float
+    address: str = ""  # registered from (as the rules count addresses: ``address_group``)
     active_chat: str = GENERAL
     read_pos: int = 0  # every message id up to here has been read, in every conversation
     # Conversation ("@" for every private one) -> read up to there, when beyond read_pos.
@@ -1361,6 +1409,7 @@ class Accounts:
         self._rules = messenger.rules
         self.sessions: dict[str, Session] = {}  # by token hash, least recently used first
         self.login_failures = WindowsByKey(self._rules.login_window)  # by (name, address)
+        self.password_checks = WindowsByKey(self._rules.login_window)  # by address
         self.registrations = WindowsByKey(self._rules.registration_window)  # by address
 
     def check_login_allowed(self, name: str, address: str) -> None:
@@ -1373,6 +1422,20 @@ class Accounts:
 
     def login_failed(self, name: str, address: str) -> None:
         self.login_failures.add((name, address), self._messenger.clock())
+
+    def check_password_allowed(self, address: str) -> None:
+        """429 when an address has had its share of password checks in the login window
+        (each costs a password hash, right password or not, known name or not)."""
+        now = self._messenger.clock()
+        if self.password_checks.used(address, now) >= self._rules.password_checks_per_ip:
+            raise RateLimited(
+                f"at most {how_many(self._rules.password_checks_per_ip, 'login')} per address "
+                f"per {self._rules.login_window:g} seconds: try again later",
+                self.password_checks.reset_at(address, now) - now,
+            )
+
+    def password_checked(self, address: str) -> None:
+        self.password_checks.add(address, self._messenger.clock())
 
     def check_registration_allowed(self, address: str) -> None:
         """429 when an address has registered its share of users in the window."""
@@ -1519,8 +1582,14 @@ class Moderation:
             return
         user.reporters.add(reporter)
         self._users[reporter].reports_made.add(ts, self._rules.rate_window)
-        if len(user.reporters) >= self._rules.ban_threshold and user.banned_until is None:
+        if self._counted(user.reporters) >= self._rules.ban_threshold and user.banned_until is None:
             user.banned_until = ts + self._rules.ban_duration
+
+    def _counted(self, reporters: set[str]) -> int:
+        """Reporters as a ban counts them: once per address they registered from, so that
+        one stranger's accounts are one voice (a user from before addresses were kept
+        counts alone)."""
+        return len({self._users[name].address or f"@{name}" for name in reporters})
 
 
 class Uploads:
@@ -2290,7 +2359,7 @@ class Messenger:
         address: str, ts: float,
     ) -> None:
         """A new user, member of general, with its first session: one event, all or nothing."""
-        self.users[new_user] = User(new_user, password, salt, cost, ts)
+        self.users[new_user] = User(new_user, password, salt, cost, ts, address=address)
         self.accounts.registrations.add(address, ts)
         self._add_member(self.chats[GENERAL], new_user)
         self.accounts.add_session(Session(token_hash, new_user, ts, ts))
@@ -3857,14 +3926,15 @@ class MessengerApp:
         body = await self._json(call)
         name = body.string("user", pattern=USER_NAME_RE, max_length=32)
         password = body.string("password", max_length=MAX_PASSWORD)
-        address = call.address
-        self.messenger.accounts.check_login_allowed(name, address)
+        group = address_group(call.address, self.config.ipv6_prefix)  # the rules count by it
+        accounts = self.messenger.accounts
+        accounts.check_login_allowed(name, group)
         token = secrets.token_urlsafe(32)
         status = HTTPStatus.CREATED
-        user = await self._register(name, password, token, address)
+        user = await self._register(name, password, token, group)
         if user is None:  # the name is taken: this is a login
             status = HTTPStatus.OK
-            user = await self._log_in(name, password, token, address)
+            user = await self._log_in(name, password, token, group, call.address)
         history = self.messenger.history(name, user.active_chat, None, self.config.rules.history)
         answer = {
             "token": token,
@@ -3875,41 +3945,48 @@ class MessengerApp:
         }
         return Response.json(answer, status)
 
-    async def _register(self, name: str, password: str, token: str, address: str) -> User | None:
-        """A new user with its first session; None when the name is taken."""
+    async def _register(self, name: str, password: str, token: str, group: str) -> User | None:
+        """A new user with its first session; None when the name is taken. ``group`` is
+        the client's address as the rules count it."""
         if name in self.messenger.users:
             return None
-        self.messenger.accounts.check_registration_allowed(address)  # before the cost of a hash
+        self.messenger.accounts.check_registration_allowed(group)  # before the cost of a hash
         salt = os.urandom(16)
-        digest = await self._scrypt(password, salt, self.config.password_cost, address)
+        digest = await self._scrypt(password, salt, self.config.password_cost, group)
         if name in self.messenger.users:  # somebody took it during the hash
             return None
         return self.messenger.accounts.register(
-            name, digest, salt, self.config.password_cost, token, address
+            name, digest, salt, self.config.password_cost, token, group
         )
 
-    async def _log_in(self, name: str, password: str, token: str, address: str) -> User:
+    async def _log_in(
+        self, name: str, password: str, token: str, group: str, address: str
+    ) -> User:
         """A new session for a known user, if the password is right."""
         known = self.messenger.users[name]
-        digest = await self._scrypt(password, known.salt, known.cost, address)
-        self.messenger.accounts.check_login_allowed(name, address)  # parallel guesses count too
+        digest = await self._scrypt(password, known.salt, known.cost, group)
+        self.messenger.accounts.check_login_allowed(name, group)  # parallel guesses count too
         if not hmac.compare_digest(digest, known.password):
-            self.messenger.accounts.login_failed(name, address)
+            self.messenger.accounts.login_failed(name, group)
             logger.warning("wrong password for %r from %r", name, address)
             raise Unauthorized("wrong password")
         return self.messenger.accounts.open_session(name, token)
 
-    async def _scrypt(self, password: str, salt: bytes, cost: int, address: str) -> bytes:
-        """scrypt (n = 2**cost, r=8, p=1) off the event loop, one per core at a time. At
-        most ``--hash-queue`` per core wait, and one address holds at most half of all
-        places (running or waiting), so others always find room: beyond either, 503 at
-        once. A flood of connects costs the server nothing but reading their bodies."""
+    async def _scrypt(self, password: str, salt: bytes, cost: int, group: str) -> bytes:
+        """scrypt (n = 2**cost, r=8, p=1) off the event loop, one per core at a time.
+
+        An address (``group``) may start ``--password-checks-per-ip`` of them per login
+        window, and hold ``--hash-share`` places per core (running or waiting); at most
+        ``--hash-queue`` per core wait in all. Beyond, 429 or 503 at once: a flood of
+        connects costs the server little but reading their bodies, and a few addresses
+        cannot take every place."""
+        self.messenger.accounts.check_password_allowed(group)
         cores = self._hash_slots
-        queue = self.config.hash_queue * cores
-        busy = self._hashes_waiting >= queue
-        if busy or self._hashes_by.get(address, 0) >= max(1, (cores + queue) // 2):
+        busy = self._hashes_waiting >= self.config.hash_queue * cores
+        if busy or self._hashes_by.get(group, 0) >= self.config.hash_share * cores:
             raise Unavailable("the server is busy checking passwords: try again", retry_after=1)
-        self._hashes_by[address] = self._hashes_by.get(address, 0) + 1
+        self.messenger.accounts.password_checked(group)
+        self._hashes_by[group] = self._hashes_by.get(group, 0) + 1
         try:
             self._hashes_waiting += 1
             try:
@@ -3925,9 +4002,9 @@ class MessengerApp:
             finally:
                 self._hashing.release()
         finally:
-            self._hashes_by[address] -= 1
-            if not self._hashes_by[address]:
-                del self._hashes_by[address]
+            self._hashes_by[group] -= 1
+            if not self._hashes_by[group]:
+                del self._hashes_by[group]
 
     async def disconnect(self, call: Call) -> Response:
         self.messenger.accounts.disconnect(call.token_hash)
@@ -5017,18 +5094,21 @@ class MessengerServer:
             self.release(connection.address)
 
     def admit(self, address: str) -> bool:
-        """Count one more open connection from ``address``, unless it is at its cap."""
-        count = self._per_address.get(address, 0)
+        """Count one more open connection from ``address`` (its group: ``address_group``),
+        unless it is at its cap."""
+        group = address_group(address, self.config.ipv6_prefix)
+        count = self._per_address.get(group, 0)
         if count >= self.config.max_connections_per_ip:
             return False
-        self._per_address[address] = count + 1
+        self._per_address[group] = count + 1
         return True
 
     def release(self, address: str | None) -> None:
         if address is not None:
-            self._per_address[address] -= 1
-            if not self._per_address[address]:
-                del self._per_address[address]
+            group = address_group(address, self.config.ipv6_prefix)
+            self._per_address[group] -= 1
+            if not self._per_address[group]:
+                del self._per_address[group]
 
     async def _watch_deadlines(self) -> None:
         """Expire the connections past their deadline, a few times a second."""

@@ -11,7 +11,7 @@ import json
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 import pytest
@@ -196,6 +196,9 @@ class FakeClock:
         self.now += seconds
 
 
+TRUSTING: Final = {"forwarded_allow_ips": ms.parse_networks("127.0.0.1")}  # a local proxy
+
+
 def make_config(tmp_path: Path, **overrides: Any) -> ms.ServerConfig:
     """A server configuration for tests: port 0, state in a temporary folder, cheap scrypt."""
     config = ms.ServerConfig(port=0, state_dir=tmp_path / "state", password_cost=4)
@@ -216,7 +219,7 @@ def clock() -> FakeClock:
 
 @pytest_asyncio.fixture
 async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ms.MessengerServer]:
-    async with ms.MessengerServer(make_config(tmp_path), clock) as running:
+    async with ms.MessengerServer(make_config(tmp_path, **TRUSTING), clock) as running:
         yield running
 
 
@@ -242,9 +245,16 @@ async def client(server: ms.MessengerServer) -> AsyncIterator[Client]:
         yield connected
 
 
-async def connect(port: int, user: str, password: str = "secret") -> str:
-    """Connect ``user`` (registering it on first use) and return its token."""
-    response = await call(port, "POST", "/connect", {"user": user, "password": password})
+async def connect(
+    port: int, user: str, password: str = "secret", *, address: str | None = None
+) -> str:
+    """Connect ``user`` (registering it on first use) and return its token; ``address``
+    is the client's as a proxy forwards it (to a server that trusts 127.0.0.1: see
+    ``TRUSTING``)."""
+    headers = None if address is None else {"X-Forwarded-For": address}
+    response = await call(
+        port, "POST", "/connect", {"user": user, "password": password}, headers=headers
+    )
     assert response.status in (200, 201), response.body
     token: str = response.json()["token"]
     return token
@@ -343,10 +353,17 @@ class Api:
 
 
 async def login(
-    server: ms.MessengerServer, *names: str, password: str = "secret"
+    server: ms.MessengerServer, *names: str, password: str = "secret", apart: bool = False
 ) -> list[Api]:
-    """Connect each name (registering it on first use; a name twice is two sessions)."""
-    return [Api(server.port, name, await connect(server.port, name, password)) for name in names]
+    """Connect each name (registering it on first use; a name twice is two sessions).
+    ``apart``: each from its own address (10.0.0.1, 10.0.0.2…), through the proxy a
+    ``TRUSTING`` server believes, as strangers are (a ban counts reporters by address)."""
+    return [
+        Api(server.port, name, await connect(
+            server.port, name, password, address=f"10.0.0.{number}" if apart else None
+        ))
+        for number, name in enumerate(names, 1)
+    ]
 
 
 async def settle(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
@@ -411,7 +428,7 @@ class Restarter:
 
 @pytest_asyncio.fixture
 async def restartable(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Restarter]:
-    restarter = Restarter(make_config(tmp_path), clock)
+    restarter = Restarter(make_config(tmp_path, **TRUSTING), clock)
     await restarter.server.start()
     yield restarter
     await restarter.server.stop()

@@ -24,6 +24,7 @@ UNLIMITED = (
     "--max-owned-chats", "1000000", "--registrations-per-ip", "1000000",
     "--flood-limit", "1000000", "--max-undelivered", "1000000", "--max-memberships", "1000000",
     "--max-scheduled", "1000000", "--upload-quota", str(2**40), "--hash-queue", "64",
+    "--hash-share", "64", "--password-checks-per-ip", "1000000",
 )
 
 

@@ -188,7 +188,7 @@ async def test_connect_failures_outside_the_window_do_not_lock(
 async def test_connect_lock_out_counts_concurrent_guesses(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    config = make_config(tmp_path, rules=ms.Rules(login_failures=3))
+    config = make_config(tmp_path, rules=ms.Rules(login_failures=1))
     async with ms.MessengerServer(config, clock) as server:
         await connect(server.port, "alice", "right")
         guesses = [{"user": "alice", "password": f"guess{n}"} for n in range(10)]
@@ -196,9 +196,10 @@ async def test_connect_lock_out_counts_concurrent_guesses(
             *(call(server.port, "POST", "/connect", guess) for guess in guesses)
         )
         statuses = sorted(answer.status for answer in answers)
-        places = (server.app._hash_slots * (1 + server.config.hash_queue)) // 2
-        # An address holds half of the hashing places; the rest is refused at once.
-        assert statuses == [401] * 3 + [429] * (places - 3) + [503] * (10 - places)
+        places = server.app._hash_slots
+        # An address holds one hashing place per core, the rest is refused at once; of the
+        # guesses hashed together, those finishing after the first failure are refused.
+        assert statuses == [401] + [429] * (places - 1) + [503] * (10 - places)
         errors = {
             401: ("unauthorized", "wrong password"),
             429: ("rate_limited", "too many wrong passwords: try again later"),

@@ -13,6 +13,7 @@ import pytest_asyncio
 
 import messenger_server as ms
 from tests.conftest import (
+    TRUSTING,
     Api,
     FakeClock,
     Restarter,
@@ -232,9 +233,9 @@ async def test_notices_of_invitations_requests_and_decisions(server: ms.Messenge
 async def test_notices_of_a_dropped_scheduled_message_and_of_a_ban(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    config = make_config(tmp_path, rules=ms.Rules(ban_threshold=2))
+    config = make_config(tmp_path, rules=ms.Rules(ban_threshold=2), **TRUSTING)
     async with ms.MessengerServer(config, clock) as server:
-        x, a, b = await login(server, "x", "a", "b")
+        x, a, b = await login(server, "x", "a", "b", apart=True)
         await x.join("room")
         later = await x.send("later", chat="room", send_at=clock.now + 60)
         scheduled_id = later.json()["scheduled"]["id"]

@@ -197,7 +197,7 @@ def flag_rows() -> dict[str, tuple[str, str]]:
     """The README's flag table: flag -> (default, what)."""
     rows: dict[str, tuple[str, str]] = {}
     for row in table_rows(section(readme_text(), "Server flags")):
-        flag = re.fullmatch(r"`(--[a-z-]+)`", row[0])
+        flag = re.fullmatch(r"`(--[a-z0-9-]+)`", row[0])
         default = re.fullmatch(r"`([^`]*)`", row[1])
         assert flag is not None and default is not None, f"a flag row to fix: {row}"
         assert flag[1] not in rows, f"{flag[1]} is listed twice"

@@ -21,6 +21,7 @@ import pytest_asyncio
 
 import messenger_server as ms
 from tests.conftest import (
+    TRUSTING,
     Api,
     Client,
     FakeClock,
@@ -91,7 +92,8 @@ def stored_blobs(server: ms.MessengerServer) -> list[str]:
 @pytest_asyncio.fixture
 async def moderated(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ms.MessengerServer]:
     """A server with small rules: TTL 60 s, 3 sends to general per 100 s, 3 reports ban."""
-    async with ms.MessengerServer(make_config(tmp_path, rules=SMALL_RULES), clock) as running:
+    config = make_config(tmp_path, rules=SMALL_RULES, **TRUSTING)
+    async with ms.MessengerServer(config, clock) as running:
         yield running
 
 
@@ -391,7 +393,7 @@ async def test_scheduled_cancel_of_nothing_pending_is_404(
 async def test_scheduled_message_is_dropped_when_its_sender_may_no_longer_send(
     server: ms.MessengerServer, clock: FakeClock, reason: str
 ) -> None:
-    alice, bob, carol, dave = await login(server, "alice", "bob", "carol", "dave")
+    alice, bob, carol, dave = await login(server, "alice", "bob", "carol", "dave", apart=True)
     await alice.join("lounge")
     await bob.join("lounge")
     assert (await alice.send("too late", chat="lounge", send_at=T0 + 60)).status == 202
@@ -918,7 +920,7 @@ async def test_report_by_the_same_reporter_counts_once(moderated: ms.MessengerSe
 async def test_three_distinct_reporters_ban_every_kind_of_send(
     moderated: ms.MessengerServer, kind: str
 ) -> None:
-    alice, bob, carol, dave = await login(moderated, "alice", "bob", "carol", "dave")
+    alice, bob, carol, dave = await login(moderated, "alice", "bob", "carol", "dave", apart=True)
     parent = await bob.posted("topic")
     await alice.join("lounge")
     fields: dict[str, Any] = {
@@ -945,7 +947,7 @@ async def test_three_distinct_reporters_ban_every_kind_of_send(
 async def test_ban_ends_on_time_and_the_report_count_restarts(
     moderated: ms.MessengerServer, clock: FakeClock
 ) -> None:
-    alice, bob, carol, dave = await login(moderated, "alice", "bob", "carol", "dave")
+    alice, bob, carol, dave = await login(moderated, "alice", "bob", "carol", "dave", apart=True)
     await ban(alice, bob, carol, dave)
 
     clock.advance(BAN_DURATION - 1)
@@ -1314,7 +1316,7 @@ async def test_restart_keeps_pending_scheduled_messages(
 
 @pytest.mark.asyncio
 async def test_restart_keeps_bans_and_reports(restartable: Restarter) -> None:
-    users = await login(restartable.server, "alice", "bob", "carol", "dave", "erin")
+    users = await login(restartable.server, "alice", "bob", "carol", "dave", "erin", apart=True)
     alice, bob, carol, dave, erin = users
     until = await ban(alice, bob, carol, dave)
     await erin.posted("buy cheap watches")

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import messenger_server as ms
-from tests.conftest import Client, read_response
+from tests.conftest import Client, FakeClock, read_response
 
 LIMITS = ms.HttpLimits()
 
@@ -106,8 +106,9 @@ def test_chunked_decoder_any_split_gives_the_same_body(
 )
 @given(cuts=st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=5))
 async def test_server_answers_a_request_split_anywhere_the_same(
-    server: ms.MessengerServer, cuts: list[int]
+    server: ms.MessengerServer, clock: FakeClock, cuts: list[int]
 ) -> None:
+    clock.advance(60)  # the examples share one server: each logs in a login window apart
     wire = (
         b"POST /connect HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
         b'5\r\n{"use\r\n1c\r\nr": "zed", "password": "pw"}\r\n0\r\n\r\n'

@@ -13,6 +13,7 @@ import pytest
 
 import messenger_server as ms
 from tests.conftest import (
+    TRUSTING,
     Client,
     FakeClock,
     SourceClient,
@@ -342,6 +343,21 @@ def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
         ):
             messenger.moderation.report(sock, "victim", "")
     assert messenger.moderation.standing("victim") == ms.Standing(0, None)
+
+
+def test_accounts_registered_from_one_address_are_one_reporter(clock: FakeClock) -> None:
+    """Found by review: three accounts from one address banned anyone with a message in
+    general. A ban counts reporters once per address they registered from."""
+    messenger, _ = make_messenger(clock, ban_threshold=3)
+    for name, address in [("x", "10.0.0.9"), ("s1", "10.0.0.1"), ("s2", "10.0.0.1"),
+                          ("s3", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")]:
+        messenger.accounts.register(name, b"hash", b"salt", 4, f"token-{name}", address)
+    send(messenger, "x", "hello", chat="general")
+    for sock in ("s1", "s2", "s3", "b"):
+        standing = messenger.moderation.report(sock, "x", "")
+    assert standing == ms.Standing(4, None), "four reports from two addresses: no ban"
+    standing = messenger.moderation.report("c", "x", "")
+    assert standing == ms.Standing(5, clock.now + ms.Rules().ban_duration), "a third address"
 
 
 # Files ########################################################################
@@ -760,6 +776,65 @@ async def test_max_connections_in_all_refuses_the_next_one(
                 await third.response(), 503, "unavailable",
                 "too many open connections: try again later"
             )
+
+
+@pytest.mark.parametrize(
+    ("entry", "client"),
+    [("192.0.2.7:4711", "192.0.2.7"), ("[2001:db8::7]:4711", "2001:db8::7"),
+     ("[2001:db8::7]", "2001:db8::7"), ("2001:db8::7", "2001:db8::7"), ("192.0.2.7", "192.0.2.7"),
+     ("192.0.2.7:x:y", "127.0.0.1"), ("unknown", "127.0.0.1")],
+)
+def test_client_address_drops_the_port_some_proxies_add(entry: str, client: str) -> None:
+    """Found by review: with ``ip:port`` entries every client was the proxy itself, one
+    bucket for all. A malformed entry is still no address (the proxy answers for it)."""
+    trusted = ms.parse_networks("127.0.0.1")
+    assert ms.client_address("127.0.0.1", entry, trusted) == client
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "group"),
+    [("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
+     ("2001:db8:1:2::9", 64, "2001:db8:1:2::/64"),
+     ("2001:db8:1:2:3:4:5:6", 56, "2001:db8:1::/56"), ("2001:db8::6", 128, "2001:db8::6/128"),
+     ("::ffff:192.0.2.7", 64, "192.0.2.7"), ("192.0.2.7", 64, "192.0.2.7")],
+)
+def test_ipv6_clients_are_counted_by_network(address: str, prefix: int, group: str) -> None:
+    assert ms.address_group(address, prefix) == group
+
+
+@pytest.mark.asyncio
+async def test_one_ipv6_subscriber_is_one_address_for_the_rules(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: each of a /64's 2**64 addresses had its own registrations,
+    lock-outs, connections and password checks."""
+    config = make_config(tmp_path, rules=ms.Rules(registrations_per_ip=2), **TRUSTING)
+    async with ms.MessengerServer(config, clock) as server:
+        for number, user in enumerate(["a1", "a2", "a3"], 1):
+            body = {"user": user, "password": "pw"}
+            answer = await call(server.port, "POST", "/connect", body,
+                                headers=forwarded(f"2001:db8:0:1::{number}"))
+        assert_error(answer, 429, "rate_limited", "at most 2 new users per address")
+        other = await call(server.port, "POST", "/connect", {"user": "b1", "password": "pw"},
+                           headers=forwarded("2001:db8:0:2::1"))
+        assert other.status == 201, "another /64"
+
+
+@pytest.mark.asyncio
+async def test_password_checks_are_limited_per_address(tmp_path: Path, clock: FakeClock) -> None:
+    """Found by review: logins to one's own account, right password each time, kept every
+    password-hashing place busy. Every check counts, right or wrong, known name or not."""
+    rules = ms.Rules(password_checks_per_ip=3, login_window=60.0)
+    async with ms.MessengerServer(make_config(tmp_path, rules=rules, **TRUSTING), clock) as server:
+        for _ in range(3):  # the last one allowed
+            await connect(server.port, "alice", address="10.0.0.1")
+        refused = await call(server.port, "POST", "/connect",
+                             {"user": "alice", "password": "secret"}, headers=forwarded("10.0.0.1"))
+        assert_error(refused, 429, "rate_limited", "at most 3 logins per address per 60 seconds")
+        assert refused.headers["retry-after"] == "60"
+        await connect(server.port, "bob", address="10.0.0.2")  # others still get in
+        clock.advance(60)
+        await connect(server.port, "alice", address="10.0.0.1")  # a new window
 
 
 def test_client_address_takes_bracketed_ipv6_entries() -> None:
