@@ -1008,9 +1008,11 @@ MAX_SCHEDULE_AHEAD: Final = 7 * 24 * 3600.0  # seconds; send_at beyond is refuse
 IDEMPOTENCY_WINDOW: Final = 3600.0  # seconds a client_id is remembered, at least
 SESSION_TOUCH: Final = 3600.0  # seconds between recorded uses of a session, at most
 MAX_LIMIT: Final = 1000  # messages (or comments) per answer
-# Bytes of message text in one answer, as sent (``text_size``): long messages come fewer at
-# a time, so a client that asks a lot and reads nothing cannot make the server hold much.
+# Bytes of messages in one answer, as sent: long messages come fewer at a time, so a client
+# that asks a lot and reads nothing cannot make the server hold much. Each message counts its
+# text and its file's name (``text_size``) and an allowance for its other fields.
 MAX_ANSWER_TEXT: Final = 256 * 1024
+MESSAGE_ALLOWANCE: Final = 400  # bytes of a message's JSON besides its text and file name
 
 # Conversations: a chat by its name, a private exchange as "@<the other user>", and the
 # user's notices as "@" (which, as a filter, also names every private exchange).
@@ -2032,13 +2034,14 @@ class Messenger:
         ids = self._ids_in(user, key)
         return len(ids) - bisect.bisect_right(ids, self._position(user, key))
 
-    @staticmethod
-    def _within_budget(messages: Iterable[Message]) -> list[Message]:
-        """As many of ``messages`` as fit in one answer's text budget (one at least)."""
+    def _within_budget(self, messages: Iterable[Message]) -> list[Message]:
+        """As many of ``messages`` as fit in one answer's budget (one at least)."""
         kept: list[Message] = []
         budget = MAX_ANSWER_TEXT
         for message in messages:
-            budget -= text_size(message.text)
+            budget -= text_size(message.text) + MESSAGE_ALLOWANCE
+            if message.file is not None:
+                budget -= text_size(self.files[message.file].name)
             if budget < 0 and kept:
                 break
             kept.append(message)
@@ -2344,11 +2347,15 @@ class Messenger:
             _remove_ids(self.users[name].private, gone)
         for (name, key), gone in by_conversation.items():
             user = self.users[name]
-            _remove_ids(user.conversations[key], gone)
-            if not user.conversations[key]:
+            live = user.conversations[key]
+            _remove_ids(live, gone)
+            # A mark below every live message says nothing any more: it goes, whenever the
+            # expiry runs (a replay expires later, in one go, and must end the same).
+            # "@" stays: it is also the mark of every private conversation.
+            if key != PRIVATE and user.positions.get(key, 0) < (live[0] if live else math.inf):
+                user.positions.pop(key, None)
+            if not live:
                 del user.conversations[key]
-                if key != PRIVATE:  # "@" is also the mark of every private conversation
-                    user.positions.pop(key, None)  # the next message's id is beyond it
                 self._settle(user, [key])
         self.changes += len(ids)
 

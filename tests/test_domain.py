@@ -1293,6 +1293,27 @@ def test_replay_rebuilds_the_same_state(clock: FakeClock) -> None:
         assert replayed.poll(name, None, None, 100) == messenger.poll(name, None, None, 100)
 
 
+def test_replay_forgets_a_read_mark_that_expired_live_then_saw_a_new_message(
+    clock: FakeClock,
+) -> None:
+    """Found by review: live, a private conversation emptied by expiry dropped its mark;
+    a replay (which expires later, in one go) kept it once a new message had come."""
+    messenger, events = make_messenger(clock)
+    register(messenger, "alice", "bob")
+    first = post(messenger, "bob", "one", to="alice").id
+    assert poll_ids(messenger, "alice", None) == [first]  # received: its TTL runs
+    messenger.poll("alice", first, ["@bob"], 100)  # and read
+    clock.advance(TTL)
+    messenger.expire(clock.now)
+    post(messenger, "bob", "two", to="alice")
+    replayed = ms.Messenger(messenger.rules, clock)
+    for event in events:
+        replayed.replay(event)
+    replayed.expire(clock.now)
+    assert messenger.users["alice"].positions == {}
+    assert replayed.export() == messenger.export()
+
+
 def test_export_restore_gives_the_same_export(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock)
     scenario(messenger, clock)
@@ -1425,10 +1446,10 @@ def slow_unread(messenger: ms.Messenger, name: str) -> ms.Unread:
 
 
 def test_long_messages_come_fewer_at_a_time(messenger: ms.Messenger) -> None:
-    """An answer holds at most MAX_ANSWER_TEXT bytes of text (one message at least),
+    """An answer holds at most MAX_ANSWER_TEXT bytes of messages (one message at least),
     so a client asking a lot cannot make the server hold much; the rest comes next."""
     long_text = "x" * ms.MAX_TEXT
-    per_answer = ms.MAX_ANSWER_TEXT // ms.MAX_TEXT
+    per_answer = ms.MAX_ANSWER_TEXT // (ms.MAX_TEXT + ms.MESSAGE_ALLOWANCE)
     sent = [post(messenger, "bob", long_text, chat="club") for _ in range(per_answer + 5)]
     first, next_id = messenger.poll("alice", 0, ["club"], 1000)
     assert [m.id for m in first] == [m.id for m in sent[:per_answer]] and next_id == first[-1].id
@@ -1456,7 +1477,7 @@ def test_comments_come_after_a_position_and_within_the_budget(messenger: ms.Mess
     assert messenger.thread("alice", root.id, after=short[0].id)[1] == short[1:]
     assert messenger.thread("alice", root.id, limit=2)[1] == short[:2]
     long_text = "x" * ms.MAX_TEXT
-    per_answer = ms.MAX_ANSWER_TEXT // ms.MAX_TEXT
+    per_answer = ms.MAX_ANSWER_TEXT // (ms.MAX_TEXT + ms.MESSAGE_ALLOWANCE)
     for _ in range(per_answer + 1):
         post(messenger, "bob", long_text, reply_to=root.id)
     _, first = messenger.thread("alice", root.id, after=short[-1].id)

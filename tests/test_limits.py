@@ -201,6 +201,25 @@ async def test_an_answer_holds_at_most_the_text_budget_in_bytes_as_sent(
         assert seen == 30
 
 
+@pytest.mark.asyncio
+async def test_an_answer_counts_file_names_and_each_messages_other_fields(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: 1,000 messages of no text, each with a file named by 255 emoji,
+    made one answer of 1.2 MB: the budget counted texts only."""
+    rules = ms.Rules(flood_limit=10_000)
+    async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
+        alice = await connect(server.port, "alice")
+        server.messenger.join("alice", "club", None)
+        file_id = "a" * 32
+        server.messenger.uploads.add_file("alice", file_id, "\U0001f600" * 255, 1, "a/b", "0" * 64)
+        for _ in range(1000):
+            send(server.messenger, "alice", "", file=file_id, chat="club")
+        answer = await call(server.port, "GET", "/messages?since=0&limit=1000", token=alice)
+        assert 0 < len(answer.json()["messages"]) < 1000, "the rest comes next"
+        assert len(answer.body) <= ms.MAX_ANSWER_TEXT
+
+
 # Private messages nobody received ###########################################
 
 
