@@ -1271,7 +1271,7 @@ class Deadlines:
             expired.append(self._chat.popleft())
         while self._private and messenger.delivered[self._private[0]] + ttl <= now:
             expired.append(self._private.popleft())
-        while (oldest := self._oldest_undelivered()) is not None:
+        while self._undelivered and (oldest := self._oldest_undelivered()) is not None:
             if messenger.messages[oldest].ts + messenger.rules.undelivered_ttl > now:
                 break
             expired.append(self._undelivered.popleft())
@@ -1279,7 +1279,7 @@ class Deadlines:
 
     def expired_file(self, now: float) -> StoredFile | None:
         """Take out the oldest file if its time is over."""
-        oldest = self._oldest_file()
+        oldest = self._oldest_file() if self._file else None
         if oldest is None or oldest.ts + self._messenger.rules.message_ttl > now:
             return None
         self._file.popleft()
@@ -1622,16 +1622,9 @@ class Messenger:
         self.expire(self.clock())
         chats, peers, every_private = self._named(user, keys)
         if since is None:
-            if keys is None:
-                unread = list(user.unread)
-            else:
-                private = [key for key in user.unread if key.startswith(PRIVATE)]
-                named = [*chats, *(private if every_private else peers)]
-                unread = [key for key in named if key in user.unread]
-            sources = [
-                self._after(self._ids_in(user, key), self._position(user, key))
-                for key in unread
-            ]
+            sources = self._unread_sources(user, keys, chats, peers, every_private)
+        elif since >= self.last_id:  # nothing newer exists: a caught-up long-poll's case
+            sources = []
         else:
             if keys is None:
                 chats = self._chats_after(user, since)
@@ -1643,13 +1636,30 @@ class Messenger:
                 sources.append(self._after(user.private, since))
             else:
                 sources += [self._after(user.conversations.get(key, []), since) for key in peers]
-        ids = list(itertools.islice(heapq.merge(*sources), limit))
-        found = self._within_budget(self.messages[message_id] for message_id in ids)
-        self._mark_delivered(user, found)
+        found: list[Message] = []
+        if sources:
+            merged = sources[0] if len(sources) == 1 else heapq.merge(*sources)
+            ids = list(itertools.islice(merged, limit))
+            found = self._within_budget(self.messages[message_id] for message_id in ids)
+            self._mark_delivered(user, found)
         if since is not None:
             self._mark_read(user, keys, [*chats, *peers], min(since, self.last_id))
         start = self.last_id if since is None else since
         return found, found[-1].id if found else start
+
+    def _unread_sources(
+        self, user: User, keys: list[str] | None, chats: list[str], peers: list[str],
+        every_private: bool,
+    ) -> list[Iterator[int]]:
+        """The unread ids of each conversation named (every one without a filter) that
+        may hold some (``User.unread``), each from the user's position there."""
+        if keys is None:
+            unread = list(user.unread)
+        else:
+            private = [key for key in user.unread if key.startswith(PRIVATE)]
+            named = [*chats, *(private if every_private else peers)]
+            unread = [key for key in named if key in user.unread]
+        return [self._after(self._ids_in(user, key), self._position(user, key)) for key in unread]
 
     def _named(self, user: User, keys: list[str] | None) -> tuple[list[str], list[str], bool]:
         """The conversations a filter names: its chats (404 unknown, 403 not a member), its
@@ -1678,7 +1688,8 @@ class Messenger:
         if since < user.read_pos:
             return list(user.chats)
         ahead = [key for key, position in user.positions.items() if position > since]
-        return [key for key in dict.fromkeys([*user.unread, *ahead]) if key in user.chats]
+        candidates = dict.fromkeys([*user.unread, *ahead]) if ahead else user.unread
+        return [key for key in candidates if key in user.chats]
 
     def _mark_read(
         self, user: User, keys: list[str] | None, named: list[str], position: int
@@ -2206,7 +2217,11 @@ class Messenger:
     def _mark_unread(self, message: Message) -> None:
         """A new message is unread for its audience, but for its sender: sending moves one's
         position to it (as Telegram does). Only the chat's members who had read it to its
-        end are told: the others have it among their unread conversations already."""
+        end are told: the others have it among their unread conversations already.
+
+        The cost is one step per member in ``caught_up``, and a member gets there only by
+        a read that reached the chat's end: at most one step per such read, never one per
+        member and message."""
         if message.chat is not None:
             chat = self.chats[message.chat]
             for name in chat.caught_up:
@@ -2218,16 +2233,21 @@ class Messenger:
             sender = self.users[message.sender]
             key = conversation_of(message, sender.name)
             sender.positions[key] = max(sender.positions.get(key, 0), message.id)
-            self._settle(sender, [key])
+            self._read_to_end(sender, key)  # the message was just added last to ``key``
 
     def _settle(self, user: User, keys: Iterable[str]) -> None:
         """Of the conversations ``keys``, those now read to their end leave the user's
-        unread ones, and a chat counts the user among those to tell of its next message."""
+        unread ones (see ``_read_to_end``)."""
         for key in keys:
             if self._position(user, key) >= next(reversed(self._ids_in(user, key)), 0):
-                user.unread.discard(key)
-                if key in user.chats:
-                    self.chats[key].caught_up.add(user.name)
+                self._read_to_end(user, key)
+
+    def _read_to_end(self, user: User, key: str) -> None:
+        """The user has read the conversation ``key`` to its end: it leaves the user's
+        unread ones, and a chat counts the user among those to tell of its next message."""
+        user.unread.discard(key)
+        if key in user.chats:
+            self.chats[key].caught_up.add(user.name)
 
     def _apply_read(self, name: str, position: int) -> None:
         """Every conversation is read up to ``position``."""
