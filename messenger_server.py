@@ -3809,14 +3809,17 @@ class MessengerApp:
 
     async def poll(self, call: Call) -> Response:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
-        query = self._query(call)
+        params = call.request.query_params()
+        query = Fields(params, from_query=True)
         since = query.optional_int("since")
-        keys = call.request.query_values("chat")
-        if not all(CONVERSATION_RE.fullmatch(key) for key in keys):
-            raise InvalidField("each chat must be a chat name, @user or @")
-        if len(set(keys)) > MAX_CONVERSATIONS:  # each one named may be a read event
-            raise InvalidField(f"at most {MAX_CONVERSATIONS} chat values in one request")
-        chats = keys or None
+        chats = None  # every conversation, unless the query names some
+        if "chat" in params:
+            keys = call.request.query_values("chat")
+            if not all(CONVERSATION_RE.fullmatch(key) for key in keys):
+                raise InvalidField("each chat must be a chat name, @user or @")
+            if len(set(keys)) > MAX_CONVERSATIONS:  # each one named may be a read event
+                raise InvalidField(f"at most {MAX_CONVERSATIONS} chat values in one request")
+            chats = keys
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
         wait = query.optional_float("wait", clamp_to=self.config.max_wait) or 0.0
         found, next_id = self.messenger.poll(call.user, since, chats, limit)
@@ -4387,6 +4390,7 @@ class Connection:
     ) -> None:
         self._server = server
         self._config = server.config
+        self._largest_body = server.config.largest_body  # a property: computed once here
         self._reader = reader
         self._writer = writer
         self._peer = peer  # the address the connection comes from
@@ -4415,7 +4419,10 @@ class Connection:
                 response = await self._server.app.dispatch(request, self)
                 if self.cut_off:
                     return
-                response, step = await self._settle_body(request, response)
+                step = next_step(request, self._body, response.status,
+                                 closing=self._server.closing, largest_body=self._largest_body)
+                if step in (NextStep.SKIP_BODY, NextStep.TOO_LARGE):
+                    response, step = await self._settle_body(request, response, step)
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "%s %s %s -> %d", self.peer, request.method, request.target, response.status
@@ -4456,15 +4463,14 @@ class Connection:
         self.address = address
 
     async def _settle_body(
-        self, request: Request, response: Response
+        self, request: Request, response: Response, step: NextStep
     ) -> tuple[Response, NextStep]:
-        """The answer to send and what follows it (see ``next_step``). A body answered
-        before it was read is skipped if it can be; one larger than any route takes turns
-        the answer into a 413, and so does one found too large while skipped (chunked),
-        unless the answer is one; one found malformed turns it into a 400."""
-        closing, largest = self._server.closing, self._config.largest_body
-        step = next_step(request, self._body, response.status, closing=closing,
-                         largest_body=largest)
+        """The answer to send and what follows it, when ``next_step`` said ``step``: to skip
+        the body or to answer 413. A body answered before it was read is skipped if it can
+        be; one larger than any route takes turns the answer into a 413, and so does one
+        found too large while skipped (chunked), unless the answer is one; one found
+        malformed turns it into a 400."""
+        closing, largest = self._server.closing, self._largest_body
         if step is NextStep.TOO_LARGE:
             too_large = PayloadTooLarge(f"the body is larger than {largest} bytes")
             return Response.error(too_large), step
@@ -4589,7 +4595,7 @@ class Connection:
     async def discard(self, request: Request) -> None:
         """Read and drop a body nobody needs: 413 beyond the largest body any route takes,
         400 if malformed."""
-        async for _ in self.stream(request, self._config.largest_body):
+        async for _ in self.stream(request, self._largest_body):
             pass
 
     def next_read(self) -> asyncio.Future[bytes]:
