@@ -67,7 +67,6 @@ import time
 import types
 import typing
 import zlib
-from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -3463,13 +3462,26 @@ class Waiters:
 
     async def wait(self, user: str, seconds: float, client: asyncio.Future[bytes]) -> None:
         """Until a message for ``user`` arrives, ``seconds`` pass, or the ``client`` read
-        ends (it hung up, or sent its next request)."""
-        future = asyncio.get_running_loop().create_future()
+        ends (it hung up, or sent its next request).
+
+        Each of the three completes one future: ``asyncio.wait`` would do the same with a
+        waiter, a set and callbacks on both futures, for every parked poll of a fan-out."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def end(_: object = None) -> None:
+            if not future.done():
+                future.set_result(None)
+
         waiting = self._by_user.setdefault(user, set())
         waiting.add(future)
+        timer = loop.call_later(seconds, end)
+        client.add_done_callback(end)
         try:
-            await asyncio.wait([future, client], timeout=seconds, return_when=FIRST_COMPLETED)
+            await future
         finally:
+            timer.cancel()
+            client.remove_done_callback(end)
             waiting.discard(future)
             if not waiting and self._by_user.get(user) is waiting:
                 del self._by_user[user]
