@@ -70,7 +70,6 @@ import time
 import types
 import typing
 import zlib
-from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1357,7 +1356,7 @@ class Deadlines:
             expired.append(self._chat.popleft())
         while self._private and messenger.delivered[self._private[0]] + ttl <= now:
             expired.append(self._private.popleft())
-        while (oldest := self._oldest_undelivered()) is not None:
+        while self._undelivered and (oldest := self._oldest_undelivered()) is not None:
             if messenger.messages[oldest].ts + messenger.rules.undelivered_ttl > now:
                 break
             expired.append(self._undelivered.popleft())
@@ -1365,7 +1364,7 @@ class Deadlines:
 
     def expired_file(self, now: float) -> StoredFile | None:
         """Take out the oldest file if its time is over."""
-        oldest = self._oldest_file()
+        oldest = self._oldest_file() if self._file else None
         if oldest is None or oldest.ts + self._messenger.rules.message_ttl > now:
             return None
         self._file.popleft()
@@ -1936,16 +1935,9 @@ class Messenger:
         self.expire(self.clock())
         chats, peers, every_private = self._named(user, keys)
         if since is None:
-            if keys is None:
-                unread = list(user.unread)
-            else:
-                private = [key for key in user.unread if key.startswith(PRIVATE)]
-                named = [*chats, *(private if every_private else peers)]
-                unread = [key for key in named if key in user.unread]
-            sources = [
-                self._after(self._ids_in(user, key), self._position(user, key))
-                for key in unread
-            ]
+            sources = self._unread_sources(user, keys, chats, peers, every_private)
+        elif since >= self.last_id:  # nothing newer exists: a caught-up long-poll's case
+            sources = []
         else:
             if keys is None:
                 chats = self._chats_after(user, since)
@@ -1957,14 +1949,31 @@ class Messenger:
                 sources.append(self._after(user.private, since))
             else:
                 sources += [self._after(user.conversations.get(key, []), since) for key in peers]
-        ids = list(itertools.islice(heapq.merge(*sources), limit))
-        found = self._within_budget(self.messages[message_id] for message_id in ids)
-        if mark:
-            self._mark_delivered(user, found)
+        found: list[Message] = []
+        if sources:
+            merged = sources[0] if len(sources) == 1 else heapq.merge(*sources)
+            ids = list(itertools.islice(merged, limit))
+            found = self._within_budget(self.messages[message_id] for message_id in ids)
+            if mark:
+                self._mark_delivered(user, found)
         if mark and since is not None:
             self._mark_read(user, keys, [*chats, *peers], min(since, self.last_id))
         start = self.last_id if since is None else since
         return found, found[-1].id if found else start
+
+    def _unread_sources(
+        self, user: User, keys: list[str] | None, chats: list[str], peers: list[str],
+        every_private: bool,
+    ) -> list[Iterator[int]]:
+        """The unread ids of each conversation named (every one without a filter) that
+        may hold some (``User.unread``), each from the user's position there."""
+        if keys is None:
+            unread = list(user.unread)
+        else:
+            private = [key for key in user.unread if key.startswith(PRIVATE)]
+            named = [*chats, *(private if every_private else peers)]
+            unread = [key for key in named if key in user.unread]
+        return [self._after(self._ids_in(user, key), self._position(user, key)) for key in unread]
 
     def _named(self, user: User, keys: list[str] | None) -> tuple[list[str], list[str], bool]:
         """The conversations a filter names: its chats (404 unknown, 403 not a member), its
@@ -1993,7 +2002,8 @@ class Messenger:
         if since < user.read_pos:
             return list(user.chats)
         ahead = [key for key, position in user.positions.items() if position > since]
-        return [key for key in dict.fromkeys([*user.unread, *ahead]) if key in user.chats]
+        candidates = dict.fromkeys([*user.unread, *ahead]) if ahead else user.unread
+        return [key for key in candidates if key in user.chats]
 
     def _mark_read(
         self, user: User, keys: list[str] | None, named: list[str], position: int
@@ -2442,7 +2452,11 @@ class Messenger:
     def _mark_unread(self, message: Message) -> None:
         """A new message is unread for its audience, but for its sender: sending moves one's
         position to it (as Telegram does). Only the chat's members who had read it to its
-        end are told: the others have it among their unread conversations already."""
+        end are told: the others have it among their unread conversations already.
+
+        The cost is one step per member in ``caught_up``, and a member gets there only by
+        a read that reached the chat's end: at most one step per such read, never one per
+        member and message."""
         if message.chat is not None:
             chat = self.chats[message.chat]
             for name in chat.caught_up:
@@ -2454,16 +2468,21 @@ class Messenger:
             sender = self.users[message.sender]
             key = conversation_of(message, sender.name)
             sender.positions[key] = max(sender.positions.get(key, 0), message.id)
-            self._settle(sender, [key])
+            self._read_to_end(sender, key)  # the message was just added last to ``key``
 
     def _settle(self, user: User, keys: Iterable[str]) -> None:
         """Of the conversations ``keys``, those now read to their end leave the user's
-        unread ones, and a chat counts the user among those to tell of its next message."""
+        unread ones (see ``_read_to_end``)."""
         for key in keys:
             if self._position(user, key) >= next(reversed(self._ids_in(user, key)), 0):
-                user.unread.discard(key)
-                if key in user.chats:
-                    self.chats[key].caught_up.add(user.name)
+                self._read_to_end(user, key)
+
+    def _read_to_end(self, user: User, key: str) -> None:
+        """The user has read the conversation ``key`` to its end: it leaves the user's
+        unread ones, and a chat counts the user among those to tell of its next message."""
+        user.unread.discard(key)
+        if key in user.chats:
+            self.chats[key].caught_up.add(user.name)
 
     def _apply_read(self, name: str, position: int) -> None:
         """Every conversation is read up to ``position``."""
@@ -3691,13 +3710,26 @@ class Waiters:
 
     async def wait(self, user: str, seconds: float, client: asyncio.Future[bytes]) -> None:
         """Until a message for ``user`` arrives, ``seconds`` pass, or the ``client`` read
-        ends (it hung up, or sent its next request)."""
-        future = asyncio.get_running_loop().create_future()
+        ends (it hung up, or sent its next request).
+
+        Each of the three completes one future: ``asyncio.wait`` would do the same with a
+        waiter, a set and callbacks on both futures, for every parked poll of a fan-out."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def end(_: object = None) -> None:
+            if not future.done():
+                future.set_result(None)
+
         waiting = self._by_user.setdefault(user, set())
         waiting.add(future)
+        timer = loop.call_later(seconds, end)
+        client.add_done_callback(end)
         try:
-            await asyncio.wait([future, client], timeout=seconds, return_when=FIRST_COMPLETED)
+            await future
         finally:
+            timer.cancel()
+            client.remove_done_callback(end)
             waiting.discard(future)
             if not waiting and self._by_user.get(user) is waiting:
                 del self._by_user[user]
@@ -4045,14 +4077,17 @@ class MessengerApp:
 
     async def poll(self, call: Call) -> Response:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
-        query = self._query(call)
+        params = call.request.query_params()
+        query = Fields(params, from_query=True)
         since = query.optional_int("since")
-        keys = call.request.query_values("chat")
-        if not all(CONVERSATION_RE.fullmatch(key) for key in keys):
-            raise InvalidField("each chat must be a chat name, @user or @")
-        if len(set(keys)) > MAX_CONVERSATIONS:  # each one named may be a read event
-            raise InvalidField(f"at most {MAX_CONVERSATIONS} chat values in one request")
-        chats = keys or None
+        chats = None  # every conversation, unless the query names some
+        if "chat" in params:
+            keys = call.request.query_values("chat")
+            if not all(CONVERSATION_RE.fullmatch(key) for key in keys):
+                raise InvalidField("each chat must be a chat name, @user or @")
+            if len(set(keys)) > MAX_CONVERSATIONS:  # each one named may be a read event
+                raise InvalidField(f"at most {MAX_CONVERSATIONS} chat values in one request")
+            chats = keys
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_POLL_LIMIT, MAX_LIMIT)
         wait = query.optional_float("wait", clamp_to=self.config.max_wait) or 0.0
         mark = call.request.method != "HEAD"  # a HEAD is safe: it marks nothing read
@@ -4629,6 +4664,7 @@ class Connection:
     ) -> None:
         self._server = server
         self._config = server.config
+        self._largest_body = server.config.largest_body  # a property: computed once here
         self._reader = reader
         self._writer = writer
         self._peer = peer  # the address the connection comes from
@@ -4657,7 +4693,10 @@ class Connection:
                 response = await self._server.app.dispatch(request, self)
                 if self.cut_off:
                     return
-                response, step = await self._settle_body(request, response)
+                step = next_step(request, self._body, response.status,
+                                 closing=self._server.closing, largest_body=self._largest_body)
+                if step in (NextStep.SKIP_BODY, NextStep.TOO_LARGE):
+                    response, step = await self._settle_body(request, response, step)
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug(
                         "%s %s %s -> %d", self.peer, request.method, request.target, response.status
@@ -4698,15 +4737,14 @@ class Connection:
         self.address = address
 
     async def _settle_body(
-        self, request: Request, response: Response
+        self, request: Request, response: Response, step: NextStep
     ) -> tuple[Response, NextStep]:
-        """The answer to send and what follows it (see ``next_step``). A body answered
-        before it was read is skipped if it can be; one larger than any route takes turns
-        the answer into a 413, and so does one found too large while skipped (chunked),
-        unless the answer is one; one found malformed turns it into a 400."""
-        closing, largest = self._server.closing, self._config.largest_body
-        step = next_step(request, self._body, response.status, closing=closing,
-                         largest_body=largest)
+        """The answer to send and what follows it, when ``next_step`` said ``step``: to skip
+        the body or to answer 413. A body answered before it was read is skipped if it can
+        be; one larger than any route takes turns the answer into a 413, and so does one
+        found too large while skipped (chunked), unless the answer is one; one found
+        malformed turns it into a 400."""
+        closing, largest = self._server.closing, self._largest_body
         if step is NextStep.TOO_LARGE:
             too_large = PayloadTooLarge(f"the body is larger than {largest} bytes")
             return Response.error(too_large), step
@@ -4831,7 +4869,7 @@ class Connection:
     async def discard(self, request: Request) -> None:
         """Read and drop a body nobody needs: 413 beyond the largest body any route takes,
         400 if malformed."""
-        async for _ in self.stream(request, self._config.largest_body):
+        async for _ in self.stream(request, self._largest_body):
             pass
 
     def next_read(self) -> asyncio.Future[bytes]:

@@ -1,6 +1,7 @@
 """The messenger's benchmark suite: one command runs every scenario and prints a table.
 
     python bench/run.py [--quick] [--rounds 3] [--duration 5] [--only NAME] [--ref-python PY]
+    python bench/run.py --baseline OLD/messenger_server.py --rounds 7   # this code vs OLD
 
 Servers run as subprocesses pinned to CPU 0 (``taskset -c 0``); wrk and this script's own
 asyncio clients run on CPU 1. Throughput scenarios interleave the messenger and the reference
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -46,6 +48,7 @@ SERVER_CPU = 0
 CLIENT_CPU = 1
 PASSWORD = "benchmark-password"
 BENCH_USERS = 100_000  # registrations per address the servers allow the load
+BENCH_FLOOD = 1_000_000_000  # messages per user per flood window: wrk sends thousands a second
 HASHES_AT_ONCE = 2  # connects at a time: a one-core server answers 503 to more per address
 PER_ADDRESS = 200  # client connections per source address (127.0.0.2, …): the server allows 256
 WRK_CONNECTIONS = 50
@@ -61,6 +64,7 @@ STATE_CHATS = 10  # the stored messages are spread over this many chats
 FEW_CHATS, MANY_CHATS = 5, 500  # memberships of the two readers of "conversations", general too
 CONVERSATION_POLLERS = 10  # keep-alive connections polling at once in "conversations"
 CONVERSATION_NEWS = 3  # chats with an unread message for the readers of "conversations"
+BASELINE_UNREAD = 10  # messages the reader of "baseline" has not read
 STATE_MEMBERS = 10  # users per chat
 SERVER_START_TIMEOUT = 60.0  # seconds a server gets to answer its first /health
 SERVER_STOP_TIMEOUT = 120.0  # seconds a server gets to save and exit after SIGTERM
@@ -260,6 +264,21 @@ def percentile(values: Sequence[float], share: float) -> float:
 # Servers ####################################################################
 
 
+@functools.cache
+def known_flags(script: Path) -> set[str]:
+    """The command-line flags a server script accepts (from its ``--help``)."""
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    return set(re.findall(r"--[a-z][a-z0-9-]*", shown))
+
+
+def cpu_seconds(server: Server) -> float:
+    """The CPU time (user + system) a server process has used so far."""
+    stat = Path(f"/proc/{server.process.pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A server subprocess; its stderr is kept line by line for waiting and for problems."""
 
@@ -357,6 +376,7 @@ class WrkRun:
     rps: float
     p99_ms: float
     errors: dict[str, int]
+    cpu_us: float  # the server's CPU time (user + system) per request, in microseconds
 
 
 @dataclass(frozen=True)
@@ -376,6 +396,10 @@ class Summary:
     @property
     def errors(self) -> dict[str, int]:
         return {kind: sum(run.errors[kind] for run in self.runs) for kind in self.runs[0].errors}
+
+    @property
+    def cpu_us(self) -> float:
+        return statistics.median(run.cpu_us for run in self.runs)
 
 
 @dataclass(frozen=True)
@@ -403,8 +427,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 class Bench:
     """What the scenarios share: the sizes, the servers they start, the figures they report."""
 
-    def __init__(self, sizes: Sizes, ref_python: str, workdir: Path, pin: bool) -> None:
+    def __init__(
+        self, sizes: Sizes, ref_python: str, workdir: Path, pin: bool,
+        baseline: Path | None = None,
+    ) -> None:
         self.sizes = sizes
+        self.baseline = baseline  # another commit's messenger_server.py, for "baseline"
         self.ref_python = ref_python
         self.workdir = workdir
         self.pin = pin
@@ -429,14 +457,25 @@ class Bench:
         return server
 
     async def messenger(
-        self, name: str, *flags: str, state_dir: Path | None = None, log_level: str = "WARNING"
+        self, name: str, *flags: str, state_dir: Path | None = None, log_level: str = "WARNING",
+        script: Path = ROOT / "messenger_server.py",
     ) -> Server:
+        """A messenger server: this checkout's, or ``script`` (another commit's, whose
+        limits it does not know are left out: an older server may not have them)."""
         state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
         port = free_port()
+        limits = [
+            "--registrations-per-ip", str(BENCH_USERS), "--flood-limit", str(BENCH_FLOOD),
+            "--password-checks-per-ip", str(BENCH_USERS), "--hash-share", "64",
+        ]
+        known = known_flags(script)
+        limits = [
+            part for flag, value in zip(limits[::2], limits[1::2], strict=True)
+            if flag in known for part in (flag, value)
+        ]
         argv = [
-            sys.executable, str(ROOT / "messenger_server.py"), "--port", str(port),
-            "--state-dir", str(state_dir), "--password-cost", "4", "--log-level", log_level,
-            "--registrations-per-ip", str(BENCH_USERS), *flags,
+            sys.executable, str(script), "--port", str(port), "--state-dir", str(state_dir),
+            "--password-cost", "4", "--log-level", log_level, *limits, *flags,
         ]
         return await self._start(name, argv, port, clean_exit=True)
 
@@ -472,18 +511,21 @@ class Bench:
             "BENCH_BODY": target.body,
             "BENCH_TOKEN": target.token,
         }
+        cpu_before = cpu_seconds(server)
         process = await asyncio.create_subprocess_exec(
             *self.pinned(CLIENT_CPU, argv), env=env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         out, err = await process.communicate()
+        cpu = cpu_seconds(server) - cpu_before
         found = re.search(r"^BENCH_RESULT (\{.*\})$", out.decode(), re.MULTILINE)
         if process.returncode != 0 or found is None:
             raise BenchError(f"wrk failed ({process.returncode}): {err.decode().strip()}")
         result = json.loads(found[1])
         errors = {k: result[k] for k in ("connect", "read", "write", "status", "timeout")}
         rps = result["requests"] / (result["duration_us"] / 1e6)
-        return WrkRun(rps, result["p99_us"] / 1000, errors)
+        cpu_us = cpu * 1e6 / max(1, result["requests"])
+        return WrkRun(rps, result["p99_us"] / 1000, errors, cpu_us)
 
     async def interleave(
         self, title: str, contenders: Sequence[tuple[Server, WrkTarget]]
@@ -580,13 +622,31 @@ async def scenario_fsync(bench: Bench) -> None:
 
 async def scenario_fanout(bench: Bench) -> None:
     """N sessions long-poll one chat; each send must reach every one of them, fast."""
-    count, spacing = bench.sizes.fanout_sessions, bench.sizes.fanout_spacing
+    count = bench.sizes.fanout_sessions
     print(f"\n== fan-out: {count} long-polling sessions, {FANOUT_SENDS} sends")
     server = await bench.messenger("messenger")
     names = [f"poller{i}" for i in range(count)] + ["sender"]
     *pollers, sender = await open_sessions(server.port, names, FANOUT_CHAT)
+    latencies, _ = await fan_out(bench, pollers, sender, 0)
+    close_all([*pollers, sender])
+    expected = count * FANOUT_SENDS
+    scenario = f"fan-out {count}"
+    bench.figure(scenario, "polls answered", f"{len(latencies)}/{expected}",
+                 "all", len(latencies) == expected)
+    if latencies:
+        bench.figure(scenario, "p50 ms", f"{percentile(latencies, 50) * 1000:.1f}")
+        p99 = percentile(latencies, 99) * 1000
+        bench.figure(scenario, "p99 ms", f"{p99:.1f}", "≤ 50 ms", p99 <= 50)
+        bench.figure(scenario, "max ms", f"{max(latencies) * 1000:.1f}")
+
+
+async def fan_out(
+    bench: Bench, pollers: Sequence[Session], sender: Session, since: int
+) -> tuple[list[float], int]:
+    """FANOUT_SENDS sends, each awaited by a long-poll of every poller (from ``since``, the
+    id of the chat's last message): the latency of each answer, and the new last id."""
+    spacing = bench.sizes.fanout_spacing
     latencies: list[float] = []
-    since = 0
     for number in range(FANOUT_SENDS):
         path = f"/messages?chat={FANOUT_CHAT}&since={since}&wait=30"
         polls = [
@@ -614,16 +674,7 @@ async def scenario_fanout(bench: Bench) -> None:
             for poll in lost:
                 poll.cancel()
             break
-    close_all([*pollers, sender])
-    expected = count * FANOUT_SENDS
-    scenario = f"fan-out {count}"
-    bench.figure(scenario, "polls answered", f"{len(latencies)}/{expected}",
-                 "all", len(latencies) == expected)
-    if latencies:
-        bench.figure(scenario, "p50 ms", f"{percentile(latencies, 50) * 1000:.1f}")
-        p99 = percentile(latencies, 99) * 1000
-        bench.figure(scenario, "p99 ms", f"{p99:.1f}", "≤ 50 ms", p99 <= 50)
-        bench.figure(scenario, "max ms", f"{max(latencies) * 1000:.1f}")
+    return latencies, since
 
 
 async def poll_rate(port: int, token: str, path: str, seconds: float) -> float:
@@ -696,6 +747,99 @@ async def scenario_conversations(bench: Bench) -> None:
                 rows))
 
 
+async def reading_targets(port: int) -> dict[str, WrkTarget]:
+    """What ``baseline`` reads on a server: a chat of ROOM_MEMBERS with one message and,
+    after it, BASELINE_UNREAD from another member; one reader caught up, one behind."""
+    members = await open_sessions(port, [f"member{i}" for i in range(ROOM_MEMBERS)], ROOM)
+    caught_up, behind, writer = members[:3]
+    body = json.loads(SEND_BODY)
+    sent = await caught_up.connection.call("POST", "/send", body, caught_up.token)
+    read_to = newest = int(sent["message"]["id"])
+    for _ in range(BASELINE_UNREAD):
+        sent = await writer.connection.call("POST", "/send", body, writer.token)
+        newest = int(sent["message"]["id"])
+    close_all(members)
+    return {
+        "GET /health": WrkTarget("/health"),
+        "GET /messages, caught up": WrkTarget(f"/messages?since={newest}", token=caught_up.token),
+        f"GET /messages, {BASELINE_UNREAD} unread": WrkTarget(
+            f"/messages?since={read_to}", token=behind.token
+        ),
+    }
+
+
+async def scenario_baseline(bench: Bench) -> None:
+    """This checkout's messenger against ``--baseline`` (another commit's server), round by
+    round: the reads and sends by wrk, then fan-out; the ratio of every round."""
+    if bench.baseline is None:
+        raise BenchError("the baseline scenario needs --baseline OLD/messenger_server.py")
+    scripts = {"messenger": ROOT / "messenger_server.py", "baseline": bench.baseline}
+    readers = {name: await bench.messenger(name, script=script) for name, script in scripts.items()}
+    targets = {name: await reading_targets(server.port) for name, server in readers.items()}
+    for title in targets["messenger"]:
+        contenders = [(server, targets[name][title]) for name, server in readers.items()]
+        compare_baseline(bench, title, await bench.interleave(title, contenders))
+    for server in readers.values():
+        await bench.stop(server)
+    title = f"POST /send, chat of {ROOM_MEMBERS}"
+    contenders = []
+    for name, script in scripts.items():
+        server = await bench.messenger(name, script=script)
+        token, _ = await make_room(server.port)
+        contenders.append((server, WrkTarget("/send", "POST", SEND_BODY, token)))
+    compare_baseline(bench, title, await bench.interleave(title, contenders))
+    for server, _ in contenders:
+        await bench.stop(server)
+    await fan_out_against_baseline(bench, scripts)
+
+
+def compare_baseline(bench: Bench, title: str, summaries: dict[str, Summary]) -> None:
+    mine, theirs = summaries["messenger"], summaries["baseline"]
+    ratios = [a.rps / b.rps for a, b in zip(mine.runs, theirs.runs, strict=True)]
+    bench.figure(title, "req/s messenger / baseline",
+                 f"{mine.rps / theirs.rps:.3f}× ({mine.rps:,.0f} vs {theirs.rps:,.0f}); "
+                 f"by round {' '.join(f'{ratio:.2f}' for ratio in ratios)}")
+    bench.figure(title, "server CPU µs per request",
+                 f"{mine.cpu_us:.1f} vs {theirs.cpu_us:.1f} "
+                 f"({theirs.cpu_us / mine.cpu_us:.3f}× as fast)")
+
+
+async def fan_out_against_baseline(bench: Bench, scripts: dict[str, Path]) -> None:
+    """Fan-out to the same number of sessions on both servers, A B A B … by round."""
+    count, rounds = bench.sizes.fanout_sessions, bench.sizes.rounds
+    print(f"\n== fan-out against the baseline: {count} sessions, {FANOUT_SENDS} sends, "
+          f"{rounds} interleaved round(s)")
+    names = [f"poller{i}" for i in range(count)] + ["sender"]
+    sessions, since = {}, {}
+    for name, script in scripts.items():
+        server = await bench.messenger(name, script=script)
+        sessions[name] = await open_sessions(server.port, names, FANOUT_CHAT)
+        since[name] = 0
+    p50: dict[str, list[float]] = {name: [] for name in scripts}
+    p99: dict[str, list[float]] = {name: [] for name in scripts}
+    for _ in range(rounds):
+        for name in scripts:
+            *pollers, sender = sessions[name]
+            latencies, since[name] = await fan_out(bench, pollers, sender, since[name])
+            if len(latencies) != count * FANOUT_SENDS:
+                raise BenchError(f"{name}: {len(latencies)} of {count * FANOUT_SENDS} answered")
+            p50[name].append(percentile(latencies, 50) * 1000)
+            p99[name].append(percentile(latencies, 99) * 1000)
+    for name in scripts:
+        close_all(sessions[name])
+    rows = [[name, " ".join(f"{ms:.1f}" for ms in p50[name]),
+             " ".join(f"{ms:.1f}" for ms in p99[name])] for name in scripts]
+    print(table(["server", "p50 ms by round", "p99 ms by round"], rows))
+    title = f"fan-out {count}"
+    for label, figures in (("p50", p50), ("p99", p99)):
+        mine = statistics.median(figures["messenger"])
+        theirs = statistics.median(figures["baseline"])
+        ratios = [b / a for a, b in zip(figures["messenger"], figures["baseline"], strict=True)]
+        bench.figure(title, f"{label} ms messenger vs baseline",
+                     f"{mine:.1f} vs {theirs:.1f} (baseline / messenger {theirs / mine:.3f}); "
+                     f"by round {' '.join(f'{ratio:.2f}' for ratio in ratios)}")
+
+
 async def scenario_idle(bench: Bench) -> None:
     """N keep-alive connections each served once, held, then each served again; RSS cost."""
     count = bench.sizes.idle_connections
@@ -738,10 +882,11 @@ async def build_state(folder: Path, count: int) -> None:
     ``send``, exported, and written by ``StateStore.write_snapshot``, as the server saves.
     """
     ms = messenger_server
-    messenger = ms.Messenger(ms.Rules())
+    messenger = ms.Messenger(ms.Rules(flood_limit=count))
     users = [f"user{i}" for i in range(STATE_CHATS * STATE_MEMBERS)]
     for index, name in enumerate(users):
-        messenger.register(name, bytes(32), bytes(16), 4, f"token-{name}")
+        # One address per user: the registration limit is per address.
+        messenger.accounts.register(name, bytes(32), bytes(16), 4, f"token-{name}", name)
         messenger.join(name, f"chat{index // STATE_MEMBERS}", False)
     for number in range(1, count + 1):
         chat = number % STATE_CHATS
@@ -829,8 +974,9 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "conversations": scenario_conversations,
     "idle": scenario_idle,
     "million": scenario_million,
+    "baseline": scenario_baseline,
 }
-NEED_WRK = {"health", "send", "messages", "fsync"}
+NEED_WRK = {"health", "send", "messages", "fsync", "baseline"}
 NEED_AIOHTTP = {"health", "send", "messages"}
 SHOW_AIOHTTP = "import aiohttp, sys; print(sys.version.split()[0], 'aiohttp', aiohttp.__version__)"
 
@@ -850,6 +996,9 @@ def parse_args() -> argparse.Namespace:
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
     add("--ref-python", default=sys.executable,
         help="the interpreter with aiohttp for the aiohttp reference (default: this one)")
+    add("--baseline", type=Path, metavar="FILE",
+        help="another commit's messenger_server.py: runs only the baseline scenario, this "
+             "checkout's server against it (git show COMMIT:messenger_server.py > FILE)")
     return parser.parse_args()
 
 
@@ -921,7 +1070,10 @@ def main() -> int:
         args.rounds or preset.rounds, args.duration or preset.duration, preset.fanout_sessions,
         preset.fanout_spacing, preset.idle_connections, preset.stored_messages,
     )
-    chosen = args.only or list(SCENARIOS)
+    if args.baseline is not None:
+        chosen = ["baseline"]
+    else:
+        chosen = args.only or [name for name in SCENARIOS if name != "baseline"]
     if NEED_WRK & set(chosen) and shutil.which("wrk") is None:
         print("wrk is missing: apt-get install wrk  (Debian package wrk)", file=sys.stderr)
         return 2
@@ -938,7 +1090,8 @@ def main() -> int:
         print(table(["machine", ""], machine(workdir, args.ref_python, pin, fd_limit)))
         if args.quick:
             print("\n--quick: a smoke test with small sizes; its figures are not results")
-        bench = Bench(sizes, args.ref_python, workdir, pin)
+        baseline = None if args.baseline is None else args.baseline.resolve()
+        bench = Bench(sizes, args.ref_python, workdir, pin, baseline)
         asyncio.run(run(chosen, bench))
     print("\n== summary\n")
     rows = [[f.scenario, f.name, f.value, f.goal, f.verdict] for f in bench.figures]
