@@ -181,6 +181,12 @@ class Rules:
     )
     undelivered_ttl: float = flag(7 * DAY, "seconds a private message nobody received lives")
     max_scheduled: int = flag(100, "pending scheduled messages per user; 403 above")
+    max_kept_text: int = flag(
+        MIB, "bytes (UTF-8) of the texts of a user's messages the server still keeps; 403 above"
+    )
+    max_total_text: int = flag(
+        512 * MIB, "bytes (UTF-8) of the texts of all messages the server keeps; 503 above"
+    )
     max_memberships: int = flag(500, "chats a user may be a member of; 403 above")
     max_owned_chats: int = flag(100, "chats a user may create; 403 above")
     upload_quota: int = flag(50 * MIB, "bytes of stored files per user; 403 above")
@@ -1181,6 +1187,7 @@ class User:
     # Its live messages by conversation (a chat's name, "@" and a recipient): who may report it.
     sent: dict[str, int] = field(default_factory=dict, metadata=DERIVED)
     undelivered: int = field(default=0, metadata=DERIVED)  # its private ones nobody received
+    kept_text: int = field(default=0, metadata=DERIVED)  # UTF-8 bytes of its messages' texts
     scheduled: set[str] = field(default_factory=set, metadata=DERIVED)  # its pending ids
     stored: int = field(default=0, metadata=DERIVED)  # bytes of its files still kept
 
@@ -1724,6 +1731,7 @@ class Messenger:
         self.last_id = 0
         self.changes = 0  # events applied and messages expired; snapshots watch it
         self.delivered: dict[int, float] = {}  # private message id -> first received
+        self.kept_text = 0  # UTF-8 bytes of the texts of all messages
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
         self._links: dict[str, str] = {}  # link token hash -> chat
         self.deadlines = Deadlines(self)
@@ -1789,6 +1797,7 @@ class Messenger:
             )
             return SendResult(None, self.scheduled[scheduled_id], True, self._rate(user, chat))
         self._check_undelivered(user, to)
+        self._check_text_room(user, draft.text)
         message = Message(self.last_id + 1, chat, to, name, draft.text, now, reply_to, file_id)
         self._post(message, client_id=draft.client_id, counted=counted)
         return SendResult(message, None, True, self._rate(user, chat))
@@ -1877,6 +1886,21 @@ class Messenger:
                 f"at most {self.rules.max_undelivered} of your private messages may wait "
                 "for recipients who have not received them"
             )
+
+    def _check_text_room(self, user: User, text: str) -> None:
+        """403 when the user's messages still kept would hold too much text, 503 when all
+        messages would: memory stays bounded whoever sends (a message lives an hour after
+        delivery, a private one nobody received up to ``undelivered_ttl``)."""
+        size = len(text.encode("utf-8"))
+        if user.kept_text + size > self.rules.max_kept_text:
+            raise QuotaExceeded(
+                f"your messages still kept may hold at most {self.rules.max_kept_text} bytes "
+                f"of text ({user.kept_text} used): older ones must expire first"
+            )
+        if self.kept_text + size > self.rules.max_total_text:
+            logger.warning("message text is at its limit of %d bytes", self.rules.max_total_text)
+            raise Unavailable("the server keeps as much message text as it may: try again later",
+                              retry_after=60)
 
     def _check_rate(self, user: User, now: float) -> None:
         window = self.rules.rate_window
@@ -2298,6 +2322,7 @@ class Messenger:
         try:
             self._check_not_banned(user, now)
             self._check_undelivered(user, scheduled.to)
+            self._check_text_room(user, scheduled.text)
             if scheduled.chat is not None:
                 self._member_chat(user, scheduled.chat)
             if scheduled.reply_to is not None:
@@ -2332,7 +2357,10 @@ class Messenger:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
             sender = None if message.sender is None else self.users[message.sender]
+            size = len(message.text.encode("utf-8"))
+            self.kept_text -= size
             if sender is not None:
+                sender.kept_text -= size
                 conversation = conversation_of(message, sender.name)
                 sender.sent[conversation] -= 1
                 if not sender.sent[conversation]:
@@ -2417,9 +2445,12 @@ class Messenger:
         self.deadlines.add_message(message)
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
+        size = len(message.text.encode("utf-8"))
+        self.kept_text += size
         if sender is not None:
             conversation = conversation_of(message, sender.name)
             sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
+            sender.kept_text += size
         if message.chat is not None:
             self.chats[message.chat].messages.append(message.id)
         else:

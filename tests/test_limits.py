@@ -220,6 +220,35 @@ async def test_an_answer_counts_file_names_and_each_messages_other_fields(
         assert len(answer.body) <= ms.MAX_ANSWER_TEXT
 
 
+# Message text kept: per user, and in all ####################################
+
+
+def test_text_kept_is_bounded_per_user_and_in_all(clock: FakeClock) -> None:
+    """Found by review: quotas per user added up to no bound at all, as accounts are free
+    to make. Each user's kept text is bounded, and so is everyone's."""
+    messenger, events = make_messenger(
+        clock, flood_limit=1000, max_kept_text=10_000, max_total_text=25_000
+    )
+    register(messenger, "a", "b", "c", "d")
+    for _ in range(2):
+        send(messenger, "a", "\u00e9" * 2500, chat="general")  # 5,000 bytes of UTF-8
+    recorded = len(events)
+    with pytest.raises(
+        ms.QuotaExceeded, match=re.escape("your messages still kept may hold at most 10000 bytes "
+                                          "of text (10000 used): older ones must expire first")
+    ):
+        send(messenger, "a", "x", chat="general")
+    send(messenger, "b", "x" * 10_000, chat="general")
+    with pytest.raises(ms.Unavailable, match="the server keeps as much message text as it may"):
+        send(messenger, "c", "x" * 5_001, chat="general")
+    assert len(events) == recorded + 1, "refused sends record nothing"
+    send(messenger, "c", "x" * 5_000, chat="general")  # exactly the limit in all
+    assert replayed(messenger, events, clock).kept_text == messenger.kept_text == 25_000
+    clock.advance(ms.Rules().message_ttl)
+    send(messenger, "a", "x", chat="general")  # the old ones expired: room again
+    assert (messenger.kept_text, messenger.users["a"].kept_text) == (1, 1)
+
+
 # Private messages nobody received ###########################################
 
 
