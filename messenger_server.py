@@ -3566,7 +3566,8 @@ class Fields:
     def optional_float(
         self, name: str, *, minimum: float = 0.0, clamp_to: float = math.inf
     ) -> float | None:
-        """A number of at least ``minimum``; one above ``clamp_to`` is taken as ``clamp_to``."""
+        """A number of at least ``minimum``; one above ``clamp_to`` is taken as ``clamp_to``,
+        +inf too (``1e400`` reads as it) when there is a clamp. NaN is always refused."""
         value = self._values.get(name)
         if value is None:
             return None
@@ -3575,8 +3576,9 @@ class Fields:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise InvalidField(f"{name} must be a number")
         number = float(value)  # no overflow: see _parse_json_int
-        if not math.isfinite(number) or number < minimum:
-            if math.isinf(clamp_to):
+        unbounded = math.isinf(clamp_to)
+        if math.isnan(number) or number < minimum or (number == math.inf and unbounded):
+            if unbounded:
                 raise InvalidField(f"{name} must be a finite number of at least {minimum:g}")
             raise InvalidField(f"{name} must be between {minimum:g} and {clamp_to:g}")
         return min(number, clamp_to)
