@@ -406,7 +406,7 @@ _REQUEST_LINE_RE: Final = re.compile(
 _FIELD: Final = _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*"  # a field line, OWS included
 _FIELDS_RE: Final = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 _HOST_RE: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]+)(?::[0-9]*)?")
-_ABSOLUTE_RE: Final = re.compile(r"[hH][tT][tT][pP][sS]?://([^/?#]*)([^#]*)(?:#.*)?")
+_ABSOLUTE_RE: Final = re.compile(r"[hH][tT][tT][pP][sS]?://([^/?]*)(.*)")  # no "#" by then
 _AUTHORITY_FORM_RE: Final = re.compile(r"[-A-Za-z0-9._~!$&'()*+,;=%]+:[0-9]+")
 # A request line that has begun: a method, maybe a target, maybe the start of a version
 # (or the CR of an empty line before it).
@@ -586,6 +586,8 @@ def _parse_target(
             raise BadRequest("HTTP/1.1 requests need a Host header")
     elif not _HOST_RE.fullmatch(host):
         raise BadRequest("the Host header is not a valid host[:port]")
+    if "#" in target:  # a fragment stays with the client: no form of target has one
+        raise BadRequest("the request target must not hold a fragment (#)")
     if target.startswith("/"):
         origin = target
     elif target == "*":
@@ -601,8 +603,6 @@ def _parse_target(
         if match is None or not _HOST_RE.fullmatch(match[1]):
             raise BadRequest("the request target must be a path or an absolute http URI")
         origin = match[2] if match[2].startswith("/") else "/" + match[2]
-    if "#" in origin:
-        origin = origin.partition("#")[0]
     path, _, query = origin.partition("?")
     return path, query
 

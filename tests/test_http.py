@@ -9,6 +9,7 @@ import pytest
 
 import messenger_server as ms
 
+FRAGMENT = "the request target must not hold a fragment (#)"
 LIMITS = ms.HttpLimits()
 
 
@@ -61,7 +62,7 @@ def test_parse_head_higher_minor_version_is_served_as_1_1() -> None:
 
 @pytest.mark.parametrize(
     "target",
-    ["http://example.com/health?x=1", "HTTP://example.com:80/health?x=1", "https://h/health?x=1#f"],
+    ["http://example.com/health?x=1", "HTTP://example.com:80/health?x=1", "https://h/health?x=1"],
 )
 def test_parse_head_absolute_form(target: str) -> None:
     request = ms.parse_head(head(f"GET {target} HTTP/1.1", "Host: other"), LIMITS)
@@ -72,8 +73,14 @@ def test_parse_head_absolute_form_without_path_is_root() -> None:
     assert ms.parse_head(head("GET http://h?q HTTP/1.1", "Host: h"), LIMITS).path == "/"
 
 
-def test_parse_head_strips_fragment() -> None:
-    assert ms.parse_head(head("GET /a#frag HTTP/1.1", "Host: h"), LIMITS).path == "/a"
+@pytest.mark.parametrize(
+    "target", ["/a#frag", "/health#", "/a?q=1#f", "#", "http://h/a#f", "https://h#f"]
+)
+def test_parse_head_refuses_a_fragment(target: str) -> None:
+    """Found by review: /health#x was served. Neither origin-form nor absolute-form has a
+    fragment (RFC 9112 §3.2.1, §3.2.2): a client never sends one."""
+    with pytest.raises(ms.BadRequest, match=re.escape(FRAGMENT)):
+        ms.parse_head(head(f"GET {target} HTTP/1.1", "Host: h"), LIMITS)
 
 
 def test_parse_head_options_asterisk() -> None:
