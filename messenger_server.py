@@ -649,7 +649,8 @@ class ChunkedDecoder:
     """Decodes a chunked body (RFC 9112 §7.1) from the bytes fed to it; no I/O.
 
     ``feed`` takes whatever has arrived and returns the body bytes it could decode and
-    how many input bytes it used; the caller keeps the rest for the next call.
+    how many input bytes it used; the caller keeps the rest for the next call, in front of
+    what arrives next (a line left unfinished was searched already: see ``_take_line``).
 
     Each chunk costs a trip through ``feed``'s loop whatever its size: the framing may
     take CHUNK_FRAMING_FREE bytes, then one per CHUNK_FRAMING_SHARE bytes of data, so the
@@ -664,6 +665,7 @@ class ChunkedDecoder:
         self._remaining = 0
         self._trailer_bytes = 0
         self._framing = 0  # bytes of size lines and CRLFs so far
+        self._checked = 0  # bytes of the unfinished line searched by the last call
         self.declared = 0  # the sum of the chunk sizes announced so far
         self.done = False
 
@@ -697,13 +699,22 @@ class ChunkedDecoder:
         return b"".join(out), pos
 
     def _take_line(self, data: bytes | bytearray, pos: int) -> bytes | None:
-        end = data.find(b"\r\n", pos)
+        """The line that starts at ``pos``, or None while its CRLF has not come.
+
+        Only the bytes that came since the last call are searched (from one byte back: a CR
+        there may be followed by its LF now), like ``check_partial_head``: a line sent a
+        byte at a time is not searched again and again.
+        """
+        start = pos + max(0, self._checked - 1)
+        end = data.find(b"\r\n", start)
         if (end if end != -1 else len(data)) - pos > self._limits.max_header_line:
             raise HeadersTooLarge("a chunk size or trailer line is too long")
         if end == -1:
-            if _BARE_EOL_RE.search(data, pos):
+            if _BARE_EOL_RE.search(data, start):
                 raise BadRequest("lines must end with CRLF")
+            self._checked = len(data) - pos
             return None
+        self._checked = 0
         return bytes(data[pos:end])
 
     def _on_line(self, line: bytes) -> None:

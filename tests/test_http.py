@@ -442,6 +442,58 @@ def test_chunked_decoder_counts_declared_sizes_before_the_data() -> None:
     assert decoder.declared == 0x500001 and not decoder.done
 
 
+def feed_in_pieces(decoder: ms.ChunkedDecoder, data: bytes, size: int) -> int:
+    """Feed ``data`` ``size`` bytes at a time, as ``Connection.stream`` does (what was used
+    is dropped, the rest fed again with what follows); how many bytes had arrived when the
+    decoder refused them (BadRequest), or -1."""
+    buffer = bytearray()
+    for start in range(0, len(data), size):
+        buffer += data[start : start + size]
+        try:
+            _, used = decoder.feed(buffer)
+        except ms.BadRequest:
+            return min(len(data), start + size)
+        del buffer[:used]
+    return -1
+
+
+BEFORE_THE_LINE = b"3\r\nabc\r\n"  # a chunk: the line looked at then is a new one
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 10_000])
+@pytest.mark.parametrize("where", [0, 1, 2, 100, 4000])
+@pytest.mark.parametrize("bad", [b"\n", b"\rx"], ids=["bare LF", "bare CR"])
+def test_chunked_decoder_finds_a_bare_line_end_wherever_it_is(
+    size: int, where: int, bad: bytes
+) -> None:
+    """Wherever the bare LF (or CR) is in a size line, and however the line arrives, it is
+    refused as soon as its byte (for a CR, the byte after it) has come."""
+    line = (b"5;x=" + b"y" * 4000)[:where] + bad + b"y" * 100
+    data = BEFORE_THE_LINE + line
+    arrived = feed_in_pieces(ms.ChunkedDecoder(LIMITS), data, size)
+    found_at = len(BEFORE_THE_LINE) + where + len(bad)  # bytes needed to see it
+    assert arrived == min(len(data), -(-found_at // size) * size)
+
+
+def test_chunked_decoder_looks_at_each_byte_of_a_line_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the whole pending size line was searched again for each new byte (an
+    8 KiB line sent a byte at a time cost about 0.7 s of CPU). The search now starts where
+    the last one ended (one byte back, for a CR that a LF may follow)."""
+    searched: list[int] = []
+    pattern = ms._BARE_EOL_RE
+
+    class Spy:
+        def search(self, data: bytes | bytearray, pos: int = 0) -> re.Match[bytes] | None:
+            searched.append(len(data) - pos)
+            return pattern.search(data, pos)
+
+    monkeypatch.setattr(ms, "_BARE_EOL_RE", Spy())
+    line = BEFORE_THE_LINE + b"5;x=" + b"y" * (LIMITS.max_header_line - 4)
+    assert feed_in_pieces(ms.ChunkedDecoder(LIMITS), line, 1) == -1
+    assert len(searched) >= LIMITS.max_header_line - 1
+    assert sum(searched) <= 2 * len(line)
+
+
 def test_chunked_decoder_refuses_long_lines() -> None:
     with pytest.raises(ms.HeadersTooLarge, match="a chunk size or trailer line is too long"):
         ms.ChunkedDecoder(LIMITS).feed(b"5;x=" + b"y" * 9000 + b"\r\n")
