@@ -61,8 +61,10 @@ import math
 import os
 import pickle
 import re
+import resource
 import secrets
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -100,6 +102,13 @@ LINGER_TIMEOUT: Final = 2.0  # seconds a refused request's remaining bytes are t
 SKIP_LIMIT: Final = 1024 * 1024  # bytes of an unread body read past to keep a connection
 MAX_CONNECTIONS: Final = 10_000  # open connections in all; 503 above
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
+# File descriptors kept from connections, under the open-file limit (RLIMIT_NOFILE): the
+# listening sockets, the state folder's lock, journal and snapshot files, uploads and downloads
+# under way, the event loop's own. --max-connections is lowered to fit below the limit.
+FD_RESERVE: Final = 64
+ACCEPT_BATCH: Final = 128  # connections taken per wake-up of a listening socket
+ACCEPT_PAUSE: Final = 0.1  # seconds accepting rests after a failure (out of descriptors)
+LOG_EVERY: Final = 10.0  # seconds between two records of a repeated warning (refusals)
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
 # A chunked body's framing (size lines, extensions, CRLFs) may take this many bytes, then one
 # per CHUNK_FRAMING_SHARE bytes of data: chunks of 128 bytes or more always pass, and tiny ones
@@ -228,7 +237,9 @@ class ServerConfig:
     body_timeout: float = flag(BODY_TIMEOUT, "seconds for a whole request body; 408 after")
     idle_timeout: float = flag(IDLE_TIMEOUT, "seconds an idle keep-alive connection is kept")
     shutdown_timeout: float = flag(SHUTDOWN_TIMEOUT, "seconds requests get to finish at exit")
-    max_connections: int = flag(MAX_CONNECTIONS, "open connections in all; 503 above")
+    max_connections: int = flag(
+        MAX_CONNECTIONS, "open connections in all; 503 above (lowered to fit the open-file limit)"
+    )
     max_connections_per_ip: int = flag(
         MAX_CONNECTIONS_PER_IP, "open connections per client address; 503 above"
     )
@@ -430,7 +441,7 @@ _REQUEST_LINE_RE: Final = re.compile(
 _FIELD: Final = _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*"  # a field line, OWS included
 _FIELDS_RE: Final = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 _HOST_RE: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]+)(?::[0-9]*)?")
-_ABSOLUTE_RE: Final = re.compile(r"[hH][tT][tT][pP][sS]?://([^/?#]*)([^#]*)(?:#.*)?")
+_ABSOLUTE_RE: Final = re.compile(r"[hH][tT][tT][pP][sS]?://([^/?]*)(.*)")  # no "#" by then
 _AUTHORITY_FORM_RE: Final = re.compile(r"[-A-Za-z0-9._~!$&'()*+,;=%]+:[0-9]+")
 # A request line that has begun: a method, maybe a target, maybe the start of a version
 # (or the CR of an empty line before it).
@@ -610,6 +621,8 @@ def _parse_target(
             raise BadRequest("HTTP/1.1 requests need a Host header")
     elif not _HOST_RE.fullmatch(host):
         raise BadRequest("the Host header is not a valid host[:port]")
+    if "#" in target:  # a fragment stays with the client: no form of target has one
+        raise BadRequest("the request target must not hold a fragment (#)")
     if target.startswith("/"):
         origin = target
     elif target == "*":
@@ -625,8 +638,6 @@ def _parse_target(
         if match is None or not _HOST_RE.fullmatch(match[1]):
             raise BadRequest("the request target must be a path or an absolute http URI")
         origin = match[2] if match[2].startswith("/") else "/" + match[2]
-    if "#" in origin:
-        origin = origin.partition("#")[0]
     path, _, query = origin.partition("?")
     return path, query
 
@@ -673,7 +684,8 @@ class ChunkedDecoder:
     """Decodes a chunked body (RFC 9112 §7.1) from the bytes fed to it; no I/O.
 
     ``feed`` takes whatever has arrived and returns the body bytes it could decode and
-    how many input bytes it used; the caller keeps the rest for the next call.
+    how many input bytes it used; the caller keeps the rest for the next call, in front of
+    what arrives next (a line left unfinished was searched already: see ``_take_line``).
 
     Each chunk costs a trip through ``feed``'s loop whatever its size: the framing may
     take CHUNK_FRAMING_FREE bytes, then one per CHUNK_FRAMING_SHARE bytes of data, so the
@@ -688,6 +700,7 @@ class ChunkedDecoder:
         self._remaining = 0
         self._trailer_bytes = 0
         self._framing = 0  # bytes of size lines and CRLFs so far
+        self._checked = 0  # bytes of the unfinished line searched by the last call
         self.declared = 0  # the sum of the chunk sizes announced so far
         self.done = False
 
@@ -721,13 +734,22 @@ class ChunkedDecoder:
         return b"".join(out), pos
 
     def _take_line(self, data: bytes | bytearray, pos: int) -> bytes | None:
-        end = data.find(b"\r\n", pos)
+        """The line that starts at ``pos``, or None while its CRLF has not come.
+
+        Only the bytes that came since the last call are searched (from one byte back: a CR
+        there may be followed by its LF now), like ``check_partial_head``: a line sent a
+        byte at a time is not searched again and again.
+        """
+        start = pos + max(0, self._checked - 1)
+        end = data.find(b"\r\n", start)
         if (end if end != -1 else len(data)) - pos > self._limits.max_header_line:
             raise HeadersTooLarge("a chunk size or trailer line is too long")
         if end == -1:
-            if _BARE_EOL_RE.search(data, pos):
+            if _BARE_EOL_RE.search(data, start):
                 raise BadRequest("lines must end with CRLF")
+            self._checked = len(data) - pos
             return None
+        self._checked = 0
         return bytes(data[pos:end])
 
     def _on_line(self, line: bytes) -> None:
@@ -3692,7 +3714,8 @@ class Fields:
     def optional_float(
         self, name: str, *, minimum: float = 0.0, clamp_to: float = math.inf
     ) -> float | None:
-        """A number of at least ``minimum``; one above ``clamp_to`` is taken as ``clamp_to``."""
+        """A number of at least ``minimum``; one above ``clamp_to`` is taken as ``clamp_to``,
+        +inf too (``1e400`` reads as it) when there is a clamp. NaN is always refused."""
         value = self._values.get(name)
         if value is None:
             return None
@@ -3701,8 +3724,9 @@ class Fields:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise InvalidField(f"{name} must be a number")
         number = float(value)  # no overflow: see _parse_json_int
-        if not math.isfinite(number) or number < minimum:
-            if math.isinf(clamp_to):
+        unbounded = math.isinf(clamp_to)
+        if math.isnan(number) or number < minimum or (number == math.inf and unbounded):
+            if unbounded:
                 raise InvalidField(f"{name} must be a finite number of at least {minimum:g}")
             raise InvalidField(f"{name} must be between {minimum:g} and {clamp_to:g}")
         return min(number, clamp_to)
@@ -4982,6 +5006,53 @@ class Connection:
 
 # Server lifecycle ##########################################################
 
+def connection_cap(wanted: int) -> int:
+    """How many connections may be open at once: ``wanted``, or fewer if the open-file
+    limit is too low for them and FD_RESERVE descriptors more.
+
+    The soft limit is raised first, toward the hard one, as far as needed. A lowered cap
+    is said once, in a warning.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + FD_RESERVE
+    raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < raised:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as exc:  # above the kernel's nr_open, say
+            logger.warning("cannot raise the open-file limit to %d: %s", raised, exc)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    cap = max(1, soft - min(FD_RESERVE, soft // 2))
+    logger.warning(
+        "--max-connections lowered from %d to %d: the open-file limit (ulimit -n) is %d, "
+        "hard limit %s, and %d descriptors stay for the journal, snapshots, uploads and the "
+        "listening socket", wanted, cap, soft,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard, soft - cap,
+    )
+    return cap
+
+
+class Throttled:
+    """A warning that may repeat fast (a refusal per connection, a failing accept): one
+    record per LOG_EVERY seconds at most, which counts those left out since the last."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" ({self._left_out} more like it in the last {LOG_EVERY:g} s)"
+        self._next, self._left_out = now + LOG_EVERY, 0
+        logger.warning(message, *args)
+
+
 def _freeze_loaded_state() -> None:
     """Keep the state loaded at start out of the cyclic garbage collector's sight.
 
@@ -5017,7 +5088,12 @@ class MessengerServer:
         self._newer_snapshot_changes = -1  # ... and in the newer one
         self._saving = asyncio.Lock()
         self._timer_wakeup = asyncio.Event()
-        self._server: asyncio.Server | None = None
+        self.max_connections = config.max_connections  # lowered by ``start`` if need be
+        self._listeners: list[socket.socket] = []  # empty until started, and once stopped
+        self._open_sockets = 0  # connections accepted and not closed yet
+        self._starting: set[asyncio.Task[None]] = set()  # accepted, not yet in _connections
+        self._refusals = Throttled()
+        self._accept_failures = Throttled()
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._per_address: dict[str, int] = {}  # open connections by client address
         self._tasks: list[asyncio.Task[None]] = []
@@ -5029,8 +5105,8 @@ class MessengerServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._listeners
+        port: int = self._listeners[0].getsockname()[1]
         return port
 
     async def __aenter__(self) -> MessengerServer:
@@ -5062,19 +5138,19 @@ class MessengerServer:
     async def start(self) -> None:
         """Listen (a port in use fails before the state folder is touched), open the
         state, then serve: connections made meanwhile wait in the backlog."""
-        self._server = await asyncio.start_server(
-            self._on_connect, self.config.host, self.config.port, limit=READ_SIZE,
-            backlog=1024, start_serving=False,
-        )
+        self.max_connections = connection_cap(self.config.max_connections)
+        self._listeners = await self._bind()
         try:
             if not self._journal_number:
                 self.open()
             _freeze_loaded_state()
             self.messenger.tick()  # what fell due while the server was down goes out now
-            await self._server.start_serving()
+            loop = asyncio.get_running_loop()
+            for listener in self._listeners:
+                listener.listen(1024)
+                loop.add_reader(listener.fileno(), self._accept, listener)
         except BaseException:
-            self._server.close()
-            self._server = None
+            self._stop_accepting()
             self.journal.close()
             self.store.abandon()
             raise
@@ -5084,10 +5160,12 @@ class MessengerServer:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), save, close."""
-        if self._server is None:
+        if not self._listeners:
             return
         self.app.closing = True
-        self._server.close()
+        self._stop_accepting()
+        if self._starting:
+            await asyncio.wait(self._starting, timeout=1.0)
         self.app.waiters.wake_all()
         for connection in self._connections:
             connection.shut_down()
@@ -5100,8 +5178,6 @@ class MessengerServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
         await self.save()
         self.close()
         logger.info("stopped")
@@ -5144,18 +5220,91 @@ class MessengerServer:
                 number, count, size, loop.time() - started,
             )
 
+    async def _bind(self) -> list[socket.socket]:
+        """Sockets bound to every address of the host (as asyncio binds them), not listening
+        yet: the server accepts on them itself (``_accept``)."""
+        bound = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, self.config.host, self.config.port, start_serving=False
+        )
+        listeners = [wrapped.dup() for wrapped in bound.sockets]
+        bound.close()  # its sockets; the copies stay bound
+        for listener in listeners:
+            listener.setblocking(False)
+        return listeners
+
+    def _stop_accepting(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners = []
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Take the connections waiting on ``listener``. Past ``max_connections`` each is
+        answered 503 and closed right away, so that neither the backlog nor refused
+        connections hold descriptors; out of descriptors all the same (EMFILE), accepting
+        rests for ACCEPT_PAUSE, with a warning now and then."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._accept_failures.warning(
+                    "cannot accept connections, pausing %g s: %s", ACCEPT_PAUSE, exc
+                )
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_PAUSE, self._resume_accepting, listener)
+                return
+            if self._open_sockets >= self.max_connections:
+                peer = address[0] if isinstance(address, tuple) else "?"
+                self._refuse_now(client, peer, "too many open connections: try again later")
+                continue
+            self._open_sockets += 1
+            task = asyncio.create_task(self._serve_socket(client))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if listener in self._listeners:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    def _refuse_now(self, client: socket.socket, peer: str, refusal: str) -> None:
+        """Answer 503 on a connection just accepted and close it, without waiting for
+        anything: what the client sent already is read first, so the close is no reset."""
+        with client:
+            client.setblocking(False)
+            response = Response.error(Unavailable(refusal))
+            with contextlib.suppress(OSError):
+                client.recv(READ_SIZE)
+            with contextlib.suppress(OSError):
+                client.send(response.serialize_head(close=True) + response.body)
+        self._refusals.warning("refused a connection from %s: %s", peer, refusal)
+
+    async def _serve_socket(self, client: socket.socket) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(sock=client, limit=READ_SIZE)
+            except OSError:  # gone already
+                client.close()
+                return
+            await self._on_connect(reader, writer)
+        finally:
+            self._open_sockets -= 1
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         connection = Connection(self, reader, writer, peer[0] if isinstance(peer, tuple) else "?")
         refusal = None
         if self.closing:
             refusal = "the server is shutting down"
-        elif len(self._connections) >= self.config.max_connections:
-            refusal = "too many open connections: try again later"
         elif connection.address is not None and not self.admit(connection.address):
             refusal = "too many open connections from your address"
         if refusal is not None:
-            logger.warning("refused a connection from %s: %s", connection.peer, refusal)
+            self._refusals.warning("refused a connection from %s: %s", connection.peer, refusal)
             response = Response.error(Unavailable(refusal))
             writer.write(response.serialize_head(close=True) + response.body)
             writer.close()

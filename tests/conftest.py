@@ -225,11 +225,14 @@ async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[ms.Messenger
 
 @pytest_asyncio.fixture
 async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    """Starts server processes (``spawn(*flags, state_dir=...)``); kills what is left."""
+    """Starts server processes (``spawn(*flags, state_dir=..., open_files=...)``); kills
+    what is left."""
     started: list[ServerProcess] = []
 
-    async def start(*flags: str, state_dir: Path | None = None) -> ServerProcess:
-        process = ServerProcess(state_dir or tmp_path / "state", *flags)
+    async def start(
+        *flags: str, state_dir: Path | None = None, open_files: int | None = None
+    ) -> ServerProcess:
+        process = ServerProcess(state_dir or tmp_path / "state", *flags, open_files=open_files)
         started.append(process)
         await process.start()
         return process

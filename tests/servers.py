@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import resource
 import signal
 import sys
 import threading
@@ -33,11 +34,13 @@ UNLIMITED = (
 
 class ServerProcess:
     """``python messenger_server.py`` as a child process: its log (read as it comes), RSS and
-    descriptors. ``flags`` go on its command line after the test settings."""
+    descriptors. ``flags`` go on its command line after the test settings; ``open_files``,
+    if given, is its open-file limit (soft and hard: ``ulimit -n``)."""
 
-    def __init__(self, state_dir: Path, *flags: str) -> None:
+    def __init__(self, state_dir: Path, *flags: str, open_files: int | None = None) -> None:
         self.state_dir = state_dir
         self.flags = flags
+        self.open_files = open_files
         self.log: list[str] = []
         self.port = 0
         self._process: asyncio.subprocess.Process | None = None
@@ -50,11 +53,17 @@ class ServerProcess:
 
     async def start(self) -> int:
         """Start it and wait for its "listening on" log line; the port it listens on."""
+        limit = self.open_files
+
+        def limit_open_files() -> None:  # in the child, before it runs Python
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self._process = await asyncio.create_subprocess_exec(
             sys.executable, str(SERVER_SCRIPT), "--port", "0", "--state-dir", str(self.state_dir),
             "--password-cost", "4", *self.flags,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, limit=1024 * 1024,
+            stderr=asyncio.subprocess.PIPE, limit=1024 * 1024, preexec_fn=limit_open_files,
         )
         stderr = self.process.stderr
         assert stderr is not None

@@ -6,6 +6,7 @@ stays within a stated bound."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -14,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Client, SourceClient, assert_error, call, connect
+from tests.conftest import (
+    Client,
+    SourceClient,
+    assert_error,
+    at_eof,
+    call,
+    connect,
+    read_response,
+)
 from tests.servers import ServerProcess, Spawn
 
 # Half a second: the issue's bound, about 100 times a /health's usual answer time here, so
@@ -207,3 +216,55 @@ async def test_uploads_cannot_fill_the_disk_the_journal_needs(
     assert answers.count(201) < 2 and set(answers) <= {201, 503}, answers
     sent = await call(server.port, "POST", "/send", {"text": "still writing"}, token=token)
     assert sent.status == 201, "the journal kept its room"
+
+
+OPEN_FILES = 128  # the server's open-file limit (ulimit -n) in the test below
+IDLE = 200  # idle connections held: more than the server has descriptors for
+
+
+@pytest.mark.asyncio
+async def test_idle_connections_beyond_the_open_file_limit_leave_the_server_answering(
+    spawn: Spawn,
+) -> None:
+    """Found by review: --max-connections (10000) was never set against the open-file limit.
+    Under ulimit -n 1024, idle sockets took every descriptor: accept failed (EMFILE), a
+    /health on a new connection waited in the backlog and timed out, and asyncio logged
+    about 50,000 "Too many open files" tracebacks in 8 s. The cap is now lowered to fit,
+    with a warning, and each connection beyond it is answered 503 and closed at once."""
+    server = await spawn(open_files=OPEN_FILES)
+    lowered = [line for line in server.log if "--max-connections lowered" in line]
+    assert len(lowered) == 1, server.log
+    found = re.search(r"lowered from 10000 to (\d+): the open-file limit \(ulimit -n\) is 128",
+                      lowered[0])
+    assert found, lowered[0]
+    cap = int(found[1])
+    assert cap < OPEN_FILES - 32
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(IDLE):
+            held.append(await asyncio.open_connection("127.0.0.1", server.port))
+        async with asyncio.timeout(10):
+            # Accepted in the order they came: those past the cap are answered and closed.
+            for reader, _ in held[cap:]:
+                refused = await read_response(reader)
+                assert refused is not None
+                assert_error(refused, 503, "unavailable",
+                             "too many open connections: try again later")
+                assert await at_eof(reader)
+            async with SourceClient(server.port, "127.0.0.2") as other:
+                assert_error(await other.response(), 503, "unavailable",
+                             "too many open connections: try again later")
+            # The connections within the cap are served.
+            reader, writer = held[0]
+            writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answer = await read_response(reader)
+            assert answer is not None and answer.status == 200
+            assert await at_eof(reader)  # closed by the server: its place is free
+            answer = await call(server.port, "GET", "/health")
+            assert answer.status == 200
+    finally:
+        for _, writer in held:
+            writer.close()
+    assert server.errors() == []
+    assert not [line for line in server.log if "Too many open files" in line]
+    assert len(server.log) < 20, "".join(server.log)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -991,3 +992,35 @@ async def test_messages_names_at_most_100_conversations(tmp_path: Path, clock: F
         assert_error(
             answer, 404, "not_found", "no user named 'u0'"
         )  # the limit passed: now the names are checked
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "raised_to", "cap"),
+    [(1024, resource.RLIM_INFINITY, 10_000 + ms.FD_RESERVE, 10_000),
+     (1024, 4096, 4096, 4096 - ms.FD_RESERVE),
+     (1024, 1024, None, 1024 - ms.FD_RESERVE),
+     (100, 100, None, 50),
+     (20_000, 20_000, None, 10_000)],
+)
+def test_connection_cap_fits_under_the_open_file_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    soft: int, hard: int, raised_to: int | None, cap: int,
+) -> None:
+    """Found by review: --max-connections was never set against RLIMIT_NOFILE. The soft limit
+    is raised toward the hard one as far as needed; a cap still too high is lowered below it,
+    FD_RESERVE descriptors (half the limit at most) kept for the rest, and a warning says so."""
+    raised: list[int] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, limits: raised.append(limits[0]))
+    with caplog.at_level(logging.WARNING, logger="messenger"):
+        assert ms.connection_cap(10_000) == cap
+    assert raised == ([] if raised_to is None else [raised_to])
+    warnings = [record.getMessage() for record in caplog.records]
+    if cap < 10_000:
+        assert warnings == [
+            f"--max-connections lowered from 10000 to {cap}: the open-file limit (ulimit -n) is "
+            f"{raised_to or soft}, hard limit {hard}, and {(raised_to or soft) - cap} "
+            "descriptors stay for the journal, snapshots, uploads and the listening socket"
+        ]
+    else:
+        assert warnings == []

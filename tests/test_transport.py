@@ -325,6 +325,8 @@ TRANSPORT_ERRORS: dict[str, tuple[bytes, int, str, str]] = {
                 "malformed request line"),
     "nul-in-value": (head("GET /health HTTP/1.1", "Host: t", "X-A: a\x00b"), 400,
                      "bad_request", "malformed header line"),
+    "fragment": (head("GET /health#x HTTP/1.1", "Host: t"), 400, "bad_request",
+                 "the request target must not hold a fragment (#)"),
     "no-host": (head("GET /health HTTP/1.1"), 400, "bad_request",
                 "HTTP/1.1 requests need a Host header"),
     "two-hosts": (head("GET /health HTTP/1.1", "Host: a", "Host: b"), 400, "bad_request",
