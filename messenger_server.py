@@ -29,10 +29,11 @@ Routes (all but the first three need ``Authorization: Bearer <token>``):
 
 The file reads top to bottom: configuration; errors; the HTTP protocol, no I/O (``Request``,
 ``ChunkedDecoder``, ``Response``, ``next_step``); routing (``Router``); the domain model, no
-I/O (the records, then the parts of a messenger: ``Deadlines``, ``Accounts``, ``Moderation``,
-``Uploads``, and ``Messenger`` itself); persistence (``Journal``, ``StateStore``, the
-snapshot format, ``RecordChecks``); the API handlers (``MessengerApp``); the OpenAPI document;
-connection I/O (``Connection``); the server lifecycle (``MessengerServer``); main().
+I/O (the records, then the parts of a messenger: ``Deadlines``, ``Accounts``,
+``Membership``, ``Moderation``, ``Uploads``, and ``Messenger`` itself); persistence
+(``Journal``, ``StateStore``, the snapshot format, ``RecordChecks``); the API handlers
+(``MessengerApp``); the OpenAPI document; connection I/O (``Connection``); the server
+lifecycle (``MessengerServer``); main().
 """
 
 from __future__ import annotations
@@ -1703,6 +1704,216 @@ class Uploads:
         self._users[stored.owner].stored -= _charged(stored.size)
 
 
+class Membership:
+    """Who is in which chat: creating and joining chats, leaving them, invitations, join
+    links and the owner's decisions on requests; the pages of chats a user may see. A part
+    of the ``Messenger`` (the ``join``, ``leave``, ``invite``, ``link``, ``request`` and
+    ``decide`` events are applied here); the chats are the messenger's ``chats``."""
+
+    APPLIERS: ClassVar[dict[str, str]] = {
+        "join": "_apply_join",
+        "leave": "_apply_leave",
+        "invite": "_apply_invite",
+        "link": "_apply_link",
+        "request": "_apply_request",
+        "decide": "_apply_decide",
+    }
+
+    def __init__(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+        self._users = messenger.users
+        self._chats = messenger.chats
+        self._rules = messenger.rules
+        self.public_names = sorted(c.name for c in self._chats.values() if not c.private)
+        self._links: dict[str, str] = {}  # link token hash -> chat
+
+    def member_chat(self, user: User, chat_name: str) -> Chat:
+        chat = self._chats.get(chat_name)
+        if chat is None:
+            raise UnknownChat(chat_name)
+        if user.name not in chat.members:
+            raise NotAMember(chat_name)
+        return chat
+
+    def _owned_chat(self, name: str, chat_name: str) -> Chat:
+        chat = self._chats.get(chat_name)
+        if chat is None:
+            raise UnknownChat(chat_name)
+        if chat.owner != name:
+            raise Forbidden(f"only the owner of {chat_name} may do that")
+        return chat
+
+    def visible_chats(self, name: str, after: str = "", limit: int = MAX_LIMIT) -> list[Chat]:
+        """Public chats and the private ones the user belongs to, by name after ``after``:
+        at most ``limit``. The cost is the page and the user's chats, not all chats."""
+        user = self._users[name]
+        public = self.public_names
+        public_after = itertools.islice(public, bisect.bisect_right(public, after), None)
+        own_private = sorted(c for c in user.chats if self._chats[c].private and c > after)
+        names = itertools.islice(heapq.merge(public_after, own_private), limit)
+        return [self._chats[chat_name] for chat_name in names]
+
+    def join(self, name: str, chat_name: str, private: bool | None) -> tuple[Chat, bool]:
+        """Join a chat (creating it, owned by the user) and make it the active one."""
+        user = self._users[name]
+        chat = self._chats.get(chat_name)
+        if chat is not None:
+            if private is not None and private != chat.private:
+                kind = "private" if chat.private else "public"
+                raise Conflict(f"{chat_name} is already taken by a {kind} chat")
+            allowed = name in chat.members or name in chat.invited or name == chat.owner
+            if chat.private and not allowed:
+                raise Forbidden(f"{chat_name} is private: ask its owner for an invitation")
+            if name in chat.members and user.active_chat == chat_name:
+                return chat, False
+        elif user.owned >= self._rules.max_owned_chats:
+            raise QuotaExceeded(
+                f"you may create at most {how_many(self._rules.max_owned_chats, 'chat')}"
+            )
+        if chat is None or name not in chat.members:
+            self.check_memberships(user)
+        self._messenger.emit("join", chat_name, name, bool(private), self._messenger.clock())
+        return self._chats[chat_name], chat is None
+
+    def check_memberships(self, user: User) -> None:
+        if len(user.chats) >= self._rules.max_memberships:
+            raise QuotaExceeded(
+                f"{user.name} may be a member of at most "
+                f"{how_many(self._rules.max_memberships, 'chat')}"
+            )
+
+    def leave(self, name: str, chat_name: str) -> Chat:
+        if chat_name == GENERAL:
+            raise BadRequest(f"nobody leaves {GENERAL}: every user stays a member")
+        chat = self.member_chat(self._users[name], chat_name)
+        self._messenger.emit("leave", chat_name, name)
+        return chat
+
+    def invite(self, owner: str, chat_name: str, guest: str) -> Chat:
+        """Invite ``guest`` (a notice tells it): a new invitation counts against the owner's
+        flood window, one to a member or to someone invited already is no change."""
+        chat = self._owned_chat(owner, chat_name)
+        if guest not in self._users:
+            raise UnknownUser(guest)
+        if guest not in chat.members and guest not in chat.invited:
+            now = self._messenger.clock()
+            self._messenger.check_flood(self._users[owner], now)
+            self._messenger.emit("invite", chat_name, guest, now)
+            self._messenger.notify(
+                guest, "invited", f"{owner} invited you to {chat_name}",
+                chat=chat_name, about=owner,
+            )
+        return chat
+
+    def make_link(self, owner: str, chat_name: str) -> str:
+        """A new join link token for the chat; the previous one stops working."""
+        self._owned_chat(owner, chat_name)
+        token = secrets.token_hex(24)  # 192 bits; hex: never taken for an option
+        self._messenger.emit("link", chat_name, hash_token(token))
+        return token
+
+    def request_join(self, name: str, token: str) -> tuple[Chat, bool]:
+        """Ask to join through a link: (the chat, whether the user is already a member). A
+        new request (a notice to the owner) counts against the user's flood window."""
+        chat_name = self._links.get(hash_token(token))
+        if chat_name is None:
+            raise NotFound("unknown or revoked join link")
+        chat = self._chats[chat_name]
+        if name in chat.members:
+            return chat, True
+        if name not in chat.requests:
+            now = self._messenger.clock()
+            self._messenger.check_flood(self._users[name], now)
+            self._messenger.emit("request", chat_name, name, now)
+            if chat.owner is not None:
+                self._messenger.notify(
+                    chat.owner, "request", f"{name} asks to join {chat_name}",
+                    chat=chat_name, about=name,
+                )
+        return chat, False
+
+    def pending_requests(self, owner: str, chat_name: str) -> dict[str, float]:
+        return self._owned_chat(owner, chat_name).requests
+
+    def decide(self, owner: str, chat_name: str, guest: str, approve: bool) -> Chat:
+        chat = self._owned_chat(owner, chat_name)
+        if guest not in chat.requests:
+            raise NotFound(f"{guest} has no pending request to join {chat_name}")
+        if approve:
+            self.check_memberships(self._users[guest])
+        self._messenger.emit("decide", chat_name, guest, approve, self._messenger.clock())
+        if approve:
+            self._messenger.notify(
+                guest, "approved", f"{owner} let you into {chat_name}",
+                chat=chat_name, about=owner,
+            )
+        else:
+            self._messenger.notify(
+                guest, "denied", f"{owner} turned down your request to join {chat_name}",
+                chat=chat_name, about=owner,
+            )
+        return chat
+
+    # Applying events --------------------------------------------------------
+
+    def _apply_join(self, chat_name: str, name: str, private: bool, ts: float) -> None:
+        chat = self._chats.get(chat_name)
+        if chat is None:
+            chat = self._chats[chat_name] = Chat(chat_name, private, name, ts)
+            self._users[name].owned += 1
+            if not private:
+                bisect.insort(self.public_names, chat_name)
+        self.add_member(chat, name)
+        self._users[name].active_chat = chat_name
+
+    def add_member(self, chat: Chat, name: str) -> None:
+        if name not in chat.members:
+            chat.members.add(name)
+            self._users[name].chats[chat.name] = self._messenger.last_id
+            chat.caught_up.add(name)  # what came before is not the new member's to read
+        chat.invited.discard(name)
+        chat.requests.pop(name, None)
+
+    def _apply_leave(self, chat: str, name: str) -> None:
+        user = self._users[name]
+        self._chats[chat].members.discard(name)
+        self._chats[chat].caught_up.discard(name)
+        user.chats.pop(chat, None)
+        user.unread.discard(chat)
+        user.positions.pop(chat, None)
+        if user.active_chat == chat:
+            user.active_chat = GENERAL
+
+    def _apply_invite(self, chat: str, name: str, ts: float | None = None) -> None:
+        """``name`` is invited into ``chat``, at ``ts`` in the owner's flood window. A journal
+        written before invitations counted has no ``ts``: nothing to count then."""
+        invited_to = self._chats[chat]
+        invited_to.invited.add(name)
+        if ts is not None and invited_to.owner is not None:
+            self._users[invited_to.owner].flood.add(ts, self._rules.flood_window)
+
+    def _apply_link(self, chat: str, token_hash: str) -> None:
+        self.set_link(chat, token_hash)
+
+    def set_link(self, chat: str, token_hash: str) -> None:
+        """The chat's join link is now ``token_hash``'s; its previous one stops working."""
+        joined = self._chats[chat]
+        if joined.link is not None:
+            self._links.pop(joined.link, None)
+        joined.link = token_hash
+        self._links[token_hash] = chat
+
+    def _apply_request(self, chat: str, name: str, ts: float) -> None:
+        self._chats[chat].requests.setdefault(name, ts)
+        self._users[name].flood.add(ts, self._rules.flood_window)
+
+    def _apply_decide(self, chat: str, name: str, approve: bool, ts: float) -> None:
+        joined = self._chats[chat]
+        joined.requests.pop(name, None)
+        if approve:
+            self.add_member(joined, name)
+
+
 class Messenger:
     """The messenger's state and rules, with no I/O and no HTTP.
 
@@ -1711,8 +1922,9 @@ class Messenger:
     check everything before they record anything: a refused request changes nothing.
 
     Parts hold their own concerns: ``accounts`` (registrations, sessions, login windows),
-    ``moderation`` (reports and bans), ``uploads`` (files, their quota and lifetime) and
-    ``deadlines`` (what falls due with time).
+    ``membership`` (who is in which chat, invitations, links), ``moderation`` (reports and
+    bans), ``uploads`` (files, their quota and lifetime) and ``deadlines`` (what falls due
+    with time).
     """
 
     # The applier of each kind of event but those of the parts (its parameters are the
@@ -1724,12 +1936,6 @@ class Messenger:
         "read": "_apply_read",
         "read_in": "_apply_read_in",
         "notice": "_apply_notice",
-        "join": "_apply_join",
-        "leave": "_apply_leave",
-        "invite": "_apply_invite",
-        "link": "_apply_link",
-        "request": "_apply_request",
-        "decide": "_apply_decide",
         "schedule": "_apply_schedule",
         "cancel": "_apply_cancel",
     }
@@ -1746,7 +1952,6 @@ class Messenger:
         """Empty: no user, no message, only the general chat."""
         self.users: dict[str, User] = {}
         self.chats: dict[str, Chat] = {GENERAL: Chat(GENERAL, False, None, 0.0)}
-        self._public_names = [GENERAL]  # sorted, for pages of chats
         self.messages: dict[int, Message] = {}
         self.files: dict[str, StoredFile] = {}
         self.scheduled: dict[str, Scheduled] = {}
@@ -1755,13 +1960,13 @@ class Messenger:
         self.delivered: dict[int, float] = {}  # private message id -> first received
         self.kept_text = 0  # UTF-8 bytes of the texts of all messages
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
-        self._links: dict[str, str] = {}  # link token hash -> chat
         self.deadlines = Deadlines(self)
         self.accounts = Accounts(self)
+        self.membership = Membership(self)
         self.moderation = Moderation(self)
         self.uploads = Uploads(self)
         self._apply: dict[str, Callable[..., None]] = {}
-        for part in (self, self.accounts, self.moderation, self.uploads):
+        for part in (self, self.accounts, self.membership, self.moderation, self.uploads):
             self._apply.update((kind, getattr(part, name)) for kind, name in part.APPLIERS.items())
 
     # Events -----------------------------------------------------------------
@@ -1800,7 +2005,7 @@ class Messenger:
         self._check_not_banned(user, now)
         chat, to, reply_to = self._destination(user, draft)
         file_id = self._check_file(user, draft.file)
-        self._check_flood(user, now)
+        self.check_flood(user, now)
         counted = chat == GENERAL
         if counted:
             self._check_rate(user, now)
@@ -1874,7 +2079,7 @@ class Messenger:
                 raise UnknownUser(draft.to)
             return None, draft.to, None
         chat_name = draft.chat if draft.chat is not None else user.active_chat
-        self._member_chat(user, chat_name)
+        self.membership.member_chat(user, chat_name)
         return chat_name, None, None
 
     def _check_file(self, user: User, file_id: str | None) -> str | None:
@@ -1890,7 +2095,7 @@ class Messenger:
         if user.banned_until is not None and user.banned_until > now:
             raise Banned(user.banned_until)
 
-    def _check_flood(self, user: User, now: float) -> None:
+    def check_flood(self, user: User, now: float) -> None:
         """429 past the flood limit. What makes others' messages or notices counts: messages
         anywhere (scheduled ones when accepted), invitations, join requests."""
         if user.flood.used(now, self.rules.flood_window) >= self.rules.flood_limit:
@@ -2032,7 +2237,7 @@ class Messenger:
         peers: list[str] = []
         for key in dict.fromkeys(keys):
             if not key.startswith(PRIVATE):
-                chats.append(self._member_chat(user, key).name)
+                chats.append(self.membership.member_chat(user, key).name)
             elif key != PRIVATE:
                 if key[1:] not in self.users:
                     raise UnknownUser(key[1:])
@@ -2111,7 +2316,7 @@ class Messenger:
         """The newest ``limit`` messages of a chat below ``before``, oldest first (fewer
         when they are long: see MAX_ANSWER_TEXT)."""
         self.expire(self.clock())
-        chat = self._member_chat(self.users[name], chat_name)
+        chat = self.membership.member_chat(self.users[name], chat_name)
         end = len(chat.messages) if before is None else bisect.bisect_left(chat.messages, before)
         newest_first = reversed(chat.messages[max(0, end - limit) : end])
         return self._within_budget(self.messages[i] for i in newest_first)[::-1]
@@ -2187,127 +2392,6 @@ class Messenger:
             "notice", self.last_id + 1, to, kind, chat, about, scheduled_id, text, self.clock()
         )
 
-    # Chats ------------------------------------------------------------------
-
-    def _member_chat(self, user: User, chat_name: str) -> Chat:
-        chat = self.chats.get(chat_name)
-        if chat is None:
-            raise UnknownChat(chat_name)
-        if user.name not in chat.members:
-            raise NotAMember(chat_name)
-        return chat
-
-    def _owned_chat(self, name: str, chat_name: str) -> Chat:
-        chat = self.chats.get(chat_name)
-        if chat is None:
-            raise UnknownChat(chat_name)
-        if chat.owner != name:
-            raise Forbidden(f"only the owner of {chat_name} may do that")
-        return chat
-
-    def visible_chats(self, name: str, after: str = "", limit: int = MAX_LIMIT) -> list[Chat]:
-        """Public chats and the private ones the user belongs to, by name after ``after``:
-        at most ``limit``. The cost is the page and the user's chats, not all chats."""
-        user = self.users[name]
-        public = self._public_names
-        public_after = itertools.islice(public, bisect.bisect_right(public, after), None)
-        own_private = sorted(c for c in user.chats if self.chats[c].private and c > after)
-        names = itertools.islice(heapq.merge(public_after, own_private), limit)
-        return [self.chats[chat_name] for chat_name in names]
-
-    def join(self, name: str, chat_name: str, private: bool | None) -> tuple[Chat, bool]:
-        """Join a chat (creating it, owned by the user) and make it the active one."""
-        user = self.users[name]
-        chat = self.chats.get(chat_name)
-        if chat is not None:
-            if private is not None and private != chat.private:
-                kind = "private" if chat.private else "public"
-                raise Conflict(f"{chat_name} is already taken by a {kind} chat")
-            allowed = name in chat.members or name in chat.invited or name == chat.owner
-            if chat.private and not allowed:
-                raise Forbidden(f"{chat_name} is private: ask its owner for an invitation")
-            if name in chat.members and user.active_chat == chat_name:
-                return chat, False
-        elif user.owned >= self.rules.max_owned_chats:
-            raise QuotaExceeded(
-                f"you may create at most {how_many(self.rules.max_owned_chats, 'chat')}"
-            )
-        if chat is None or name not in chat.members:
-            self._check_memberships(user)
-        self.emit("join", chat_name, name, bool(private), self.clock())
-        return self.chats[chat_name], chat is None
-
-    def _check_memberships(self, user: User) -> None:
-        if len(user.chats) >= self.rules.max_memberships:
-            raise QuotaExceeded(
-                f"{user.name} may be a member of at most "
-                f"{how_many(self.rules.max_memberships, 'chat')}"
-            )
-
-    def leave(self, name: str, chat_name: str) -> Chat:
-        if chat_name == GENERAL:
-            raise BadRequest(f"nobody leaves {GENERAL}: every user stays a member")
-        chat = self._member_chat(self.users[name], chat_name)
-        self.emit("leave", chat_name, name)
-        return chat
-
-    def invite(self, owner: str, chat_name: str, guest: str) -> Chat:
-        """Invite ``guest`` (a notice tells it): a new invitation counts against the owner's
-        flood window, one to a member or to someone invited already is no change."""
-        chat = self._owned_chat(owner, chat_name)
-        if guest not in self.users:
-            raise UnknownUser(guest)
-        if guest not in chat.members and guest not in chat.invited:
-            now = self.clock()
-            self._check_flood(self.users[owner], now)
-            self.emit("invite", chat_name, guest, now)
-            self.notify(guest, "invited", f"{owner} invited you to {chat_name}",
-                        chat=chat_name, about=owner)
-        return chat
-
-    def make_link(self, owner: str, chat_name: str) -> str:
-        """A new join link token for the chat; the previous one stops working."""
-        self._owned_chat(owner, chat_name)
-        token = secrets.token_hex(24)  # 192 bits; hex: never taken for an option
-        self.emit("link", chat_name, hash_token(token))
-        return token
-
-    def request_join(self, name: str, token: str) -> tuple[Chat, bool]:
-        """Ask to join through a link: (the chat, whether the user is already a member). A
-        new request (a notice to the owner) counts against the user's flood window."""
-        chat_name = self._links.get(hash_token(token))
-        if chat_name is None:
-            raise NotFound("unknown or revoked join link")
-        chat = self.chats[chat_name]
-        if name in chat.members:
-            return chat, True
-        if name not in chat.requests:
-            now = self.clock()
-            self._check_flood(self.users[name], now)
-            self.emit("request", chat_name, name, now)
-            if chat.owner is not None:
-                self.notify(chat.owner, "request", f"{name} asks to join {chat_name}",
-                            chat=chat_name, about=name)
-        return chat, False
-
-    def pending_requests(self, owner: str, chat_name: str) -> dict[str, float]:
-        return self._owned_chat(owner, chat_name).requests
-
-    def decide(self, owner: str, chat_name: str, guest: str, approve: bool) -> Chat:
-        chat = self._owned_chat(owner, chat_name)
-        if guest not in chat.requests:
-            raise NotFound(f"{guest} has no pending request to join {chat_name}")
-        if approve:
-            self._check_memberships(self.users[guest])
-        self.emit("decide", chat_name, guest, approve, self.clock())
-        if approve:
-            self.notify(guest, "approved", f"{owner} let you into {chat_name}",
-                        chat=chat_name, about=owner)
-        else:
-            self.notify(guest, "denied", f"{owner} turned down your request to join {chat_name}",
-                        chat=chat_name, about=owner)
-        return chat
-
     # Scheduled messages -----------------------------------------------------
 
     def scheduled_of(self, name: str) -> list[Scheduled]:
@@ -2346,7 +2430,7 @@ class Messenger:
             self._check_undelivered(user, scheduled.to)
             self._check_text_room(user, scheduled.text)
             if scheduled.chat is not None:
-                self._member_chat(user, scheduled.chat)
+                self.membership.member_chat(user, scheduled.chat)
             if scheduled.reply_to is not None:
                 self.visible_message(user.name, scheduled.reply_to)
         except MessengerError as exc:
@@ -2428,7 +2512,7 @@ class Messenger:
         """A new user, member of general, with its first session: one event, all or nothing."""
         self.users[new_user] = User(new_user, password, salt, cost, ts, address=address)
         self.accounts.registrations.add(address, ts)
-        self._add_member(self.chats[GENERAL], new_user)
+        self.membership.add_member(self.chats[GENERAL], new_user)
         self.accounts.add_session(Session(token_hash, new_user, ts, ts))
 
     def _apply_message(
@@ -2554,59 +2638,6 @@ class Messenger:
         else:
             self._settle(user, [conversation])
 
-    def _apply_join(self, chat_name: str, name: str, private: bool, ts: float) -> None:
-        chat = self.chats.get(chat_name)
-        if chat is None:
-            chat = self.chats[chat_name] = Chat(chat_name, private, name, ts)
-            self.users[name].owned += 1
-            if not private:
-                bisect.insort(self._public_names, chat_name)
-        self._add_member(chat, name)
-        self.users[name].active_chat = chat_name
-
-    def _add_member(self, chat: Chat, name: str) -> None:
-        if name not in chat.members:
-            chat.members.add(name)
-            self.users[name].chats[chat.name] = self.last_id
-            chat.caught_up.add(name)  # what came before is not the new member's to read
-        chat.invited.discard(name)
-        chat.requests.pop(name, None)
-
-    def _apply_leave(self, chat: str, name: str) -> None:
-        user = self.users[name]
-        self.chats[chat].members.discard(name)
-        self.chats[chat].caught_up.discard(name)
-        user.chats.pop(chat, None)
-        user.unread.discard(chat)
-        user.positions.pop(chat, None)
-        if user.active_chat == chat:
-            user.active_chat = GENERAL
-
-    def _apply_invite(self, chat: str, name: str, ts: float | None = None) -> None:
-        """``name`` is invited into ``chat``, at ``ts`` in the owner's flood window. A journal
-        written before invitations counted has no ``ts``: nothing to count then."""
-        invited_to = self.chats[chat]
-        invited_to.invited.add(name)
-        if ts is not None and invited_to.owner is not None:
-            self.users[invited_to.owner].flood.add(ts, self.rules.flood_window)
-
-    def _apply_link(self, chat: str, token_hash: str) -> None:
-        joined = self.chats[chat]
-        if joined.link is not None:
-            self._links.pop(joined.link, None)
-        joined.link = token_hash
-        self._links[token_hash] = chat
-
-    def _apply_request(self, chat: str, name: str, ts: float) -> None:
-        self.chats[chat].requests.setdefault(name, ts)
-        self.users[name].flood.add(ts, self.rules.flood_window)
-
-    def _apply_decide(self, chat: str, name: str, approve: bool, ts: float) -> None:
-        joined = self.chats[chat]
-        joined.requests.pop(name, None)
-        if approve:
-            self._add_member(joined, name)
-
     def _apply_schedule(
         self, new_scheduled: str, sender: str, send_at: float, text: str, chat: str | None,
         to: str | None, reply_to: int | None, file_id: str | None, client_id: str | None,
@@ -2691,7 +2722,9 @@ class Messenger:
         checks = RecordChecks(self)
         for chat in load_records(state, "chats", Chat, checks.chat):
             self.chats[chat.name] = chat
-        self._public_names = sorted(c.name for c in self.chats.values() if not c.private)
+        self.membership.public_names = sorted(
+            c.name for c in self.chats.values() if not c.private
+        )
         for user in load_records(state, "users", User, checks.user):
             self.users[user.name] = user
             for chat_name in user.chats:
@@ -2702,7 +2735,7 @@ class Messenger:
             if chat.owner in self.users:
                 self.users[chat.owner].owned += 1
             if chat.link is not None:
-                self._apply_link(chat.name, chat.link)
+                self.membership.set_link(chat.name, chat.link)
         for session in load_records(state, "sessions", Session, checks.session):
             self.accounts.add_session(session)
         for stored in load_records(state, "files", StoredFile, checks.file):
@@ -2906,7 +2939,7 @@ def from_plain(cls: type[T], plain: Any) -> T:
 
 
 # The classes that apply events: the messenger and its parts.
-EVENT_APPLIERS: Final = (Messenger, Accounts, Moderation, Uploads)
+EVENT_APPLIERS: Final = (Messenger, Accounts, Membership, Moderation, Uploads)
 EVENT_KINDS: Final = frozenset(kind for part in EVENT_APPLIERS for kind in part.APPLIERS)
 
 
@@ -4196,7 +4229,7 @@ class MessengerApp:
         query = self._query(call)
         after = query.optional_string("after", pattern=CHAT_NAME_RE) or ""
         limit = min(query.optional_int("limit", minimum=1) or DEFAULT_CHAT_PAGE, MAX_LIMIT)
-        page = self.messenger.visible_chats(call.user, after, limit + 1)
+        page = self.messenger.membership.visible_chats(call.user, after, limit + 1)
         chats = [self._chat(chat, call.user) for chat in page[:limit]]
         last = page[limit - 1].name if len(page) > limit else None
         return Response.json({"chats": chats, "next": last})
@@ -4205,7 +4238,7 @@ class MessengerApp:
         body = await self._json(call)
         name = body.string("chat_name", pattern=CHAT_NAME_RE, max_length=64)
         private = body.optional_bool("private")
-        chat, created = self.messenger.join(call.user, name, private)
+        chat, created = self.messenger.membership.join(call.user, name, private)
         history = self.messenger.history(call.user, name, None, self.config.rules.history)
         answer = {"chat": self._chat(chat, call.user), "history": self._messages(history)}
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
@@ -4218,27 +4251,27 @@ class MessengerApp:
         return name
 
     async def leave(self, call: Call) -> Response:
-        chat = self.messenger.leave(call.user, self._chat_param(call))
+        chat = self.messenger.membership.leave(call.user, self._chat_param(call))
         return Response.json({"chat": self._chat(chat, call.user)})
 
     async def invite(self, call: Call) -> Response:
         name = self._chat_param(call)
         guest = (await self._json(call)).string("user", pattern=USER_NAME_RE, max_length=32)
-        chat = self.messenger.invite(call.user, name, guest)
+        chat = self.messenger.membership.invite(call.user, name, guest)
         return Response.json({"chat": self._chat(chat, call.user)})
 
     async def link(self, call: Call) -> Response:
-        token = self.messenger.make_link(call.user, self._chat_param(call))
+        token = self.messenger.membership.make_link(call.user, self._chat_param(call))
         return Response.json({"link": f"/join/{token}"}, HTTPStatus.CREATED)
 
     async def request_join(self, call: Call) -> Response:
-        chat, member = self.messenger.request_join(call.user, call.params[0])
+        chat, member = self.messenger.membership.request_join(call.user, call.params[0])
         if member:
             return Response.json({"status": "member", "chat": chat.name})
         return Response.json({"status": "pending", "chat": chat.name}, HTTPStatus.ACCEPTED)
 
     async def requests(self, call: Call) -> Response:
-        pending = self.messenger.pending_requests(call.user, self._chat_param(call))
+        pending = self.messenger.membership.pending_requests(call.user, self._chat_param(call))
         ordered = sorted(pending.items(), key=lambda item: item[1])
         return Response.json({"requests": [{"user": user, "ts": ts} for user, ts in ordered]})
 
@@ -4247,7 +4280,7 @@ class MessengerApp:
         approve = (await self._json(call)).optional_bool("approve")
         if approve is None:
             raise InvalidField("approve is required: true or false")
-        chat = self.messenger.decide(call.user, name, call.params[1], approve)
+        chat = self.messenger.membership.decide(call.user, name, call.params[1], approve)
         return Response.json({"chat": self._chat(chat, call.user)})
 
     async def status(self, call: Call) -> Response:

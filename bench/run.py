@@ -887,7 +887,7 @@ async def build_state(folder: Path, count: int) -> None:
     for index, name in enumerate(users):
         # One address per user: the registration limit is per address.
         messenger.accounts.register(name, bytes(32), bytes(16), 4, f"token-{name}", name)
-        messenger.join(name, f"chat{index // STATE_MEMBERS}", False)
+        messenger.membership.join(name, f"chat{index // STATE_MEMBERS}", False)
     for number in range(1, count + 1):
         chat = number % STATE_CHATS
         sender = users[chat * STATE_MEMBERS + number // STATE_CHATS % STATE_MEMBERS]

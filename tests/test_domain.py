@@ -64,8 +64,8 @@ def messenger(clock: FakeClock) -> ms.Messenger:
     flood limit in the way of tests that send a lot (it has tests of its own)."""
     messenger, _ = make_messenger(clock, flood_limit=1_000_000)
     register(messenger, "alice", "bob", "carol")
-    messenger.join("alice", "club", False)
-    messenger.join("bob", "club", None)
+    messenger.membership.join("alice", "club", False)
+    messenger.membership.join("bob", "club", None)
     return messenger
 
 
@@ -83,7 +83,7 @@ def test_poll_private_message_only_to_its_parties(messenger: ms.Messenger) -> No
 
 def test_poll_chat_messages_only_to_members_since_they_joined(messenger: ms.Messenger) -> None:
     before = post(messenger, "alice", "before carol", chat="club")
-    messenger.join("carol", "club", None)
+    messenger.membership.join("carol", "club", None)
     after = post(messenger, "alice", "after carol", chat="club")
     assert poll_ids(messenger, "carol") == [after.id]
     assert poll_ids(messenger, "carol", 0, "club") == [after.id]
@@ -102,7 +102,7 @@ def test_poll_non_members_see_no_chat_messages(messenger: ms.Messenger) -> None:
 def test_history_shows_members_the_past_before_they_joined(messenger: ms.Messenger) -> None:
     first = post(messenger, "alice", "one", chat="club")
     second = post(messenger, "bob", "two", chat="club")
-    messenger.join("carol", "club", None)
+    messenger.membership.join("carol", "club", None)
     assert ids(messenger.history("carol", "club", None, 20)) == [first.id, second.id]
     assert ids(messenger.history("carol", "club", None, 1)) == [second.id]
     assert ids(messenger.history("carol", "club", second.id, 20)) == [first.id]
@@ -112,16 +112,16 @@ def test_history_shows_members_the_past_before_they_joined(messenger: ms.Messeng
 def test_history_refuses_non_members(clock: FakeClock, private: bool) -> None:
     messenger, _ = make_messenger(clock)
     register(messenger, "alice", "bob")
-    messenger.join("alice", "room", private)
+    messenger.membership.join("alice", "room", private)
     post(messenger, "alice", chat="room")
     with pytest.raises(ms.NotAMember, match="you are not a member of room"):
         messenger.history("bob", "room", None, 20)
 
 
 def test_poll_after_rejoining_skips_what_was_posted_while_away(messenger: ms.Messenger) -> None:
-    messenger.leave("bob", "club")
+    messenger.membership.leave("bob", "club")
     away = post(messenger, "alice", "while bob is away", chat="club")
-    messenger.join("bob", "club", None)
+    messenger.membership.join("bob", "club", None)
     back = post(messenger, "alice", "bob is back", chat="club")
     assert poll_ids(messenger, "bob") == [back.id]
     assert ids(messenger.history("bob", "club", None, 20)) == [away.id, back.id]
@@ -196,7 +196,7 @@ def test_unread_excludes_own_messages(messenger: ms.Messenger) -> None:
 
 def test_unread_counts_only_after_joining_and_read_position(messenger: ms.Messenger) -> None:
     post(messenger, "alice", "before", chat="club")
-    messenger.join("carol", "club", None)
+    messenger.membership.join("carol", "club", None)
     post(messenger, "alice", "after", chat="club")
     last = post(messenger, "bob", "later", chat="general")
     assert messenger.unread("carol") == ({"general": 1, "club": 1}, {}, 0)
@@ -268,8 +268,8 @@ def test_a_poll_looks_only_at_conversations_with_news(clock: FakeClock) -> None:
     register(messenger, "alice", "bob")
     chats = [f"room{n}" for n in range(300)]
     for chat in chats:
-        messenger.join("alice", chat, None)
-        messenger.join("bob", chat, None)
+        messenger.membership.join("alice", chat, None)
+        messenger.membership.join("bob", chat, None)
     bob = messenger.users["bob"]
     assert bob.unread == set()
     post(messenger, "alice", "1", chat="room7")
@@ -291,8 +291,8 @@ def test_positions_are_kept_only_for_the_users_conversations(clock: FakeClock) -
     event (no journal line, no log line)."""
     messenger, events = make_messenger(clock)
     register(messenger, "alice", "bob", "carol", "dave")
-    messenger.join("alice", "club", None)
-    messenger.join("bob", "club", None)
+    messenger.membership.join("alice", "club", None)
+    messenger.membership.join("bob", "club", None)
     private = post(messenger, "alice", "p", to="bob").id
     recorded = len(events)
     messenger.poll("bob", private, ["@carol", "@dave"], 100)  # no conversation with them
@@ -306,7 +306,7 @@ def test_positions_are_kept_only_for_the_users_conversations(clock: FakeClock) -
     messenger.poll("bob", private, ["@alice"], 100)  # "@" covers it too
     assert events[recorded:] == [("read_in", "bob", "@", private)]
     chat = post(messenger, "alice", "c", chat="club").id
-    messenger.join("carol", "club", None)
+    messenger.membership.join("carol", "club", None)
     recorded = len(events)
     messenger.poll("carol", chat, ["club"], 100)  # joined after it: read there already
     assert len(events) == recorded and messenger.users["carol"].positions == {}
@@ -331,10 +331,10 @@ def test_a_private_conversation_gone_with_its_messages_forgets_its_position(
 def test_leaving_forgets_the_chats_position(messenger: ms.Messenger) -> None:
     post(messenger, "alice", chat="club")
     messenger.poll("bob", 1, ["club"], 100)
-    messenger.leave("bob", "club")
+    messenger.membership.leave("bob", "club")
     assert messenger.users["bob"].positions == {} and messenger.users["bob"].unread == set()
-    messenger.invite("alice", "club", "bob")
-    messenger.join("bob", "club", None)
+    messenger.membership.invite("alice", "club", "bob")
+    messenger.membership.join("bob", "club", None)
     assert messenger.unread("bob").chats == {}
     assert poll_ids(messenger, "bob", 0, "club") == []
 
@@ -348,17 +348,17 @@ def notices_of(messenger: ms.Messenger, name: str) -> list[tuple[dict[str, str] 
 
 
 def test_notices_tell_of_invitations_requests_and_decisions(messenger: ms.Messenger) -> None:
-    messenger.join("alice", "den", True)
-    messenger.invite("alice", "den", "bob")
-    link = messenger.make_link("alice", "den")
-    messenger.request_join("carol", link)
+    messenger.membership.join("alice", "den", True)
+    messenger.membership.invite("alice", "den", "bob")
+    link = messenger.membership.make_link("alice", "den")
+    messenger.membership.request_join("carol", link)
     assert notices_of(messenger, "bob") == [
         ({"type": "invited", "chat": "den", "user": "alice"}, "alice invited you to den")]
     assert notices_of(messenger, "alice") == [
         ({"type": "request", "chat": "den", "user": "carol"}, "carol asks to join den")]
-    messenger.decide("alice", "den", "carol", True)
-    messenger.request_join("bob", link)
-    messenger.decide("alice", "den", "bob", False)
+    messenger.membership.decide("alice", "den", "carol", True)
+    messenger.membership.request_join("bob", link)
+    messenger.membership.decide("alice", "den", "bob", False)
     assert notices_of(messenger, "carol") == [
         ({"type": "approved", "chat": "den", "user": "alice"}, "alice let you into den")]
     assert notices_of(messenger, "bob")[1:] == [
@@ -384,7 +384,7 @@ def test_a_ban_is_noticed_with_its_end(clock: FakeClock) -> None:
 
 
 def test_a_notice_cannot_be_answered(messenger: ms.Messenger) -> None:
-    messenger.invite("alice", "club", "carol")
+    messenger.membership.invite("alice", "club", "carol")
     notice = messenger.last_id
     with pytest.raises(ms.InvalidField, match="a notice cannot be answered or commented on"):
         messenger.send("carol", ms.Draft("thanks", reply_to=notice))
@@ -394,7 +394,7 @@ def test_a_notice_cannot_be_answered(messenger: ms.Messenger) -> None:
 
 
 def test_notices_expire_like_private_messages(messenger: ms.Messenger, clock: FakeClock) -> None:
-    messenger.invite("alice", "club", "carol")
+    messenger.membership.invite("alice", "club", "carol")
     clock.advance(2 * TTL)
     messenger.tick()
     assert messenger.unread("carol").notices == 1  # nobody received it: it waits
@@ -411,7 +411,7 @@ def test_notices_expire_like_private_messages(messenger: ms.Messenger, clock: Fa
 def test_send_comment_on_chat_message_lands_in_its_chat(messenger: ms.Messenger) -> None:
     parent = post(messenger, "alice", "topic", chat="club")
     assert messenger.users["bob"].active_chat == "club"
-    messenger.join("bob", "general", None)
+    messenger.membership.join("bob", "general", None)
     comment = post(messenger, "bob", "reply", reply_to=parent.id)
     assert (comment.chat, comment.to, comment.reply_to) == ("club", None, parent.id)
 
@@ -553,8 +553,8 @@ def test_send_rate_limit_counts_what_goes_to_general(
 ) -> None:
     messenger, _ = make_messenger(clock, rate_limit=2)
     register(messenger, "alice", "bob")
-    messenger.join("alice", "club", None)
-    messenger.join("alice", "general", None)
+    messenger.membership.join("alice", "club", None)
+    messenger.membership.join("alice", "general", None)
     post(messenger, "bob", "parent in general")
     messenger.send("alice", ms.Draft("x", **fields))
     assert messenger.rate_status("alice").remaining == (1 if counted else 2)
@@ -692,14 +692,14 @@ def test_tick_drops_a_scheduled_message_whose_sender_may_no_longer_send(
     caplog.set_level(logging.INFO, logger="messenger")
     messenger, events = make_messenger(clock, ban_threshold=2)
     register(messenger, "x", "a", "b")
-    messenger.join("x", "club", None)
+    messenger.membership.join("x", "club", None)
     later = schedule(messenger, "x", "later", chat="club", send_at=clock.now + 60)
     if why == "banned":
         post(messenger, "x", "spam", chat="general")  # a message to report
         messenger.moderation.report("a", "x", "")
         messenger.moderation.report("b", "x", "")
     else:
-        messenger.leave("x", "club")
+        messenger.membership.leave("x", "club")
     clock.advance(60)
     messenger.tick()
     assert messenger.chats["club"].messages == [] and messenger.scheduled_of("x") == []
@@ -976,89 +976,90 @@ def test_check_login_allowed_after_too_many_wrong_passwords(clock: FakeClock) ->
 def test_join_creates_a_chat_owned_by_the_caller_and_makes_it_active(
     messenger: ms.Messenger,
 ) -> None:
-    chat, created = messenger.join("carol", "den", True)
+    chat, created = messenger.membership.join("carol", "den", True)
     assert created and (chat.owner, chat.private, chat.members) == ("carol", True, {"carol"})
     assert messenger.users["carol"].active_chat == "den"
-    assert messenger.join("carol", "den", None) == (chat, False)
+    assert messenger.membership.join("carol", "den", None) == (chat, False)
 
 
 def test_join_private_chat_needs_an_invitation(messenger: ms.Messenger) -> None:
-    messenger.join("alice", "den", True)
+    messenger.membership.join("alice", "den", True)
     with pytest.raises(
         ms.Forbidden, match="den is private: ask its owner for an invitation"
     ) as refused:
-        messenger.join("carol", "den", None)
+        messenger.membership.join("carol", "den", None)
     assert type(refused.value) is ms.Forbidden
-    messenger.invite("alice", "den", "carol")
-    messenger.join("carol", "den", None)
-    messenger.leave("carol", "den")
+    messenger.membership.invite("alice", "den", "carol")
+    messenger.membership.join("carol", "den", None)
+    messenger.membership.leave("carol", "den")
     with pytest.raises(ms.Forbidden, match="den is private: ask its owner for an invitation"):
-        messenger.join("carol", "den", None)
+        messenger.membership.join("carol", "den", None)
 
 
 @pytest.mark.parametrize(("name", "private"), [("club", True), ("den", False)])
 def test_join_with_the_other_privacy_is_a_conflict(
     messenger: ms.Messenger, name: str, private: bool
 ) -> None:
-    messenger.join("alice", "den", True)
+    messenger.membership.join("alice", "den", True)
     taken_by = "a private chat" if name == "den" else "a public chat"
     with pytest.raises(ms.Conflict, match=f"{name} is already taken by {taken_by}"):
-        messenger.join("alice", name, private)
+        messenger.membership.join("alice", name, private)
 
 
 def test_leave_rules(messenger: ms.Messenger) -> None:
     with pytest.raises(ms.BadRequest, match="nobody leaves general: every user stays a member"):
-        messenger.leave("bob", "general")
+        messenger.membership.leave("bob", "general")
     with pytest.raises(ms.NotAMember, match="you are not a member of club"):
-        messenger.leave("carol", "club")
+        messenger.membership.leave("carol", "club")
     with pytest.raises(ms.UnknownChat, match="no chat named 'nowhere'"):
-        messenger.leave("carol", "nowhere")
+        messenger.membership.leave("carol", "nowhere")
     assert messenger.users["bob"].active_chat == "club"
-    messenger.leave("bob", "club")
+    messenger.membership.leave("bob", "club")
     assert messenger.users["bob"].active_chat == "general"
     assert "club" not in messenger.users["bob"].chats
 
 
 def test_owner_who_left_stays_owner_and_may_rejoin(messenger: ms.Messenger) -> None:
-    messenger.join("alice", "den", True)
-    messenger.leave("alice", "den")
+    messenger.membership.join("alice", "den", True)
+    messenger.membership.leave("alice", "den")
     assert messenger.chats["den"].owner == "alice"
-    messenger.invite("alice", "den", "bob")
-    messenger.join("alice", "den", None)
+    messenger.membership.invite("alice", "den", "bob")
+    messenger.membership.join("alice", "den", None)
     assert messenger.chats["den"].members == {"alice"}
 
 
 def test_make_link_revokes_the_previous_one(messenger: ms.Messenger) -> None:
-    messenger.join("alice", "den", True)
-    old = messenger.make_link("alice", "den")
-    new = messenger.make_link("alice", "den")
+    messenger.membership.join("alice", "den", True)
+    old = messenger.membership.make_link("alice", "den")
+    new = messenger.membership.make_link("alice", "den")
     with pytest.raises(ms.NotFound, match="unknown or revoked join link"):
-        messenger.request_join("bob", old)
-    assert messenger.request_join("bob", new)[1] is False
-    assert messenger.request_join("alice", new)[1] is True
+        messenger.membership.request_join("bob", old)
+    assert messenger.membership.request_join("bob", new)[1] is False
+    assert messenger.membership.request_join("alice", new)[1] is True
     with pytest.raises(ms.Forbidden, match="only the owner of den may do that"):
-        messenger.make_link("bob", "den")
+        messenger.membership.make_link("bob", "den")
 
 
 @pytest.mark.parametrize("approve", [True, False])
 def test_request_join_then_decide(messenger: ms.Messenger, approve: bool) -> None:
-    messenger.join("alice", "den", True)
-    link = messenger.make_link("alice", "den")
-    messenger.request_join("carol", link)
-    assert set(messenger.pending_requests("alice", "den")) == {"carol"}
+    messenger.membership.join("alice", "den", True)
+    link = messenger.membership.make_link("alice", "den")
+    messenger.membership.request_join("carol", link)
+    assert set(messenger.membership.pending_requests("alice", "den")) == {"carol"}
     with pytest.raises(ms.Forbidden, match="only the owner of den may do that"):
-        messenger.decide("bob", "den", "carol", True)
-    messenger.decide("alice", "den", "carol", approve)
-    assert messenger.pending_requests("alice", "den") == {}
+        messenger.membership.decide("bob", "den", "carol", True)
+    messenger.membership.decide("alice", "den", "carol", approve)
+    assert messenger.membership.pending_requests("alice", "den") == {}
     assert ("carol" in messenger.chats["den"].members) is approve
     with pytest.raises(ms.NotFound, match="carol has no pending request to join den"):
-        messenger.decide("alice", "den", "carol", approve)
+        messenger.membership.decide("alice", "den", "carol", approve)
 
 
 def test_visible_chats_hide_private_ones_from_non_members(messenger: ms.Messenger) -> None:
-    messenger.join("alice", "den", True)
-    assert [c.name for c in messenger.visible_chats("alice")] == ["club", "den", "general"]
-    assert [c.name for c in messenger.visible_chats("carol")] == ["club", "general"]
+    messenger.membership.join("alice", "den", True)
+    visible = messenger.membership.visible_chats("alice")
+    assert [chat.name for chat in visible] == ["club", "den", "general"]
+    assert [c.name for c in messenger.membership.visible_chats("carol")] == ["club", "general"]
 
 
 # Events: a refused request records nothing; replay rebuilds the state ######
@@ -1080,10 +1081,10 @@ class World:
 def world(clock: FakeClock) -> World:
     messenger, events = make_messenger(clock, rate_limit=2, report_limit=1, ban_threshold=2)
     register(messenger, "alice", "bob", "carol", "dave", "eve")
-    messenger.join("alice", "secret", True)
+    messenger.membership.join("alice", "secret", True)
     secret = post(messenger, "alice", "s", chat="secret").id
-    link = messenger.make_link("alice", "secret")
-    messenger.join("alice", "general", None)
+    link = messenger.membership.make_link("alice", "secret")
+    messenger.membership.join("alice", "general", None)
     general = post(messenger, "bob", "g").id
     private = post(messenger, "bob", "p", to="alice").id
     add_file(messenger, "alice")
@@ -1094,8 +1095,8 @@ def world(clock: FakeClock) -> World:
     post(messenger, "eve", "1")
     post(messenger, "eve", "2")
     post(messenger, "carol", "c")
-    messenger.invite("alice", "secret", "eve")
-    messenger.request_join("bob", link)
+    messenger.membership.invite("alice", "secret", "eve")
+    messenger.membership.request_join("bob", link)
     return World(messenger, events, clock, general, private, secret, scheduled, link)
 
 
@@ -1147,27 +1148,27 @@ REFUSED: list[tuple[str, Action, type[ms.MessengerError], str]] = [
         "carol", w.private), ms.UnknownMessage, "that you can see"),
     ("thread of a hidden chat message", lambda w: w.messenger.thread(
         "carol", w.secret), ms.UnknownMessage, "that you can see"),
-    ("join a private chat uninvited", lambda w: w.messenger.join(
+    ("join a private chat uninvited", lambda w: w.messenger.membership.join(
         "carol", "secret", None), ms.Forbidden,
      "secret is private: ask its owner for an invitation"),
-    ("join with the other privacy", lambda w: w.messenger.join(
+    ("join with the other privacy", lambda w: w.messenger.membership.join(
         "carol", "secret", False), ms.Conflict, "secret is already taken by a private chat"),
-    ("leave general", lambda w: w.messenger.leave("carol", "general"), ms.BadRequest,
+    ("leave general", lambda w: w.messenger.membership.leave("carol", "general"), ms.BadRequest,
      "nobody leaves general: every user stays a member"),
-    ("leave a chat one is not in", lambda w: w.messenger.leave(
+    ("leave a chat one is not in", lambda w: w.messenger.membership.leave(
         "carol", "secret"), ms.NotAMember, "you are not a member of secret"),
-    ("invite as a non-owner", lambda w: w.messenger.invite(
+    ("invite as a non-owner", lambda w: w.messenger.membership.invite(
         "bob", "secret", "carol"), ms.Forbidden, "only the owner of secret may do that"),
-    ("invite an unknown user", lambda w: w.messenger.invite(
+    ("invite an unknown user", lambda w: w.messenger.membership.invite(
         "alice", "secret", "nobody"), ms.UnknownUser, "no user named 'nobody'"),
-    ("make a link as a non-owner", lambda w: w.messenger.make_link(
+    ("make a link as a non-owner", lambda w: w.messenger.membership.make_link(
         "bob", "secret"), ms.Forbidden, "only the owner of secret may do that"),
-    ("join by an unknown link", lambda w: w.messenger.request_join(
+    ("join by an unknown link", lambda w: w.messenger.membership.request_join(
         "carol", "no-such-link"), ms.NotFound, "unknown or revoked join link"),
-    ("decide without a request", lambda w: w.messenger.decide(
+    ("decide without a request", lambda w: w.messenger.membership.decide(
         "alice", "secret", "carol", True), ms.NotFound,
      "carol has no pending request to join secret"),
-    ("decide as a non-owner", lambda w: w.messenger.decide(
+    ("decide as a non-owner", lambda w: w.messenger.membership.decide(
         "carol", "secret", "bob", True), ms.Forbidden, "only the owner of secret may do that"),
     ("report oneself", lambda w: w.messenger.moderation.report(
         "carol", "carol", ""), ms.InvalidField, "you cannot report yourself"),
@@ -1203,11 +1204,11 @@ def test_refused_request_records_no_event(
 
 
 NO_OPS: list[tuple[str, Action]] = [
-    ("join the active chat again", lambda w: w.messenger.join("alice", "general", None)),
-    ("invite an invited user", lambda w: w.messenger.invite("alice", "secret", "eve")),
-    ("invite a member", lambda w: w.messenger.invite("alice", "secret", "alice")),
-    ("ask to join twice", lambda w: w.messenger.request_join("bob", w.link)),
-    ("use the link as a member", lambda w: w.messenger.request_join("alice", w.link)),
+    ("join the active chat again", lambda w: w.messenger.membership.join("alice", "general", None)),
+    ("invite an invited user", lambda w: w.messenger.membership.invite("alice", "secret", "eve")),
+    ("invite a member", lambda w: w.messenger.membership.invite("alice", "secret", "alice")),
+    ("ask to join twice", lambda w: w.messenger.membership.request_join("bob", w.link)),
+    ("use the link as a member", lambda w: w.messenger.membership.request_join("alice", w.link)),
     ("report a second time", lambda w: w.messenger.moderation.report("alice", "dave", "")),
     ("poll without since", lambda w: w.messenger.poll("carol", None, None, 10)),
     ("poll behind the read position", lambda w: w.messenger.poll("carol", 0, None, 10)),
@@ -1243,15 +1244,15 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     register(messenger, "alice", "bob", "carol", "dave", "erin", "x")
     messenger.accounts.open_session("alice", "alice-phone")
     messenger.accounts.disconnect(ms.hash_token("token-alice"))
-    messenger.join("alice", "club", False)
-    messenger.join("alice", "secret", True)
-    messenger.invite("alice", "secret", "bob")
-    messenger.join("bob", "secret", None)
-    link = messenger.make_link("alice", "secret")
-    messenger.request_join("carol", link)
-    messenger.request_join("dave", link)
-    messenger.decide("alice", "secret", "carol", True)
-    messenger.decide("alice", "secret", "dave", False)
+    messenger.membership.join("alice", "club", False)
+    messenger.membership.join("alice", "secret", True)
+    messenger.membership.invite("alice", "secret", "bob")
+    messenger.membership.join("bob", "secret", None)
+    link = messenger.membership.make_link("alice", "secret")
+    messenger.membership.request_join("carol", link)
+    messenger.membership.request_join("dave", link)
+    messenger.membership.decide("alice", "secret", "carol", True)
+    messenger.membership.decide("alice", "secret", "dave", False)
     add_file(messenger, "alice", fid("early"))
     add_file(messenger, "bob", fid("kept"))
     first = post(messenger, "alice", "in secret", chat="secret", client_id="c1")
@@ -1262,7 +1263,7 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     cancelled = schedule(messenger, "bob", "never", to="alice", send_at=clock.now + 90)
     schedule(messenger, "carol", "dropped", chat="secret", send_at=clock.now + 120)
     messenger.cancel("bob", cancelled.id)
-    messenger.leave("carol", "secret")
+    messenger.membership.leave("carol", "secret")
     post(messenger, "x", "spam", chat="general")
     for reporter in ("alice", "bob", "carol"):
         messenger.moderation.report(reporter, "x", "spam")
@@ -1275,7 +1276,7 @@ def scenario(messenger: ms.Messenger, clock: FakeClock) -> None:
     clock.advance(TTL - 100)
     messenger.tick()  # the first messages and the unused file expire
     post(messenger, "dave", "late", chat="general")
-    messenger.join("dave", "club", None)
+    messenger.membership.join("dave", "club", None)
     clock.advance(50)
     messenger.tick()
     messenger.accounts.authenticate("token-bob")  # used again after an hour: a touch
@@ -1396,12 +1397,14 @@ def test_replay_of_random_operations_rebuilds_the_same_state(
             [None, [rng.choice(chats)], ["@"], [f"@{rng.choice(names)}", rng.choice(chats)]]), 5),
         lambda u: messenger.thread(u, some_id()),
         lambda u: messenger.history(u, rng.choice(chats), None, 5),
-        lambda u: messenger.join(u, rng.choice(chats), rng.choice([None, True, False])),
-        lambda u: messenger.leave(u, rng.choice(chats)),
-        lambda u: messenger.invite(u, rng.choice(chats), rng.choice(names)),
-        lambda u: links.append(messenger.make_link(u, rng.choice(chats))),
-        lambda u: messenger.request_join(u, rng.choice([*links, "none"])),
-        lambda u: messenger.decide(u, rng.choice(chats), rng.choice(names), rng.random() < 0.5),
+        lambda u: messenger.membership.join(u, rng.choice(chats), rng.choice([None, True, False])),
+        lambda u: messenger.membership.leave(u, rng.choice(chats)),
+        lambda u: messenger.membership.invite(u, rng.choice(chats), rng.choice(names)),
+        lambda u: links.append(messenger.membership.make_link(u, rng.choice(chats))),
+        lambda u: messenger.membership.request_join(u, rng.choice([*links, "none"])),
+        lambda u: messenger.membership.decide(
+            u, rng.choice(chats), rng.choice(names), rng.random() < 0.5
+        ),
         lambda u: messenger.moderation.report(u, rng.choice(names), ""),
         lambda u: messenger.cancel(u, some_scheduled()),
         lambda u: files.append(add_file(messenger, u, fid(f"f{len(files)}")).id),
@@ -1489,10 +1492,10 @@ def test_comments_come_after_a_position_and_within_the_budget(messenger: ms.Mess
 def test_a_user_creates_at_most_max_owned_chats(clock: FakeClock) -> None:
     messenger, events = make_messenger(clock, max_owned_chats=2)
     register(messenger, "alice")
-    messenger.join("alice", "one", None)
-    messenger.join("alice", "two", None)
+    messenger.membership.join("alice", "one", None)
+    messenger.membership.join("alice", "two", None)
     recorded = len(events)
     with pytest.raises(ms.Forbidden, match="you may create at most 2 chats"):
-        messenger.join("alice", "three", None)
+        messenger.membership.join("alice", "three", None)
     assert len(events) == recorded and "three" not in messenger.chats
-    messenger.join("alice", "general", None)  # joining is not creating
+    messenger.membership.join("alice", "general", None)  # joining is not creating

@@ -55,7 +55,7 @@ def replayed(messenger: ms.Messenger, events: list[ms.Event], clock: FakeClock) 
 def test_flood_limit_counts_chats_private_comments_and_scheduled_alike(clock: FakeClock) -> None:
     messenger, events = make_messenger(clock, flood_limit=4, flood_window=60.0)
     register(messenger, "a", "b")
-    messenger.join("a", "room", None)
+    messenger.membership.join("a", "room", None)
     first = send(messenger, "a", chat="room").message
     assert first is not None
     send(messenger, "a", to="b")
@@ -90,24 +90,24 @@ def test_invitations_count_against_the_inviters_flood_window(clock: FakeClock) -
     """Found by review: an invitation is a notice kept 7 days, and none was counted."""
     messenger, events = make_messenger(clock, flood_limit=3, flood_window=60.0)
     register(messenger, "a", "b", "c", "d")
-    messenger.join("a", "den", True)
+    messenger.membership.join("a", "den", True)
     send(messenger, "a", chat="den")
-    messenger.invite("a", "den", "b")
-    messenger.invite("a", "den", "c")  # the 3rd of the window: the last allowed
-    messenger.invite("a", "den", "b")  # already invited: no notice, nothing counted
+    messenger.membership.invite("a", "den", "b")
+    messenger.membership.invite("a", "den", "c")  # the 3rd of the window: the last allowed
+    messenger.membership.invite("a", "den", "b")  # already invited: no notice, nothing counted
     recorded = len(events)
     clock.advance(59)
     with pytest.raises(ms.RateLimited) as refused:
-        messenger.invite("a", "den", "d")
+        messenger.membership.invite("a", "den", "d")
     assert refused.value.retry_after == pytest.approx(1)
     assert len(events) == recorded, "a refused invitation records nothing"
     assert "d" not in messenger.chats["den"].invited
     again = replayed(messenger, events, clock)
     assert again.quotas_left("a")["flood_left"] == 0, "the journal rebuilds the window"
-    with pytest.raises(ms.RateLimited):
-        again.invite("a", "den", "d")
+    with pytest.raises(ms.RateLimited, match="are limited to"):
+        again.membership.invite("a", "den", "d")
     clock.advance(1)
-    messenger.invite("a", "den", "d")  # the window has ended
+    messenger.membership.invite("a", "den", "d")  # the window has ended
 
 
 def test_join_requests_count_against_the_requesters_flood_window(clock: FakeClock) -> None:
@@ -116,26 +116,26 @@ def test_join_requests_count_against_the_requesters_flood_window(clock: FakeCloc
     register(messenger, "owner", "stranger")
     links = []
     for name in ("one", "two", "three"):
-        messenger.join("owner", name, True)
-        links.append(messenger.make_link("owner", name))
-    messenger.request_join("stranger", links[0])
-    messenger.request_join("stranger", links[1])  # the last allowed
-    messenger.request_join("stranger", links[1])  # pending already: nothing new, not counted
+        messenger.membership.join("owner", name, True)
+        links.append(messenger.membership.make_link("owner", name))
+    messenger.membership.request_join("stranger", links[0])
+    messenger.membership.request_join("stranger", links[1])  # the last allowed
+    messenger.membership.request_join("stranger", links[1])  # pending: nothing new, not counted
     recorded = len(events)
     with pytest.raises(ms.RateLimited) as refused:
-        messenger.request_join("stranger", links[2])
+        messenger.membership.request_join("stranger", links[2])
     assert refused.value.retry_after == pytest.approx(60)
     assert len(events) == recorded and not messenger.chats["three"].requests
     assert replayed(messenger, events, clock).quotas_left("stranger")["flood_left"] == 0
     clock.advance(60)
-    messenger.request_join("stranger", links[2])
+    messenger.membership.request_join("stranger", links[2])
 
 
 def test_an_invite_event_of_the_previous_version_still_loads(clock: FakeClock) -> None:
     """Journals written before invitations carried their time: (chat, guest) alone."""
     messenger, events = make_messenger(clock)
     register(messenger, "a", "b")
-    messenger.join("a", "den", True)
+    messenger.membership.join("a", "den", True)
     loaded = replayed(messenger, events, clock)
     old = ("invite", "den", "b")
     ms.check_event(loaded, old)
@@ -185,7 +185,7 @@ async def test_an_answer_holds_at_most_the_text_budget_in_bytes_as_sent(
     6 bytes (\\u0001), an emoji as 4: 1.4 MB held for a client that reads nothing."""
     async with ms.MessengerServer(make_config(tmp_path), clock) as server:
         alice = await connect(server.port, "alice")
-        server.messenger.join("alice", "club", None)
+        server.messenger.membership.join("alice", "club", None)
         for _ in range(30):
             send(server.messenger, "alice", char * ms.MAX_TEXT, chat="club")
         since, seen = 0, 0
@@ -211,7 +211,7 @@ async def test_an_answer_counts_file_names_and_each_messages_other_fields(
     rules = ms.Rules(flood_limit=10_000)
     async with ms.MessengerServer(make_config(tmp_path, rules=rules), clock) as server:
         alice = await connect(server.port, "alice")
-        server.messenger.join("alice", "club", None)
+        server.messenger.membership.join("alice", "club", None)
         file_id = "a" * 32
         server.messenger.uploads.add_file("alice", file_id, "\U0001f600" * 255, 1, "a/b", "0" * 64)
         for _ in range(1000):
@@ -326,27 +326,27 @@ def test_pending_scheduled_messages_are_capped_per_user(clock: FakeClock) -> Non
 def test_memberships_are_capped_for_joins_and_approvals(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, max_memberships=3)
     register(messenger, "a", "owner")
-    messenger.join("a", "one", None)
-    messenger.join("a", "two", None)  # general, one, two: the last allowed
+    messenger.membership.join("a", "one", None)
+    messenger.membership.join("a", "two", None)  # general, one, two: the last allowed
     with pytest.raises(ms.QuotaExceeded, match="a may be a member of at most 3 chats"):
-        messenger.join("a", "three", None)
+        messenger.membership.join("a", "three", None)
     assert "three" not in messenger.chats, "refused before the chat is made"
-    messenger.join("a", "one", None)  # a chat one is in already is no new membership
-    messenger.join("owner", "den", True)
-    messenger.request_join("a", messenger.make_link("owner", "den"))
+    messenger.membership.join("a", "one", None)  # a chat one is in already is no new membership
+    messenger.membership.join("owner", "den", True)
+    messenger.membership.request_join("a", messenger.membership.make_link("owner", "den"))
     with pytest.raises(ms.QuotaExceeded, match="a may be a member of at most 3 chats"):
-        messenger.decide("owner", "den", "a", True)
-    messenger.leave("a", "two")
-    messenger.decide("owner", "den", "a", True)
+        messenger.membership.decide("owner", "den", "a", True)
+    messenger.membership.leave("a", "two")
+    messenger.membership.decide("owner", "den", "a", True)
     assert "den" in messenger.users["a"].chats
 
 
 def test_chats_created_are_capped_with_quota_exceeded(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, max_owned_chats=1)
     register(messenger, "a")
-    messenger.join("a", "mine", None)
+    messenger.membership.join("a", "mine", None)
     with pytest.raises(ms.QuotaExceeded, match="you may create at most 1 chat"):
-        messenger.join("a", "another", None)
+        messenger.membership.join("a", "another", None)
 
 
 # Reports need a message to point at ##########################################
@@ -355,8 +355,8 @@ def test_chats_created_are_capped_with_quota_exceeded(clock: FakeClock) -> None:
 def test_report_only_from_someone_who_can_see_a_message_of_the_target(clock: FakeClock) -> None:
     messenger, events = make_messenger(clock, message_ttl=HOUR)
     register(messenger, "target", "member", "outsider", "friend")
-    messenger.join("target", "room", None)
-    messenger.join("member", "room", None)
+    messenger.membership.join("target", "room", None)
+    messenger.membership.join("member", "room", None)
     send(messenger, "target", "in the room", chat="room")
     send(messenger, "target", "psst", to="friend")
     recorded = len(events)
@@ -374,7 +374,7 @@ def test_report_only_from_someone_who_can_see_a_message_of_the_target(clock: Fak
         ms.Forbidden, match="you can report target only for a message of theirs you can see"
     ):
         messenger.moderation.report("outsider", "target", "")
-    messenger.join("outsider", "room", None)
+    messenger.membership.join("outsider", "room", None)
     with pytest.raises(
         ms.Forbidden, match="you can report target only for a message of theirs you can see"
     ):
@@ -384,7 +384,7 @@ def test_report_only_from_someone_who_can_see_a_message_of_the_target(clock: Fak
 def test_fresh_accounts_cannot_ban_a_stranger(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock, ban_threshold=3)
     register(messenger, "victim", "sock1", "sock2", "sock3")
-    messenger.join("victim", "quiet", None)
+    messenger.membership.join("victim", "quiet", None)
     send(messenger, "victim", "only here", chat="quiet")
     for sock in ("sock1", "sock2", "sock3"):
         with pytest.raises(
@@ -436,13 +436,13 @@ def test_chat_pages_merge_public_chats_and_ones_private_memberships(clock: FakeC
     messenger, _ = make_messenger(clock)
     register(messenger, "a", "b")
     for name in ("d", "b1", "f"):
-        messenger.join("a", name, None)
-    messenger.join("b", "c-secret", True)
-    messenger.join("a", "e-secret", True)
-    names = [c.name for c in messenger.visible_chats("a")]
+        messenger.membership.join("a", name, None)
+    messenger.membership.join("b", "c-secret", True)
+    messenger.membership.join("a", "e-secret", True)
+    names = [c.name for c in messenger.membership.visible_chats("a")]
     assert names == ["b1", "d", "e-secret", "f", "general"]
-    assert [c.name for c in messenger.visible_chats("a", "d", 2)] == ["e-secret", "f"]
-    assert [c.name for c in messenger.visible_chats("b", "b1", 10)] == [
+    assert [c.name for c in messenger.membership.visible_chats("a", "d", 2)] == ["e-secret", "f"]
+    assert [c.name for c in messenger.membership.visible_chats("b", "b1", 10)] == [
         "c-secret", "d", "f", "general"
     ]
 
@@ -483,8 +483,8 @@ async def test_status_lists_at_most_100_chats_those_with_unread_first(
         server.messenger.accounts.register("alice", b"h", b"s", 4, "alice-token", "here")
         server.messenger.accounts.register("bob", b"h", b"s", 4, "bob-token", "here")
         for n in range(120):
-            server.messenger.join("alice", f"r{n:03}", None)
-            server.messenger.join("bob", f"r{n:03}", None)
+            server.messenger.membership.join("alice", f"r{n:03}", None)
+            server.messenger.membership.join("bob", f"r{n:03}", None)
         server.messenger.send("bob", ms.Draft("news", chat="r119"))
         status = (await call(server.port, "GET", "/status", token="alice-token")).json()
         names = [chat["name"] for chat in status["chats"]]
