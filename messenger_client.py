@@ -12,6 +12,10 @@ Group options: ``--server`` (env ``MESSENGER_SERVER``), ``--user`` (one of the s
 ``--json`` (the server's answer as is, and errors as JSON on stderr). ``connect`` saves the token
 in ``config.json`` under ``click.get_app_dir("messenger")`` or ``MESSENGER_CONFIG_DIR``, readable
 by its owner only. Files move in chunks, with a progress bar when stderr is a terminal.
+
+The server is not trusted further than its contract: an answer is read up to 16 MiB, within a
+deadline, and checked against the shapes below before use; its strings reach the terminal
+with their control characters shown as codes (``clean``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import os
 import re
@@ -33,7 +38,10 @@ import selectors
 import socket
 import sys
 import tempfile
+import threading
 import time
+import types
+import typing
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,7 +60,8 @@ T = TypeVar("T")
 VERSION: Final = "1.0.0"
 DEFAULT_SERVER: Final = "http://127.0.0.1:8000"
 CONFIG_FILE: Final = "config.json"
-REQUEST_TIMEOUT: Final = 30.0  # seconds for one request, beyond any long-poll wait
+REQUEST_TIMEOUT: Final = 30.0  # seconds for one request's answer, beyond any long-poll wait
+MAX_ANSWER: Final = 16 * 1024 * 1024  # bytes of a JSON answer read, at most (files: no limit)
 FOLLOW_WAIT: Final = 30  # seconds each long poll of `read --follow` may wait
 MAX_PAGE: Final = 1000  # messages per answer, the server's maximum
 RETRY_FIRST: Final = 0.5  # seconds `read --follow` waits before its first new attempt...
@@ -205,6 +214,10 @@ class ClientError(click.ClickException):
 
     code = "client_error"
 
+    def format_message(self) -> str:
+        """The message on one line, shown safely (``clean``): it may quote the server."""
+        return clean(self.message, keep_newlines=False)
+
     def details(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.format_message()}
 
@@ -255,7 +268,8 @@ class ApiError(ClientError):
         self.retry_after = retry_after
 
     def format_message(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
+        text = f"{self.message} ({self.hint})" if self.hint else self.message
+        return clean(text, keep_newlines=False)
 
     def details(self) -> dict[str, Any]:
         details = {"error": self.code, "message": self.message, "status": self.status}
@@ -264,6 +278,16 @@ class ApiError(ClientError):
         if self.retry_after is not None:
             details["retry_after"] = self.retry_after
         return details
+
+
+class BadAnswer(ClientError):
+    """An answer the contract does not allow (a field of another type, a time out of range, a
+    page that goes nowhere): the server, or whatever answers in its place, is wrong."""
+
+    code = "bad_answer"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the server sent an answer this client does not understand: {what}")
 
 
 def error_details(error: click.ClickException) -> dict[str, Any]:
@@ -444,6 +468,53 @@ class Status(TypedDict):
     server: ServerInfo
 
 
+KINDS: Final = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def check_shape(value: Any, shape: Any, where: str = "answer") -> None:
+    """Raise ``BadAnswer`` unless ``value``, parsed JSON, is of ``shape``: one of the
+    TypedDicts above or a type in them. A record needs its required fields (and ignores
+    others); a ``float`` may be an integer, not an infinity; a ``bool`` is no integer."""
+    origin, args = typing.get_origin(shape), typing.get_args(shape)
+    if typing.is_typeddict(shape):
+        if not isinstance(value, dict):
+            raise BadAnswer(f"{where} is not an object")
+        for name, (hint, required) in record_fields(shape).items():
+            if name in value:
+                check_shape(value[name], hint, f"{where}.{name}")
+            elif required:
+                raise BadAnswer(f"{where} has no {name!r}")
+    elif origin is list:
+        if not isinstance(value, list):
+            raise BadAnswer(f"{where} is not an array")
+        for index, item in enumerate(value):
+            check_shape(item, args[0], f"{where}[{index}]")
+    elif origin is dict:  # dict[str, X]: JSON's keys are strings
+        if not isinstance(value, dict):
+            raise BadAnswer(f"{where} is not an object")
+        for key, item in value.items():
+            check_shape(item, args[1], f"{where}[{json.dumps(key)}]")
+    elif origin is types.UnionType:  # X | None, the only unions of the shapes
+        if value is not None:
+            check_shape(value, args[0], where)
+    elif shape is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise BadAnswer(f"{where} is not a number")
+    elif type(value) is not shape:  # str, int, bool
+        raise BadAnswer(f"{where} is not {KINDS[shape]}")
+
+
+@functools.cache
+def record_fields(shape: Any) -> dict[str, tuple[Any, bool]]:
+    """A TypedDict's fields: the type of each, and whether it is required. (Its
+    ``__required_keys__`` misses ``NotRequired`` under postponed annotations, before 3.14.)"""
+    fields = {}
+    for name, hint in typing.get_type_hints(shape, include_extras=True).items():
+        optional = typing.get_origin(hint) is NotRequired
+        fields[name] = (typing.get_args(hint)[0], False) if optional else (hint, True)
+    return fields
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One HTTP answer, read whole."""
@@ -452,11 +523,14 @@ class Reply:
     headers: http.client.HTTPMessage
     body: bytes
 
-    def json(self, server: str) -> Any:
+    def json(self, server: str, shape: type[T]) -> T:
+        """The answer's JSON, checked to be of ``shape`` (see ``check_shape``)."""
         try:
-            return json.loads(self.body)
-        except ValueError as exc:
+            answer = json.loads(self.body)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise ClientError(f"{server} answered {self.status} with something not JSON") from exc
+        check_shape(answer, shape)
+        return cast(T, answer)
 
 
 def print_nothing(_: int) -> None:
@@ -525,13 +599,13 @@ class MessengerClient:
     def connect(self, user: str, password: str) -> tuple[ConnectAnswer, bool]:
         """Log in, registering ``user`` on its first connect; also whether it was created."""
         reply = self._request("POST", "/connect", body={"user": user, "password": password})
-        return cast(ConnectAnswer, reply.json(self.server)), reply.status == HTTPStatus.CREATED
+        return reply.json(self.server, ConnectAnswer), reply.status == HTTPStatus.CREATED
 
     def disconnect(self) -> None:
         self._request("POST", "/disconnect")
 
     def status(self) -> Status:
-        return cast(Status, self._json("GET", "/status"))
+        return self._json(Status, "GET", "/status")
 
     # Messages
 
@@ -552,10 +626,13 @@ class MessengerClient:
         if file_id is not None:
             body["file"] = file_id
         try:
-            return cast(SendAnswer, self._json("POST", "/send", body=body))
+            answer = self._json(SendAnswer, "POST", "/send", body=body)
         except ServerUnreachable as exc:
             logger.info("%s; sending again with the same client_id", exc.format_message())
-            return cast(SendAnswer, self._json("POST", "/send", body=body))
+            answer = self._json(SendAnswer, "POST", "/send", body=body)
+        if "message" not in answer and "scheduled" not in answer:
+            raise BadAnswer("answer has neither 'message' nor 'scheduled'")
+        return answer
 
     def messages(
         self,
@@ -569,19 +646,19 @@ class MessengerClient:
         all): without ``since`` the unread ones, else those after it, marking it read."""
         query = {"since": since, "wait": wait, "chat": chats, "limit": limit}
         timeout = REQUEST_TIMEOUT + (wait or 0)
-        return cast(MessagesPage, self._json("GET", "/messages", query=query, timeout=timeout))
+        return self._json(MessagesPage, "GET", "/messages", query=query, timeout=timeout)
 
     def history(
         self, chat: str, *, before: int | None = None, limit: int | None = None
     ) -> HistoryPage:
         query = {"chat": chat, "before": before, "limit": limit}
-        return cast(HistoryPage, self._json("GET", "/history", query=query))
+        return self._json(HistoryPage, "GET", "/history", query=query)
 
     def message(self, message_id: int) -> Thread:
-        return cast(Thread, self._json("GET", f"/messages/{message_id}"))
+        return self._json(Thread, "GET", f"/messages/{message_id}")
 
     def scheduled(self) -> ScheduledList:
-        return cast(ScheduledList, self._json("GET", "/scheduled"))
+        return self._json(ScheduledList, "GET", "/scheduled")
 
     def cancel(self, scheduled_id: str) -> None:
         self._request("DELETE", f"/scheduled/{_segment(scheduled_id)}")
@@ -590,50 +667,53 @@ class MessengerClient:
 
     def chats(self, *, after: str | None = None) -> ChatList:
         """A page of the chats the user can see, by name, after the chat ``after``."""
-        return cast(ChatList, self._json("GET", "/chat", query={"after": after}))
+        return self._json(ChatList, "GET", "/chat", query={"after": after})
 
     def all_chats(self) -> Iterator[Chat]:
-        """Every chat the user can see, by name, a page at a time."""
+        """Every chat the user can see, by name, a page at a time; ``BadAnswer`` if a page
+        does not move on (its ``next`` not after the last one: the pages would never end)."""
         after: str | None = None
         while True:
             page = self.chats(after=after)
             yield from page["chats"]
-            after = page["next"]
-            if after is None:
+            if page["next"] is None:
                 return
+            if after is not None and page["next"] <= after:
+                raise BadAnswer(f"the chats after {after!r} go on after {page['next']!r}")
+            after = page["next"]
 
     def join(self, chat: str, *, private: bool = False) -> tuple[JoinAnswer, bool]:
         """Join ``chat`` (it becomes active), creating it if new; also whether it was created."""
         # "private": false would demand a public chat (409 if it is private): only send true.
         body = {"chat_name": chat, "private": True} if private else {"chat_name": chat}
         reply = self._request("POST", "/chat", body=body)
-        return cast(JoinAnswer, reply.json(self.server)), reply.status == HTTPStatus.CREATED
+        return reply.json(self.server, JoinAnswer), reply.status == HTTPStatus.CREATED
 
     def leave(self, chat: str) -> ChatAnswer:
-        return cast(ChatAnswer, self._json("POST", f"/chat/{_segment(chat)}/leave"))
+        return self._json(ChatAnswer, "POST", f"/chat/{_segment(chat)}/leave")
 
     def invite(self, chat: str, user: str) -> ChatAnswer:
         path = f"/chat/{_segment(chat)}/invite"
-        return cast(ChatAnswer, self._json("POST", path, body={"user": user}))
+        return self._json(ChatAnswer, "POST", path, body={"user": user})
 
     def link(self, chat: str) -> LinkAnswer:
-        return cast(LinkAnswer, self._json("POST", f"/chat/{_segment(chat)}/link"))
+        return self._json(LinkAnswer, "POST", f"/chat/{_segment(chat)}/link")
 
     def request_join(self, token: str) -> JoinRequestAnswer:
-        return cast(JoinRequestAnswer, self._json("POST", f"/join/{_segment(token)}"))
+        return self._json(JoinRequestAnswer, "POST", f"/join/{_segment(token)}")
 
     def requests(self, chat: str) -> RequestList:
-        return cast(RequestList, self._json("GET", f"/chat/{_segment(chat)}/requests"))
+        return self._json(RequestList, "GET", f"/chat/{_segment(chat)}/requests")
 
     def decide(self, chat: str, user: str, *, approve: bool) -> ChatAnswer:
         path = f"/chat/{_segment(chat)}/requests/{_segment(user)}"
-        return cast(ChatAnswer, self._json("POST", path, body={"approve": approve}))
+        return self._json(ChatAnswer, "POST", path, body={"approve": approve})
 
     # Moderation and files
 
     def report(self, user: str, reason: str | None = None) -> ReportAnswer:
         body = {"user": user} if reason is None else {"user": user, "reason": reason}
-        return cast(ReportAnswer, self._json("POST", "/report", body=body))
+        return self._json(ReportAnswer, "POST", "/report", body=body)
 
     def upload(
         self, name: str, file: BinaryIO, size: int, sent: Callable[[int], object] = print_nothing
@@ -643,32 +723,31 @@ class MessengerClient:
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         upload = Upload(name, file, size, content_type, sent)
         reply = self._request("POST", "/files", query={"name": name}, upload=upload)
-        return cast(UploadAnswer, reply.json(self.server))
+        return reply.json(self.server, UploadAnswer)
 
     @contextlib.contextmanager
     def download(self, file_id: str) -> Iterator[Download]:
         """The answer for file ``file_id``, its bytes to read while the connection is open."""
-        with self._exchange("GET", f"/files/{_segment(file_id)}") as response:
+        with self._exchange("GET", f"/files/{_segment(file_id)}", stream=True) as response:
             filename = attachment_name(response.headers.get("Content-Disposition", ""))
             content_type = response.headers.get("Content-Type", "application/octet-stream")
-            length = response.headers.get("Content-Length", "")
-            size = int(length) if length.isdigit() else None
-            yield Download(response, self.server, filename, content_type, size)
+            yield Download(response, self.server, filename, content_type, response.length)
 
     # Transport
 
     def _json(
         self,
+        shape: type[T],
         method: str,
         path: str,
         *,
         query: dict[str, Any] | None = None,
         body: Any = None,
         timeout: float = REQUEST_TIMEOUT,
-    ) -> Any:
-        return self._request(method, path, query=query, body=body, timeout=timeout).json(
-            self.server
-        )
+    ) -> T:
+        """Make a request; its answer, checked to be of ``shape``."""
+        reply = self._request(method, path, query=query, body=body, timeout=timeout)
+        return reply.json(self.server, shape)
 
     def _request(
         self,
@@ -680,7 +759,8 @@ class MessengerClient:
         upload: Upload | None = None,
         timeout: float = REQUEST_TIMEOUT,
     ) -> Reply:
-        """Send one request on a new connection and read its answer whole."""
+        """Send one request on a new connection and read its answer whole (MAX_ANSWER bytes
+        at most)."""
         with self._exchange(
             method, path, query=query, body=body, upload=upload, timeout=timeout
         ) as response:
@@ -696,10 +776,13 @@ class MessengerClient:
         body: Any = None,
         upload: Upload | None = None,
         timeout: float = REQUEST_TIMEOUT,
+        stream: bool = False,
     ) -> Iterator[http.client.HTTPResponse]:
         """Send one request on a new connection (a JSON ``body``, or an ``upload`` sent in
         chunks) and give its answer, its body not read yet; an error status raises
-        ``ApiError``."""
+        ``ApiError``. Once the request is sent, its answer has ``timeout`` seconds to come
+        and be read within this block, however slowly its bytes trickle in; after that,
+        ``ServerUnreachable`` (timed out). A ``stream`` (a file) has them for its head only."""
         target = self._prefix + path
         params = {name: value for name, value in (query or {}).items() if value is not None}
         if params:
@@ -718,6 +801,7 @@ class MessengerClient:
         elif method == "POST":
             headers["Content-Length"] = "0"
         connection = self._connection_class(self._host, self._port, timeout=timeout)
+        deadline = None
         try:
             try:
                 connection.putrequest(method, target, skip_accept_encoding=True)
@@ -728,21 +812,40 @@ class MessengerClient:
                     connection.endheaders(data)
                     if upload is not None:
                         _send_upload(connection, upload, expect="Expect" in headers)
+                deadline = Deadline(connection.sock, timeout)
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 raise ServerUnreachable(self.server, exc) from exc
             logger.debug("%s %s -> %d", method, target, response.status)
             if response.status >= 400:
                 raise self._error(response.status, response.headers, self._read(response))
+            if stream:
+                deadline.cancel()
             yield response
+            if deadline.expired:  # an answer without a length, cut short by the deadline
+                raise TimeoutError
+        except (ClientError, TimeoutError) as exc:
+            if deadline is None or not deadline.expired:
+                raise
+            raise ServerUnreachable(self.server, TimeoutError()) from exc
         finally:
+            if deadline is not None:
+                deadline.cancel()
             connection.close()
 
     def _read(self, response: http.client.HTTPResponse) -> bytes:
+        """A JSON answer's body: MAX_ANSWER bytes at most, far more than any answer of the
+        contract (a file's bytes are read by ``Download``, with no limit)."""
         try:
-            return response.read()
+            body = response.read(MAX_ANSWER + 1)
         except (OSError, http.client.HTTPException) as exc:
             raise ServerUnreachable(self.server, exc) from exc
+        if len(body) > MAX_ANSWER:
+            raise BadAnswer(f"longer than {format_size(MAX_ANSWER)}")
+        if response.length:  # the connection ended before the Content-Length did
+            cut = http.client.IncompleteRead(body, response.length)
+            raise ServerUnreachable(self.server, cut)
+        return body
 
     def _error(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> ApiError:
         """The error an answer means: the messenger's own JSON error, or else (a proxy's
@@ -750,7 +853,7 @@ class MessengerClient:
         try:
             answer = json.loads(body)
             code, message = str(answer["error"]), str(answer["message"])
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             hint = PROXY_HINTS.get(status, PROXY_HINT)
             return ApiError(status, "http_error", f"the server answered {status}: {hint}")
         retry_after = headers.get("Retry-After", "")
@@ -759,10 +862,33 @@ class MessengerClient:
             hint = "log in again with: connect USER"
         elif status == HTTPStatus.TOO_MANY_REQUESTS and retry_after:
             hint = f"try again in {retry_after} s"
-        elif isinstance(answer.get("until"), int | float):
+        elif type(answer.get("until")) in (int, float):
             hint = f"until {format_time(answer['until'])}"
-        wait = int(retry_after) if retry_after.isdigit() else None
+        wait = int(retry_after) if re.fullmatch(r"[0-9]{1,9}", retry_after) else None
         return ApiError(status, code, message, hint, wait)
+
+
+class Deadline:
+    """Ends the reads of a connection's socket ``seconds`` from now, by shutting it down (a
+    socket's timeout bounds each read alone: a server sending a byte now and then would hold
+    a request forever); ``expired`` tells whether it did. ``cancel`` stops it."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.expired = False
+        self._sock = sock
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):  # closed meanwhile
+            # socket.socket's own, for a TLS socket too: SSLSocket's drops its TLS state,
+            # which a read in the other thread may be about to use.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def _send_upload(connection: http.client.HTTPConnection, upload: Upload, *, expect: bool) -> None:
@@ -827,8 +953,12 @@ def _segment(value: str) -> str:
 
 
 def format_time(ts: float) -> str:
-    """Local time: ``18:30`` today, ``2024-05-01 18:30`` on another day."""
-    moment = dt.datetime.fromtimestamp(ts)
+    """Local time: ``18:30`` today, ``2024-05-01 18:30`` on another day; ``BadAnswer`` if
+    there is no such day."""
+    try:
+        moment = dt.datetime.fromtimestamp(ts)
+    except (OverflowError, ValueError, OSError) as exc:
+        raise BadAnswer(f"a time out of range: {ts}") from exc
     if moment.date() == dt.date.today():
         return moment.strftime("%H:%M")
     return moment.strftime("%Y-%m-%d %H:%M")
@@ -842,19 +972,42 @@ def format_size(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MiB"
 
 
-def clean(text: str) -> str:
+def format_uptime(seconds: float) -> str:
+    """``3 days, 4:05:06``; ``BadAnswer`` past what a ``timedelta`` holds."""
+    try:
+        return str(dt.timedelta(seconds=int(seconds)))
+    except OverflowError as exc:
+        raise BadAnswer(f"an uptime out of range: {seconds}") from exc
+
+
+def clean(text: str, *, keep_newlines: bool = True) -> str:
     """Text from others, safe for a terminal: control characters (escapes) and the marks
-    that reorder text on screen (bidi overrides) are shown as codes like ``\\x1b``."""
+    that reorder text on screen (bidi overrides) are shown as codes like ``\\x1b``; newlines
+    too unless ``keep_newlines``. Text cleaned once is left as it is."""
     return "".join(
-        f"\\x{ord(char):02x}" if _unsafe(char) else char
+        f"\\x{ord(char):02x}" if _unsafe(char, keep_newlines) else char
         for char in text
     )
 
 
-def _unsafe(char: str) -> bool:
-    if char == "\n":
+def _unsafe(char: str, keep_newlines: bool = True) -> bool:
+    if char == "\n" and keep_newlines:
         return False
     return unicodedata.category(char) == "Cc" or ord(char) in BIDI_CONTROLS
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """Print a line for people, cleaned (``clean``): every line the commands print comes
+    through here, whatever strings of the server's it holds (names, notices, messages)."""
+    click.echo(clean(text), err=err)
+
+
+def json_text(value: object, indent: int | None = None) -> str:
+    """``value`` as JSON, safe for a terminal: ``json.dumps`` escapes the C0 controls, and
+    here the other characters ``clean`` shows as codes are written ``\\u0085`` too (the
+    same JSON: outside its strings JSON has none of them)."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    return "".join(f"\\u{ord(char):04x}" if _unsafe(char) else char for char in text)
 
 
 def where(chat: str | None, to: str | None, sender: str | None, me: str) -> str:
@@ -865,24 +1018,25 @@ def where(chat: str | None, to: str | None, sender: str | None, me: str) -> str:
 
 
 def format_message(message: Message, me: str) -> str:
-    """``#12 18:30 general alice (on #9): hello [file 3: cat.png, 1.2 KiB]``, or a notice."""
+    """``#12 18:30 general alice (on #9): hello [file 3: cat.png, 1.2 KiB]``, or a notice.
+    Like every line of the server's strings, for ``echo`` to print (it cleans them)."""
     if message["notice"] is not None or message["from"] is None:
         return format_notice(message)
     sender = message["from"] + (f" (on #{message['reply_to']})" if message["reply_to"] else "")
     chat = where(message["chat"], message["to"], message["from"], me)
     line = f"#{message['id']} {format_time(message['ts'])} {chat} {sender}:"
     if message["text"]:
-        line += " " + clean(message["text"]).replace("\n", "\n    ")
+        line += " " + message["text"].replace("\n", "\n    ")
     if message["file"] is not None:
         file = message["file"]
-        line += f" [file {file['id']}: {clean(file['name'])}, {format_size(file['size'])}]"
+        line += f" [file {file['id']}: {file['name']}, {format_size(file['size'])}]"
     return line
 
 
 def format_notice(message: Message) -> str:
     """``#7 18:30 notice: alice invited you to plans: join plans``: what the server tells,
     and the command that acts on it."""
-    line = f"#{message['id']} {format_time(message['ts'])} notice: {clean(message['text'])}"
+    line = f"#{message['id']} {format_time(message['ts'])} notice: {message['text']}"
     notice = message["notice"] or Notice(type="")
     chat, user = notice.get("chat", ""), notice.get("user", "")
     command = {
@@ -890,7 +1044,7 @@ def format_notice(message: Message) -> str:
         "request": f"approve {chat} {user}",
         "approved": f"join {chat}",
     }.get(notice["type"])
-    return f"{line}: {clean(command)}" if command else line
+    return f"{line}: {command}" if command else line
 
 
 def unread_counts(unread: Unread, leave_out: list[str] | None = None) -> list[str]:
@@ -919,7 +1073,7 @@ def plural(count: int, noun: str) -> str:
 
 
 def print_json(answer: object) -> None:
-    click.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+    click.echo(json_text(answer, indent=2))
 
 
 @contextlib.contextmanager
@@ -929,7 +1083,7 @@ def progress(size: int | None, label: str) -> Iterator[Callable[[int], object]]:
     if size is None or not sys.stderr.isatty():
         yield print_nothing
         return
-    with click.progressbar(length=size, label=label, file=sys.stderr) as bar:
+    with click.progressbar(length=size, label=clean(label), file=sys.stderr) as bar:
         yield bar.update
 
 
@@ -1008,7 +1162,7 @@ class MessengerGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            click.echo(err=True)  # the shell's next prompt on its own line, not after "^C"
+            echo(err=True)  # the shell's next prompt on its own line, not after "^C"
             raise click.exceptions.Exit(INTERRUPTED) from None
         except click.Abort as exc:  # Ctrl-C at the password prompt, which ends its line
             if not isinstance(exc.__context__, KeyboardInterrupt):
@@ -1017,7 +1171,7 @@ class MessengerGroup(click.Group):
         except click.ClickException as exc:
             if not ctx.params.get("json_output"):
                 raise
-            click.echo(json.dumps(error_details(exc), ensure_ascii=False), err=True)
+            click.echo(json_text(error_details(exc)), err=True)
             raise click.exceptions.Exit(exc.exit_code) from exc
 
 
@@ -1097,18 +1251,18 @@ def connect(app: App, user: str, password: str) -> None:
     if app.printed_as_json(answer):
         return
     account = " (new account)" if created else ""
-    click.echo(f"Connected to {app.server} as {answer['user']}{account}.")
-    click.echo(f"Active chat: {answer['chat']}")
+    echo(f"Connected to {app.server} as {answer['user']}{account}.")
+    echo(f"Active chat: {answer['chat']}")
     if created:
         for message in answer["history"]:
-            click.echo(format_message(message, answer["user"]))
+            echo(format_message(message, answer["user"]))
     if not answer["unread"]:
-        click.echo("No unread messages.")
+        echo("No unread messages.")
         return
     client = MessengerClient(app.server, answer["token"])
-    click.echo(f"Unread: {', '.join(unread_counts(client.status()['unread']))}")
-    click.echo(f"Read them with: read ({answer['chat']} and private ones), read --chat NAME,"
-               " or read --all")
+    echo(f"Unread: {', '.join(unread_counts(client.status()['unread']))}")
+    echo(f"Read them with: read ({answer['chat']} and private ones), read --chat NAME,"
+         " or read --all")
 
 
 @cli.command()
@@ -1124,7 +1278,7 @@ def disconnect(app: App) -> None:
             raise
     app.config.forget(app.server, user)
     if not app.json_output:
-        click.echo(f"Disconnected {user} from {app.server}.")
+        echo(f"Disconnected {user} from {app.server}.")
 
 
 @cli.command()
@@ -1136,7 +1290,7 @@ def chats(app: App) -> None:
         print_json({"chats": list(client.all_chats()), "next": None})
         return
     for chat in client.all_chats():
-        click.echo(format_chat(chat))
+        echo(format_chat(chat))
 
 
 @cli.command()
@@ -1152,9 +1306,9 @@ def join(app: App, chat: str, private: bool) -> None:
     joined = answer["chat"]
     privacy = "private" if joined["private"] else "public"
     verb = "Created" if created else "Joined"
-    click.echo(f"{verb} {privacy} chat {joined['name']}; it is now your active chat.")
+    echo(f"{verb} {privacy} chat {joined['name']}; it is now your active chat.")
     for message in answer["history"]:
-        click.echo(format_message(message, user))
+        echo(format_message(message, user))
     if answer["history"]:  # shown once: read does not show it again
         client.messages(since=answer["history"][-1]["id"], chats=[joined["name"]], limit=1)
 
@@ -1168,7 +1322,7 @@ def leave(app: App, chat: str) -> None:
     answer = client.leave(chat)
     if app.printed_as_json(answer):
         return
-    click.echo(f"Left {answer['chat']['name']}.")
+    echo(f"Left {answer['chat']['name']}.")
 
 
 @cli.command()
@@ -1226,13 +1380,13 @@ def send(
         print_json(answer)
     elif "scheduled" in answer:
         scheduled = answer["scheduled"]
-        click.echo(
+        echo(
             f"Scheduled {scheduled['id']} for {format_time(scheduled['send_at'])}"
             f" to {where(scheduled['chat'], scheduled['to'], user, user)};"
             f" cancel it with: cancel {scheduled['id']}"
         )
     else:
-        click.echo(format_message(answer["message"], user))
+        echo(format_message(answer["message"], user))
 
 
 def upload_file(client: MessengerClient, path: Path) -> str:
@@ -1273,19 +1427,18 @@ def read(app: App, chat: str | None, everything: bool, follow: bool) -> None:
     seen, position = read_unread(app, client, user, chats, attempt)
     if follow:
         if app.json_output and seen:
-            click.echo(json.dumps({"messages": seen, "next": position}, ensure_ascii=False))
+            click.echo(json_text({"messages": seen, "next": position}))
         follow_messages(app, client, user, chats, position, attempt)
         return
     if app.json_output:
         print_json({"messages": seen, "next": position})
         return
     if not seen:
-        click.echo("No unread messages.")
+        echo("No unread messages.")
     if chats is not None:
         elsewhere = unread_counts(client.status()["unread"], chats)
         if elsewhere:
-            click.echo(f"Unread elsewhere: {', '.join(elsewhere)}"
-                       " (read --chat NAME, or read --all)")
+            echo(f"Unread elsewhere: {', '.join(elsewhere)} (read --chat NAME, or read --all)")
 
 
 def read_unread(
@@ -1295,17 +1448,31 @@ def read_unread(
     what was printed and nothing else; what was printed, and the position to go on from.
     Each request is made through ``attempt``."""
     seen: list[Message] = []
+    position = 0  # what is printed and marked read: each page of unread ones comes after it
     while True:
         # No since: the unread ones.
         page = attempt(functools.partial(client.messages, chats=chats, limit=MAX_PAGE))
+        position = next_position(page, position)
         if not page["messages"]:
-            return seen, page["next"]
+            return seen, position
         seen += page["messages"]
         if not app.json_output:
             for message in page["messages"]:
-                click.echo(format_message(message, user))
+                echo(format_message(message, user))
         # Everything unread up to "next" was printed: mark just that, in just those.
-        attempt(functools.partial(client.messages, since=page["next"], chats=chats, limit=1))
+        attempt(functools.partial(client.messages, since=position, chats=chats, limit=1))
+
+
+def next_position(page: MessagesPage, position: int) -> int:
+    """The ``next`` of ``page``, asked for after ``position``, checked: its messages come
+    after ``position``, and ``next`` is not before any of them (nor before ``position``).
+    Else ``BadAnswer``: ``read`` would print the same messages again, maybe forever."""
+    ids = [message["id"] for message in page["messages"]]
+    if ids and min(ids) <= position:
+        raise BadAnswer(f"message {min(ids)} when asked for those after {position}")
+    if page["next"] < max([position, *ids]):
+        raise BadAnswer(f"next {page['next']} is before {max([position, *ids])}")
+    return page["next"]
 
 
 class Retrier:
@@ -1332,14 +1499,13 @@ class Retrier:
                 if refused or not self.retry:
                     raise
                 if not self.delay:
-                    click.echo(f"{exc.format_message()}; waiting for it (Ctrl-C to stop)",
-                               err=True)
+                    echo(f"{exc.format_message()}; waiting for it (Ctrl-C to stop)", err=True)
                 self.delay = min(RETRY_MAX, self.delay * 2 or RETRY_FIRST)
                 asked = exc.retry_after if isinstance(exc, ApiError) else None
                 time.sleep(min(RETRY_MAX, max(self.delay, asked or 0)))
                 continue
             if self.delay:
-                click.echo(f"Reconnected to {self.server}.", err=True)
+                echo(f"Reconnected to {self.server}.", err=True)
                 self.delay = 0.0
             return answer
 
@@ -1355,12 +1521,13 @@ def follow_messages(
         page = attempt(
             functools.partial(client.messages, since=position, wait=FOLLOW_WAIT, chats=chats)
         )
+        after = next_position(page, position)  # checked first: nothing is printed twice
         if app.json_output and page["messages"]:
-            click.echo(json.dumps(page, ensure_ascii=False))
+            click.echo(json_text(page))
         elif not app.json_output:
             for message in page["messages"]:
-                click.echo(format_message(message, user))
-        position = page["next"]
+                echo(format_message(message, user))
+        position = after
 
 
 @cli.command()
@@ -1375,9 +1542,9 @@ def history(app: App, chat: str, before: int | None, limit: int | None) -> None:
     if app.printed_as_json(answer):
         return
     for message in answer["messages"]:
-        click.echo(format_message(message, user))
+        echo(format_message(message, user))
     if not answer["messages"]:
-        click.echo(f"No messages in {chat}.")
+        echo(f"No messages in {chat}.")
 
 
 @cli.command()
@@ -1389,9 +1556,9 @@ def show(app: App, message_id: int) -> None:
     answer = client.message(message_id)
     if app.printed_as_json(answer):
         return
-    click.echo(format_message(answer["message"], user))
+    echo(format_message(answer["message"], user))
     for comment in answer["comments"]:
-        click.echo("    " + format_message(comment, user))
+        echo("    " + format_message(comment, user))
 
 
 @cli.command()
@@ -1404,21 +1571,20 @@ def status(app: App) -> None:
         return
     unread, limits, server = answer["unread"], answer["limits"], answer["server"]
     sessions = plural(answer["sessions"], "session")
-    click.echo(f"{answer['user']} on {app.server}, {sessions}, active chat {answer['chat']}")
+    echo(f"{answer['user']} on {app.server}, {sessions}, active chat {answer['chat']}")
     counts = unread_counts(unread)
     details = f" ({', '.join(counts)})" if counts else ""
-    click.echo(f"Unread: {unread['total']}{details}")
-    click.echo(f"Chats: {', '.join(chat['name'] for chat in answer['chats'])}")
+    echo(f"Unread: {unread['total']}{details}")
+    echo(f"Chats: {', '.join(chat['name'] for chat in answer['chats'])}")
     reset = limits["general_reset"]
     resets = f" (resets at {format_time(reset)})" if reset is not None else ""
-    click.echo(f"Messages left in general: {limits['general_left']}{resets}")
-    click.echo(f"Reported by: {plural(limits['reports'], 'user')}")
+    echo(f"Messages left in general: {limits['general_left']}{resets}")
+    echo(f"Reported by: {plural(limits['reports'], 'user')}")
     if limits["banned_until"] is not None:
-        click.echo(f"Banned until {format_time(limits['banned_until'])}")
-    uptime = dt.timedelta(seconds=int(server["uptime"]))
-    click.echo(
-        f"Server {server['version']}, up {uptime}, {plural(server['users'], 'user')},"
-        f" {server['online']} online"
+        echo(f"Banned until {format_time(limits['banned_until'])}")
+    echo(
+        f"Server {server['version']}, up {format_uptime(server['uptime'])},"
+        f" {plural(server['users'], 'user')}, {server['online']} online"
     )
 
 
@@ -1431,12 +1597,12 @@ def scheduled(app: App) -> None:
     if app.printed_as_json(answer):
         return
     for item in answer["scheduled"]:
-        text = clean(item["text"]).replace("\n", " ")
+        text = item["text"].replace("\n", " ")
         file = f" [file {item['file']}]" if item["file"] else ""
         target = where(item["chat"], item["to"], user, user)
-        click.echo(f"{item['id']} {format_time(item['send_at'])} {target}: {text}{file}")
+        echo(f"{item['id']} {format_time(item['send_at'])} {target}: {text}{file}")
     if not answer["scheduled"]:
-        click.echo("No scheduled messages.")
+        echo("No scheduled messages.")
 
 
 @cli.command()
@@ -1447,7 +1613,7 @@ def cancel(app: App, scheduled_id: str) -> None:
     client, _ = app.login()
     client.cancel(scheduled_id)
     if not app.json_output:
-        click.echo(f"Cancelled {scheduled_id}.")
+        echo(f"Cancelled {scheduled_id}.")
 
 
 @cli.command()
@@ -1460,9 +1626,9 @@ def report(app: App, user: str, reason: str | None) -> None:
     answer = client.report(user, reason)
     if app.printed_as_json(answer):
         return
-    click.echo(f"Reported {answer['user']} ({plural(answer['reports'], 'report')}).")
+    echo(f"Reported {answer['user']} ({plural(answer['reports'], 'report')}).")
     if answer["banned_until"] is not None:
-        click.echo(f"{answer['user']} is banned until {format_time(answer['banned_until'])}.")
+        echo(f"{answer['user']} is banned until {format_time(answer['banned_until'])}.")
 
 
 @cli.command()
@@ -1475,7 +1641,7 @@ def invite(app: App, chat: str, user: str) -> None:
     answer = client.invite(chat, user)
     if app.printed_as_json(answer):
         return
-    click.echo(f"Invited {user} to {answer['chat']['name']}; they can now run: join {chat}")
+    echo(f"Invited {user} to {answer['chat']['name']}; they can now run: join {chat}")
 
 
 @cli.command()
@@ -1487,7 +1653,7 @@ def link(app: App, chat: str) -> None:
     answer = client.link(chat)
     if app.printed_as_json(answer):
         return
-    click.echo(app.server + answer["link"])
+    echo(app.server + answer["link"])
 
 
 @cli.command()
@@ -1503,9 +1669,9 @@ def request(app: App, link: str) -> None:
     if app.json_output:
         print_json(answer)
     elif answer["status"] == "member":
-        click.echo("You are already a member of that chat.")
+        echo("You are already a member of that chat.")
     else:
-        click.echo(f"Asked to join {answer.get('chat', 'the chat')}; its owner must approve.")
+        echo(f"Asked to join {answer.get('chat', 'the chat')}; its owner must approve.")
 
 
 @cli.command()
@@ -1518,9 +1684,9 @@ def requests(app: App, chat: str) -> None:
     if app.printed_as_json(answer):
         return
     for pending in answer["requests"]:
-        click.echo(f"{pending['user']} (asked {format_time(pending['ts'])})")
+        echo(f"{pending['user']} (asked {format_time(pending['ts'])})")
     if not answer["requests"]:
-        click.echo(f"No pending requests for {chat}.")
+        echo(f"No pending requests for {chat}.")
 
 
 def decide_request(app: App, chat: str, user: str, *, approve: bool, done: str) -> None:
@@ -1530,7 +1696,7 @@ def decide_request(app: App, chat: str, user: str, *, approve: bool, done: str) 
     answer = client.decide(chat, user, approve=approve)
     if app.printed_as_json(answer):
         return
-    click.echo(done.format(user=user, chat=answer["chat"]["name"]))
+    echo(done.format(user=user, chat=answer["chat"]["name"]))
 
 
 @cli.command()
@@ -1585,7 +1751,7 @@ def download(app: App, file_id: str, output: Path | None, force: bool) -> None:
     if app.json_output:
         print_json({"path": str(target), "size": size, "type": got.content_type})
     else:
-        click.echo(f"Saved {target} ({format_size(size)}, {got.content_type}).")
+        echo(f"Saved {target} ({format_size(size)}, {got.content_type}).")
 
 
 def save_download(got: Download, target: Path, *, force: bool) -> int:

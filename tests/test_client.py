@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import http.client
 import io
+import itertools
 import json
 import os
 import pty
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -1427,3 +1428,346 @@ def test_nginx_passes_the_client_address_to_a_server_that_trusts_it(
         assert register("alice", "203.0.113.9") == 201
         assert register("bob", "203.0.113.9") == 429
         assert register("carol", "198.51.100.7") == 201
+
+
+# A server not to trust: crafted answers ############################################
+
+
+@contextlib.contextmanager
+def fake_server(answer: Callable[[str], Iterable[bytes]], pace: float = 0.0) -> Iterator[str]:
+    """A server that answers each request with what ``answer`` gives for its target (path and
+    query): pieces of bytes sent one at a time, ``pace`` seconds apart, until they end or the
+    client hangs up; then it closes. Its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closing = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener is shut: the test is over
+            while True:
+                connection, _ = listener.accept()
+                with connection, contextlib.suppress(OSError):  # OSError: the client hung up
+                    head = b""
+                    while b"\r\n\r\n" not in head and (data := connection.recv(65536)):
+                        head += data
+                    for piece in answer(head.split(b" ")[1].decode()):
+                        connection.sendall(piece)
+                        if closing.wait(pace):
+                            return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        closing.set()
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        listener.close()
+        thread.join(timeout=10)
+
+
+def answer_json(value: object, status: int = 200) -> list[bytes]:
+    """A whole answer of ``value`` as JSON, or of ``value`` itself if it is bytes."""
+    body = value if isinstance(value, bytes) else json.dumps(value).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return [head.encode() + body]
+
+
+def by_path(answers: dict[str, Any]) -> Callable[[str], list[bytes]]:
+    """``answer`` for ``fake_server``: the JSON of ``answers`` by the request's path."""
+    return lambda target: answer_json(answers[urlsplit(target).path])
+
+
+@pytest.fixture
+def logged_in(config_dir: Path) -> Callable[[str], Cli]:
+    """A Cli for the server at a URL with a saved login of alice's there."""
+
+    def cli_for(url: str) -> Cli:
+        mc.Config(config_dir / mc.CONFIG_FILE).remember(url, "alice", "a-token")
+        return Cli(url)
+
+    return cli_for
+
+
+# An OSC sequence that sets the terminal's title, a C1 CSI (colours on some terminals), a
+# bidi override: none may reach the terminal.
+ROGUE = "\x1b]0;pwned\x07\x9b31m\u202e"
+UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def rogue_message(message_id: int, **fields: Any) -> dict[str, Any]:
+    file = {"id": ROGUE, "name": ROGUE, "size": 3, "type": ROGUE}
+    return {"id": message_id, "chat": ROGUE, "to": None, "from": ROGUE, "text": ROGUE,
+            "ts": time.time(), "reply_to": None, "file": file, "notice": None, **fields}
+
+
+ROGUE_CHAT = {"name": ROGUE, "private": False, "owner": ROGUE, "members": 2, "unread": 1,
+              "requests": 0}
+ROGUE_NOTICE = rogue_message(2, **{"from": None, "file": None,
+                                   "notice": {"type": "request", "chat": ROGUE, "user": ROGUE}})
+ROGUE_ANSWERS: dict[str, dict[str, Any]] = {
+    "/history": {"messages": [rogue_message(1), ROGUE_NOTICE]},
+    "/messages/1": {"message": rogue_message(1), "comments": [rogue_message(3)]},
+    "/chat": {"chats": [ROGUE_CHAT], "next": None},
+    "/chat/general/leave": {"chat": ROGUE_CHAT},
+    "/scheduled": {"scheduled": [{"id": ROGUE, "send_at": time.time(), "text": ROGUE,
+                                  "chat": ROGUE, "to": None, "reply_to": None, "file": ROGUE}]},
+    "/chat/general/requests": {"requests": [{"user": ROGUE, "ts": time.time()}]},
+    "/status": {
+        "user": ROGUE, "chat": ROGUE, "sessions": 1, "chats": [ROGUE_CHAT],
+        "unread": {"total": 2, "chats": {ROGUE: 1}, "private": {ROGUE: 1}, "notices": 0},
+        "limits": {"general_left": 5, "general_reset": None, "reports": 0,
+                   "banned_until": None},
+        "quotas": {"flood_left": 1, "scheduled_left": 1, "upload_left": 1},
+        "server": {"version": ROGUE, "uptime": 5.0, "users": 2, "online": 1},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["history", "general"], ["show", "1"], ["chats"], ["leave", "general"], ["scheduled"],
+     ["requests", "general"], ["status"], ["--json", "history", "general"]],
+)
+def test_strings_from_the_server_reach_the_terminal_cleaned(
+    args: list[str], logged_in: Callable[[str], Cli]
+) -> None:
+    """Found by review: sender and chat names (and notice fields, file names...) were printed
+    as they came, and a server's escape sequence changed the terminal's title."""
+    with fake_server(by_path(ROGUE_ANSWERS)) as url:
+        result = logged_in(url)(*args)
+    assert not UNSAFE.search(result.output), result.output
+    if "--json" in args:  # the same JSON, its characters escaped
+        assert json.loads(result.stdout) == ROGUE_ANSWERS["/history"]
+    else:
+        assert "\\x1b]0;pwned\\x07\\x9b31m\\x202e" in result.stdout
+
+
+def test_error_messages_from_the_server_are_cleaned_and_one_line(
+    logged_in: Callable[[str], Cli]
+) -> None:
+    error = {"error": ROGUE, "message": f"no\n{ROGUE}"}
+    with fake_server(lambda target: answer_json(error, 404)) as url:
+        line = error_line(logged_in(url)("status", code=1))
+        assert line == "Error: no\\x0a\\x1b]0;pwned\\x07\\x9b31m\\x202e"
+        result = logged_in(url)("status", json_output=True, code=1)
+    assert not UNSAFE.search(result.stderr.rstrip("\n")), result.stderr
+    assert json_error(result) == {"error": ROGUE, "message": f"no\n{ROGUE}", "status": 404}
+
+
+def test_a_downloads_type_and_name_from_the_server_are_cleaned(
+    logged_in: Callable[[str], Cli], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/{ROGUE[:-1]}\r\nContent-Length: 2\r\n"
+            f"Content-Disposition: attachment; filename=\"a{ROGUE[:-1]}\"\r\n\r\nhi")
+    with fake_server(lambda target: [head.encode("latin-1")]) as url:
+        result = logged_in(url)("download", "f1")
+    shown = "\\x1b]0;pwned\\x07\\x9b31m"
+    assert result.stdout == f"Saved a{shown} (2 B, text/{shown}).\n"
+
+
+def test_a_huge_answer_is_refused_after_16_mib(logged_in: Callable[[str], Cli]) -> None:
+    """Found by review: the client read an answer whole, however big (a MemoryError)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    # No length: it ends when the client hangs up. At most 20 MiB: a client without its
+    # limit fails the test (not JSON) rather than reading forever.
+    endless = itertools.chain([head, b"["], itertools.repeat(b"0," * 32768, 20 * 16))
+    with fake_server(lambda target: endless) as url:
+        line = error_line(logged_in(url)("chats", code=1))
+    assert line == ("Error: the server sent an answer this client does not understand:"
+                    " longer than 16.0 MiB")
+
+
+def test_a_download_is_not_limited_like_an_answer(
+    logged_in: Callable[[str], Cli], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mc, "MAX_ANSWER", 1024)
+    data = os.urandom(100 * 1024)
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    with fake_server(lambda target: [head, data]) as url:
+        logged_in(url)("download", "f1", "-o", "got.bin")
+    assert Path("got.bin").read_bytes() == data
+
+
+# A head that never ends, or a body that never does: a byte every 0.05 s, while the
+# client's timeout (0.5 s, each read's too) is far longer than that.
+TRICKLES = {
+    "head": [b"HTTP/1.1 200 OK\r\nX-Slow: "],
+    "body": [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 999\r\n"
+             b"\r\n["],
+}
+PACE = 0.05
+TRICKLE_BYTES = 400  # 20 s at most: a client without a deadline fails the test, never hangs it
+
+
+@pytest.mark.parametrize("part", TRICKLES)
+def test_an_answer_trickling_in_times_out(
+    part: str, logged_in: Callable[[str], Cli], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a server sending a byte every 5 s held ``read`` forever."""
+    monkeypatch.setattr(mc, "REQUEST_TIMEOUT", 0.5)
+    trickle = itertools.chain(TRICKLES[part], itertools.repeat(b" ", TRICKLE_BYTES))
+    with fake_server(lambda target: trickle, pace=PACE) as url:
+        started = time.monotonic()
+        line = error_line(logged_in(url)("read", "--all", code=1))
+    assert line == f"Error: cannot reach {url}: timed out"
+    assert time.monotonic() - started < 10  # the deadline's 0.5 s, and generous slack
+
+
+def test_read_follow_waits_through_an_answer_trickling_in(
+    logged_in: Callable[[str], Cli], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As through a server that cannot be reached: say so, wait, try again."""
+    monkeypatch.setattr(mc, "REQUEST_TIMEOUT", 0.5)
+
+    def ctrl_c(seconds: float) -> None:  # the wait before trying again
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", ctrl_c)
+    trickle = itertools.chain(TRICKLES["head"], itertools.repeat(b" ", TRICKLE_BYTES))
+    with fake_server(lambda target: trickle, pace=PACE) as url:
+        result = logged_in(url)("read", "--follow", "--all", code=mc.INTERRUPTED)
+    assert result.stderr.splitlines() == [
+        f"cannot reach {url}: timed out; waiting for it (Ctrl-C to stop)", ""
+    ]
+
+
+def bad(**fields: Any) -> dict[str, Any]:
+    """A page of one message, with ``fields`` instead of the good ones."""
+    return {"messages": [{**rogue_message(7, chat="general", text="hi"), **fields}], "next": 7}
+
+
+@pytest.mark.parametrize(
+    ("answer", "complaint"),
+    [
+        (bad(**{"from": 5}), "answer.messages[0].from is not a string"),
+        (bad(id=True), "answer.messages[0].id is not an integer"),
+        (bad(ts="noon"), "answer.messages[0].ts is not a number"),
+        (bad(ts=1e300), "a time out of range: 1e+300"),
+        (bad(file={"id": "f", "name": "n", "size": "3", "type": "t"}),
+         "answer.messages[0].file.size is not an integer"),
+        (bad(notice={"chat": "c"}), "answer.messages[0].notice has no 'type'"),
+        (b'{"messages": [], "next": 1e999}', "answer.next is not an integer"),
+        (b'{"messages": [], "next": NaN}', "answer.next is not an integer"),
+        ({"messages": {}, "next": 1}, "answer.messages is not an array"),
+        ({"messages": []}, "answer has no 'next'"),
+        ([], "answer is not an object"),
+    ],
+)
+def test_an_answer_of_another_shape_is_one_clear_line(
+    answer: Any, complaint: str, logged_in: Callable[[str], Cli]
+) -> None:
+    """Found by review: wrong field types, or a huge ``ts``, gave a Python traceback."""
+    with fake_server(lambda target: answer_json(answer)) as url:
+        line = error_line(logged_in(url)("read", "--all", code=1))
+    assert line == f"Error: the server sent an answer this client does not understand: {complaint}"
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"server": {"version": "1", "uptime": 1e300, "users": 1, "online": 1}},
+         "an uptime out of range: 1e+300"),
+        ({"unread": {"total": 1, "chats": {"x": "1"}, "private": {}, "notices": 0}},
+         'answer.unread.chats["x"] is not an integer'),
+        ({"chats": [{**ROGUE_CHAT, "private": "no"}]},
+         "answer.chats[0].private is not true or false"),
+    ],
+)
+def test_status_of_another_shape_is_one_clear_line(
+    change: dict[str, Any], complaint: str, logged_in: Callable[[str], Cli]
+) -> None:
+    answers = {**ROGUE_ANSWERS, "/status": {**ROGUE_ANSWERS["/status"], **change}}
+    with fake_server(by_path(answers)) as url:
+        line = error_line(logged_in(url)("status", code=1))
+    assert line == f"Error: the server sent an answer this client does not understand: {complaint}"
+
+
+def test_an_answer_of_another_shape_under_json_is_a_bad_answer_error(
+    logged_in: Callable[[str], Cli]
+) -> None:
+    with fake_server(lambda target: answer_json(bad(ts="noon"))) as url:
+        error = json_error(logged_in(url)("read", "--all", json_output=True, code=1))
+    assert error == {
+        "error": "bad_answer",
+        "message": "the server sent an answer this client does not understand:"
+                   " answer.messages[0].ts is not a number",
+    }
+
+
+def test_an_error_answer_with_a_time_out_of_range_is_one_clear_line(
+    logged_in: Callable[[str], Cli]
+) -> None:
+    error = {"error": "banned", "message": "banned", "until": 1e300}
+    with fake_server(lambda target: answer_json(error, 403)) as url:
+        line = error_line(logged_in(url)("send", "hi", code=1))
+    assert line == ("Error: the server sent an answer this client does not understand:"
+                    " a time out of range: 1e+300")
+
+
+def same_page_again(first_next: int, page: dict[str, Any]) -> Callable[[str], list[bytes]]:
+    """``/messages`` of a server stuck on ``page``: the unread ones first (none, and
+    ``first_next``), then ``page`` whatever is asked."""
+    return lambda target: answer_json(
+        page if "since=" in target else {"messages": [], "next": first_next}
+    )
+
+
+@pytest.mark.parametrize(
+    ("first_next", "page", "printed", "complaint"),
+    [
+        (6, bad(), 1, "message 7 when asked for those after 7"),  # next 7 again and again
+        (7, bad(), 0, "message 7 when asked for those after 7"),
+        (6, {**bad(), "next": 6}, 0, "next 6 is before 7"),
+        (6, {"messages": [], "next": 5}, 0, "next 5 is before 6"),  # backwards
+    ],
+)
+def test_read_follow_stops_at_a_next_that_does_not_advance(
+    first_next: int, page: dict[str, Any], printed: int, complaint: str,
+    logged_in: Callable[[str], Cli],
+) -> None:
+    """Found by review: a ``next`` that never advanced had ``read --follow`` print the same
+    message forever. No message is printed twice: the page is checked first."""
+    with fake_server(same_page_again(first_next, page)) as url:
+        result = logged_in(url)("read", "--follow", "--all", code=1)
+    assert result.stdout.count(" general ") == printed
+    assert error_line(result) == (
+        f"Error: the server sent an answer this client does not understand: {complaint}"
+    )
+
+
+def test_read_stops_at_unread_ones_that_do_not_go_away(logged_in: Callable[[str], Cli]) -> None:
+    """Marked read, the same message comes back as unread: printed once, then an error."""
+    with fake_server(lambda target: answer_json(bad())) as url:
+        result = logged_in(url)("read", "--all", code=1)
+    assert result.stdout.count(" general ") == 1
+    assert error_line(result).endswith(": message 7 when asked for those after 7")
+
+
+def test_chats_stops_at_pages_that_do_not_advance(logged_in: Callable[[str], Cli]) -> None:
+    stuck = {"chats": [{**ROGUE_CHAT, "name": "b"}], "next": "b"}
+    with fake_server(lambda target: answer_json(stuck)) as url:
+        result = logged_in(url)("chats", code=1)
+    assert result.stdout.count("b ") == 2  # the first page and the second, then no more
+    assert error_line(result).endswith(": the chats after 'b' go on after 'b'")
+
+
+def test_number_headers_that_are_not_plain_numbers_are_ignored(
+    logged_in: Callable[[str], Cli], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Retry-After of ``²`` (a digit to ``str.isdigit``, not to ``int``) and a Content-Length
+    of 5000 digits (past ``int``'s limit on digits) gave a traceback."""
+    monkeypatch.chdir(tmp_path)
+    error = json.dumps({"error": "rate_limited", "message": "slow down"})
+    busy = (f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: \xb2\r\n"
+            f"Content-Length: {len(error)}\r\n\r\n{error}")
+    with fake_server(lambda target: [busy.encode("latin-1")]) as url:
+        assert error_line(logged_in(url)("chats", code=1)) == "Error: slow down (try again in ² s)"
+    file = f"HTTP/1.1 200 OK\r\nContent-Length: {'9' * 5000}\r\nConnection: close\r\n\r\nhi"
+    with fake_server(lambda target: [file.encode()]) as url:
+        logged_in(url)("download", "f1", "-o", "got.bin")
+    assert Path("got.bin").read_bytes() == b"hi"
