@@ -1118,6 +1118,8 @@ def text_size(text: str) -> int:
     """Bytes a message's text takes in an answer (its quotes aside): UTF-8 of its JSON
     escapes, up to 6 bytes a character (a control character), not its characters. The work
     stops with the answer's budget: at most MAX_ANSWER_TEXT and one message are measured."""
+    if text.isascii() and text.isprintable():  # the usual text: a byte a character but two
+        return len(text) + text.count('"') + text.count("\\")  # for a quote, a backslash
     return len(encode_json(text)) - 2
 
 

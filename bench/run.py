@@ -467,6 +467,7 @@ class Bench:
         limits = [
             "--registrations-per-ip", str(BENCH_USERS), "--flood-limit", str(BENCH_FLOOD),
             "--password-checks-per-ip", str(BENCH_USERS), "--hash-share", "64",
+            "--max-kept-text", str(2**40), "--max-total-text", str(2**40),
         ]
         known = known_flags(script)
         limits = [

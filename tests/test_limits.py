@@ -202,6 +202,15 @@ async def test_an_answer_holds_at_most_the_text_budget_in_bytes_as_sent(
         assert seen == 30
 
 
+@pytest.mark.parametrize(
+    "text", ["plain words", 'a "quote"', "back\\slash", "tab\tand\nnewline", "\x01\x7f",
+             "caf\u00e9", "\U0001f600", "/slash", ""],
+)
+def test_text_size_is_the_bytes_of_the_text_in_an_answer(text: str) -> None:
+    """The usual text (printable ASCII) is measured without encoding it: the same figure."""
+    assert ms.text_size(text) == len(ms.encode_json(text)) - 2
+
+
 @pytest.mark.asyncio
 async def test_an_answer_counts_file_names_and_each_messages_other_fields(
     tmp_path: Path, clock: FakeClock
