@@ -1041,6 +1041,7 @@ MAX_LIMIT: Final = 1000  # messages (or comments) per answer
 # text and its file's name (``text_size``) and an allowance for its other fields.
 MAX_ANSWER_TEXT: Final = 256 * 1024
 MESSAGE_ALLOWANCE: Final = 400  # bytes of a message's JSON besides its text and file name
+MOST_BYTES_A_CHAR: Final = 6  # in JSON as sent: a control character is \u0001
 
 # Conversations: a chat by its name, a private exchange as "@<the other user>", and the
 # user's notices as "@" (which, as a filter, also names every private exchange).
@@ -2298,10 +2299,19 @@ class Messenger:
         return len(ids) - bisect.bisect_right(ids, self._position(user, key))
 
     def _within_budget(self, messages: Iterable[Message]) -> list[Message]:
-        """As many of ``messages`` as fit in one answer's budget (one at least)."""
+        """As many of ``messages`` as fit in one answer's budget (one at least). When they
+        all fit even at the most a character can take (6 bytes: ``\\u0001``), none is
+        measured: the usual poll of a few short messages."""
+        candidates = list(messages)
+        most = sum(
+            MOST_BYTES_A_CHAR * (len(m.text) + (0 if m.file is None else MAX_FILE_NAME))
+            for m in candidates
+        )
+        if most + MESSAGE_ALLOWANCE * len(candidates) <= MAX_ANSWER_TEXT:
+            return candidates
         kept: list[Message] = []
         budget = MAX_ANSWER_TEXT
-        for message in messages:
+        for message in candidates:
             budget -= text_size(message.text) + MESSAGE_ALLOWANCE
             if message.file is not None:
                 budget -= text_size(self.files[message.file].name)

@@ -211,6 +211,22 @@ def test_text_size_is_the_bytes_of_the_text_in_an_answer(text: str) -> None:
     assert ms.text_size(text) == len(ms.encode_json(text)) - 2
 
 
+@pytest.mark.parametrize(("sent", "kept"), [(10, 10), (11, 10)])
+def test_messages_that_fit_at_the_most_bytes_a_character_come_unmeasured(
+    clock: FakeClock, sent: int, kept: int
+) -> None:
+    """Ten texts of 4,096 control characters (6 bytes each as sent) fit in the budget even
+    counted at the most: they all come, as measuring would say; an eleventh does not."""
+    messenger, _ = make_messenger(clock, flood_limit=1000, max_kept_text=ms.MIB)
+    register(messenger, "a", "b")
+    messenger.membership.join("a", "room", None)
+    for _ in range(sent):
+        send(messenger, "a", "\x01" * ms.MAX_TEXT, chat="room")
+    assert (ms.MOST_BYTES_A_CHAR * ms.MAX_TEXT + ms.MESSAGE_ALLOWANCE) * 10 <= ms.MAX_ANSWER_TEXT
+    found, _ = messenger.poll("a", 0, ["room"], 100)
+    assert len(found) == kept
+
+
 @pytest.mark.asyncio
 async def test_an_answer_counts_file_names_and_each_messages_other_fields(
     tmp_path: Path, clock: FakeClock
