@@ -1124,6 +1124,11 @@ def text_size(text: str) -> int:
     return len(encode_json(text)) - 2
 
 
+def kept_size(text: str) -> int:
+    """What a message's text counts against ``--max-kept-text`` and ``--max-total-text``."""
+    return len(text.encode("utf-8"))
+
+
 def conversation_of(message: Message, name: str) -> str:
     """The conversation ``message`` is in for ``name``, one of its audience: the chat's
     name, ``@`` and the other party of a private message, ``@`` alone for a notice."""
@@ -2121,7 +2126,7 @@ class Messenger:
         """403 when the user's messages still kept would hold too much text, 503 when all
         messages would: memory stays bounded whoever sends (a message lives an hour after
         delivery, a private one nobody received up to ``undelivered_ttl``)."""
-        size = len(text.encode("utf-8"))
+        size = kept_size(text)
         if user.kept_text + size > self.rules.max_kept_text:
             raise QuotaExceeded(
                 f"your messages still kept may hold at most {self.rules.max_kept_text} bytes "
@@ -2475,7 +2480,7 @@ class Messenger:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
             sender = None if message.sender is None else self.users[message.sender]
-            size = len(message.text.encode("utf-8"))
+            size = kept_size(message.text)
             self.kept_text -= size
             if sender is not None:
                 sender.kept_text -= size
@@ -2563,7 +2568,7 @@ class Messenger:
         self.deadlines.add_message(message)
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
-        size = len(message.text.encode("utf-8"))
+        size = kept_size(message.text)
         self.kept_text += size
         if sender is not None:
             conversation = conversation_of(message, sender.name)
@@ -4066,8 +4071,7 @@ class MessengerApp:
         name = body.string("user", pattern=USER_NAME_RE, max_length=32)
         password = body.string("password", max_length=MAX_PASSWORD)
         group = address_group(call.address, self.config.ipv6_prefix)  # the rules count by it
-        accounts = self.messenger.accounts
-        accounts.check_login_allowed(name, group)
+        self.messenger.accounts.check_login_allowed(name, group)
         token = secrets.token_urlsafe(32)
         status = HTTPStatus.CREATED
         user = await self._register(name, password, token, group)
@@ -5322,12 +5326,16 @@ class MessengerServer:
         anything: what the client sent already is read first, so the close is no reset."""
         with client:
             client.setblocking(False)
-            response = Response.error(Unavailable(refusal))
             with contextlib.suppress(OSError):
                 client.recv(READ_SIZE)
             with contextlib.suppress(OSError):
-                client.send(response.serialize_head(close=True) + response.body)
+                client.send(self._refused(peer, refusal))
+
+    def _refused(self, peer: str, refusal: str) -> bytes:
+        """The 503 that refuses a connection, logged (a few lines at most: ``Throttled``)."""
         self._refusals.warning("refused a connection from %s: %s", peer, refusal)
+        response = Response.error(Unavailable(refusal))
+        return response.serialize_head(close=True) + response.body
 
     async def _serve_socket(self, client: socket.socket) -> None:
         try:
@@ -5349,9 +5357,7 @@ class MessengerServer:
         elif connection.address is not None and not self.admit(connection.address):
             refusal = "too many open connections from your address"
         if refusal is not None:
-            self._refusals.warning("refused a connection from %s: %s", connection.peer, refusal)
-            response = Response.error(Unavailable(refusal))
-            writer.write(response.serialize_head(close=True) + response.body)
+            writer.write(self._refused(connection.peer, refusal))
             writer.close()
             return
         task = asyncio.current_task()
