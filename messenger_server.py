@@ -73,7 +73,7 @@ import time
 import types
 import typing
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -111,6 +111,7 @@ ACCEPT_BATCH: Final = 128  # connections taken per wake-up of a listening socket
 ACCEPT_PAUSE: Final = 0.1  # seconds accepting rests after a failure (out of descriptors)
 LOG_EVERY: Final = 10.0  # seconds between two records of a repeated warning (refusals)
 READ_SIZE: Final = 64 * 1024  # bytes asked of the stream per read
+RENDERED_BYTES: Final = 8 * 1024 * 1024  # bytes of messages' JSON kept for their next readers
 # A chunked body's framing (size lines, extensions, CRLFs) may take this many bytes, then one
 # per CHUNK_FRAMING_SHARE bytes of data: chunks of 128 bytes or more always pass, and tiny ones
 # (each a trip through the decoder: 1 MiB in 1-byte chunks cost 3 s of CPU) are refused (400).
@@ -3871,6 +3872,35 @@ def content_disposition(name: str) -> str:
 _HEALTH_BODY: Final = encode_json({"status": "ok"})
 
 
+class RenderedMessages:
+    """Messages as answers carry them, JSON encoded once for all their readers: a message
+    reads the same to everyone, and the answers to one send in a chat of a thousand
+    long-polls would encode it a thousand times. Holds at most ``limit`` bytes, the first
+    rendered going first. An entry serves only the very record it was made from: a message
+    rewritten (without its file) is rendered again."""
+
+    def __init__(self, render: Callable[[Message], dict[str, Any]], limit: int) -> None:
+        self._render = render
+        self._limit = limit
+        self._size = 0  # bytes held
+        self._kept: OrderedDict[int, tuple[Message, bytes]] = OrderedDict()
+
+    def __call__(self, message: Message) -> bytes:
+        kept = self._kept.get(message.id)
+        if kept is not None and kept[0] is message:
+            return kept[1]
+        if kept is not None:
+            del self._kept[message.id]
+            self._size -= len(kept[1])
+        data = encode_json(self._render(message))
+        self._kept[message.id] = (message, data)
+        self._size += len(data)
+        while self._size > self._limit:
+            _, (_, dropped) = self._kept.popitem(last=False)
+            self._size -= len(dropped)
+        return data
+
+
 class MessengerApp:
     """The HTTP API: one thin method per route, and the dispatcher that answers errors."""
 
@@ -3896,6 +3926,7 @@ class MessengerApp:
         self._hashes_waiting = 0  # connects waiting for a place to hash
         self._hashes_by: dict[str, int] = {}  # hashes waiting or running, by client address
         messenger.on_message = self._on_message
+        self.rendered = RenderedMessages(self._message, RENDERED_BYTES)
         self.router = Router()
         routes: list[tuple[str, str, Handler, bool, bool, bool]] = [
             # method   path                              handler             token  body   durable
@@ -4026,6 +4057,12 @@ class MessengerApp:
 
     def _messages(self, messages: Iterable[Message]) -> list[dict[str, Any]]:
         return [self._message(message) for message in messages]
+
+    def _message_list(self, messages: list[Message], more: bytes = b"") -> Response:
+        """The answer ``{"messages": [...]}``, with ``more`` fields after the list (encoded):
+        the bytes ``Response.json`` would make, each message as ``rendered`` keeps it."""
+        listed = b",".join(map(self.rendered, messages))
+        return Response(HTTPStatus.OK, b'{"messages":[' + listed + b"]" + more + b"}")
 
     @staticmethod
     def _file(stored: StoredFile, *, with_digest: bool = True) -> dict[str, Any]:
@@ -4172,12 +4209,12 @@ class MessengerApp:
         if result.scheduled is not None:
             self.wake_timer()
             status = HTTPStatus.ACCEPTED if result.created else HTTPStatus.OK
-            answer = {"scheduled": self._scheduled(result.scheduled)}
-        else:
-            assert result.message is not None
-            status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
-            answer = {"message": self._message(result.message)}
-        return Response.json(answer, status, headers)
+            return Response.json({"scheduled": self._scheduled(result.scheduled)}, status, headers)
+        assert result.message is not None
+        status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
+        # Rendered once here, the message is ready for the long-polls the send wakes.
+        return Response(status, b'{"message":' + self.rendered(result.message) + b"}",
+                        headers=headers)
 
     async def poll(self, call: Call) -> Response:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
@@ -4207,8 +4244,7 @@ class MessengerApp:
                     break
                 await self.waiters.wait(call.user, remaining, client_read)
                 found, next_id = self.messenger.poll(call.user, since, chats, limit, mark=mark)
-        answer = {"messages": self._messages(found), "next": next_id}
-        return Response.json(answer)
+        return self._message_list(found, b',"next":%d' % next_id)
 
     async def thread(self, call: Call) -> Response:
         message_id = call.params[0]
@@ -4230,7 +4266,7 @@ class MessengerApp:
         limit = min(query.optional_int("limit", minimum=1) or self.config.rules.history, MAX_LIMIT)
         chat = chat or self.messenger.users[call.user].active_chat
         found = self.messenger.history(call.user, chat, before, limit)
-        return Response.json({"messages": self._messages(found)})
+        return self._message_list(found)
 
     async def scheduled(self, call: Call) -> Response:
         pending = self.messenger.scheduled_of(call.user)

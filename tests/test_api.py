@@ -495,6 +495,33 @@ async def test_messages_next_is_the_start_when_empty(server: ms.MessengerServer)
 
 
 @pytest.mark.asyncio
+async def test_messages_come_as_the_bytes_of_their_json(server: ms.MessengerServer) -> None:
+    """A message is encoded once for all its readers (``RenderedMessages``): the answers
+    that carry it, to the sender and to others, are byte for byte the compact UTF-8 JSON
+    of what they say, whatever the text, and say what the send answered."""
+    alice, bob = await login(server, "alice", "bob")
+    stored = await alice.uploaded(b"data", name='caf\u00e9 "q".txt')
+    texts = ["plain", 'a "quote" and a back\\slash', "caf\u00e9 \u2713 \U0001f600",
+             "\x01\x1f tab\t newline\n", "\u2028\u2029 \ud7ff"]
+    sends = [await alice.send(text) for text in texts]
+    sends += [await alice.send("", file=stored["id"]), await alice.send("psst", to="bob")]
+    for response in sends:
+        assert response.status == 201, response.body
+        assert response.body == ms.encode_json(response.json())
+    sent = [response.json()["message"] for response in sends]
+    assert [m["text"] for m in sent] == [*texts, "", "psst"]
+    assert sent[-2]["file"] == {key: stored[key] for key in ("id", "name", "size", "type")}
+    for path in ["/messages?since=0", "/messages", "/history?chat=general&limit=100"]:
+        for reader in (alice, bob):
+            response = await reader.get(path)
+            assert response.status == 200, response.body
+            assert response.body == ms.encode_json(response.json())
+        assert [m for m in response.json()["messages"] if m["from"] == "alice"] == [
+            m for m in sent if path != "/history?chat=general&limit=100" or m["chat"]
+        ]
+
+
+@pytest.mark.asyncio
 async def test_messages_include_own(server: ms.MessengerServer) -> None:
     port = server.port
     (alice,) = await login(server, "alice")

@@ -1499,3 +1499,33 @@ def test_a_user_creates_at_most_max_owned_chats(clock: FakeClock) -> None:
         messenger.membership.join("alice", "three", None)
     assert len(events) == recorded and "three" not in messenger.chats
     messenger.membership.join("alice", "general", None)  # joining is not creating
+
+
+def test_rendered_messages_encode_each_record_once_within_their_bytes() -> None:
+    """Each message is encoded once while kept; past the limit the first rendered goes
+    first; a record rewritten under the same id (its file forgotten) is encoded again."""
+    renders: list[int] = []
+
+    def render(message: ms.Message) -> dict[str, Any]:
+        renders.append(message.id)
+        return {"id": message.id, "text": message.text, "file": message.file}
+
+    one, two, three = (
+        ms.Message(number, "general", None, "alice", "x" * 10, 0.0, None, "f1")
+        for number in (1, 2, 3)
+    )
+    size = len(ms.encode_json({"id": 1, "text": "x" * 10, "file": "f1"}))
+    rendered = ms.RenderedMessages(render, limit=2 * size)  # room for two
+    assert rendered(one) == ms.encode_json({"id": 1, "text": "x" * 10, "file": "f1"})
+    assert rendered(one) == rendered(one)
+    rendered(two)
+    assert renders == [1, 2]
+    rendered(three)  # the first rendered goes
+    rendered(two)
+    rendered(three)
+    assert renders == [1, 2, 3]
+    rendered(one)
+    assert renders == [1, 2, 3, 1]
+    without_file = three._replace(file=None)
+    assert rendered(without_file) == ms.encode_json({"id": 3, "text": "x" * 10, "file": None})
+    assert renders == [1, 2, 3, 1, 3]
