@@ -193,10 +193,12 @@ class Rules:
     undelivered_ttl: float = flag(7 * DAY, "seconds a private message nobody received lives")
     max_scheduled: int = flag(100, "pending scheduled messages per user; 403 above")
     max_kept_text: int = flag(
-        MIB, "bytes (UTF-8) of the texts of a user's messages the server still keeps; 403 above"
+        MIB, "bytes (UTF-8) of the texts of a user's messages the server still keeps or has "
+        "scheduled; 403 above"
     )
     max_total_text: int = flag(
-        512 * MIB, "bytes (UTF-8) of the texts of all messages the server keeps; 503 above"
+        512 * MIB, "bytes (UTF-8) of the texts of all messages the server keeps or has "
+        "scheduled; 503 above"
     )
     max_memberships: int = flag(500, "chats a user may be a member of; 403 above")
     max_owned_chats: int = flag(100, "chats a user may create; 403 above")
@@ -1219,7 +1221,7 @@ class User:
     # Its live messages by conversation (a chat's name, "@" and a recipient): who may report it.
     sent: dict[str, int] = field(default_factory=dict, metadata=DERIVED)
     undelivered: int = field(default=0, metadata=DERIVED)  # its private ones nobody received
-    kept_text: int = field(default=0, metadata=DERIVED)  # UTF-8 bytes of its messages' texts
+    kept_text: int = field(default=0, metadata=DERIVED)  # UTF-8 bytes of its texts, scheduled too
     scheduled: set[str] = field(default_factory=set, metadata=DERIVED)  # its pending ids
     stored: int = field(default=0, metadata=DERIVED)  # bytes of its files still kept
 
@@ -1967,7 +1969,7 @@ class Messenger:
         self.last_id = 0
         self.changes = 0  # events applied and messages expired; snapshots watch it
         self.delivered: dict[int, float] = {}  # private message id -> first received
-        self.kept_text = 0  # UTF-8 bytes of the texts of all messages
+        self.kept_text = 0  # UTF-8 bytes of the texts of all messages, scheduled ones too
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
         self.deadlines = Deadlines(self)
         self.accounts = Accounts(self)
@@ -2018,6 +2020,7 @@ class Messenger:
         counted = chat == GENERAL
         if counted:
             self._check_rate(user, now)
+        self._check_text_room(user, draft.text)  # a scheduled text is kept from now on
         if draft.send_at is not None:
             if not now < draft.send_at <= now + MAX_SCHEDULE_AHEAD:
                 raise InvalidField("send_at must be in the future, at most 7 days ahead")
@@ -2033,7 +2036,6 @@ class Messenger:
             )
             return SendResult(None, self.scheduled[scheduled_id], True, self._rate(user, chat))
         self._check_undelivered(user, to)
-        self._check_text_room(user, draft.text)
         message = Message(self.last_id + 1, chat, to, name, draft.text, now, reply_to, file_id)
         self._post(message, client_id=draft.client_id, counted=counted)
         return SendResult(message, None, True, self._rate(user, chat))
@@ -2124,14 +2126,16 @@ class Messenger:
             )
 
     def _check_text_room(self, user: User, text: str) -> None:
-        """403 when the user's messages still kept would hold too much text, 503 when all
-        messages would: memory stays bounded whoever sends (a message lives an hour after
-        delivery, a private one nobody received up to ``undelivered_ttl``)."""
+        """403 when the user's messages still kept or scheduled would hold too much text,
+        503 when all messages would: memory stays bounded whoever sends (a message lives an
+        hour after delivery, a private one nobody received up to ``undelivered_ttl``, a
+        scheduled one up to a week before it is sent)."""
         size = kept_size(text)
         if user.kept_text + size > self.rules.max_kept_text:
             raise QuotaExceeded(
-                f"your messages still kept may hold at most {self.rules.max_kept_text} bytes "
-                f"of text ({user.kept_text} used): older ones must expire first"
+                f"your messages still kept or scheduled may hold at most "
+                f"{self.rules.max_kept_text} bytes of text ({user.kept_text} used): older ones "
+                "must expire first"
             )
         if self.kept_text + size > self.rules.max_total_text:
             logger.warning("message text is at its limit of %d bytes", self.rules.max_total_text)
@@ -2446,7 +2450,6 @@ class Messenger:
         try:
             self._check_not_banned(user, now)
             self._check_undelivered(user, scheduled.to)
-            self._check_text_room(user, scheduled.text)
             if scheduled.chat is not None:
                 self.membership.member_chat(user, scheduled.chat)
             if scheduled.reply_to is not None:
@@ -2481,10 +2484,8 @@ class Messenger:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
             sender = None if message.sender is None else self.users[message.sender]
-            size = kept_size(message.text)
-            self.kept_text -= size
+            self._count_kept(sender, -kept_size(message.text))
             if sender is not None:
-                sender.kept_text -= size
                 conversation = conversation_of(message, sender.name)
                 sender.sent[conversation] -= 1
                 if not sender.sent[conversation]:
@@ -2569,12 +2570,10 @@ class Messenger:
         self.deadlines.add_message(message)
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
-        size = kept_size(message.text)
-        self.kept_text += size
+        self._count_kept(sender, kept_size(message.text))
         if sender is not None:
             conversation = conversation_of(message, sender.name)
             sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
-            sender.kept_text += size
         if message.chat is not None:
             self.chats[message.chat].messages.append(message.id)
         else:
@@ -2590,6 +2589,13 @@ class Messenger:
             self._replies.setdefault(message.reply_to, []).append(message.id)
         if message.file is not None:
             self.files[message.file].messages.add(message.id)
+
+    def _count_kept(self, sender: User | None, size: int) -> None:
+        """``size`` more bytes of text kept (fewer if negative), a message's or a scheduled
+        one's: for its sender (none for a notice) and in all."""
+        self.kept_text += size
+        if sender is not None:
+            sender.kept_text += size
 
     def _apply_deliver(self, name: str, ids: list[int], ts: float) -> None:
         """Private messages ``name`` received: their time to live starts."""
@@ -2689,7 +2695,9 @@ class Messenger:
 
     def _add_scheduled(self, scheduled: Scheduled) -> None:
         self.scheduled[scheduled.id] = scheduled
-        self.users[scheduled.sender].scheduled.add(scheduled.id)
+        sender = self.users[scheduled.sender]
+        sender.scheduled.add(scheduled.id)
+        self._count_kept(sender, kept_size(scheduled.text))
         self.deadlines.schedule(scheduled)
         if scheduled.file is not None:
             self.files[scheduled.file].scheduled += 1
@@ -2703,7 +2711,9 @@ class Messenger:
     def _remove_scheduled(self, scheduled_id: str, now: float) -> None:
         scheduled = self.scheduled.pop(scheduled_id, None)
         if scheduled is not None:
-            self.users[scheduled.sender].scheduled.discard(scheduled_id)
+            sender = self.users[scheduled.sender]
+            sender.scheduled.discard(scheduled_id)
+            self._count_kept(sender, -kept_size(scheduled.text))
         if scheduled is not None and scheduled.file is not None:
             stored = self.files[scheduled.file]
             stored.scheduled -= 1

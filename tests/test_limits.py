@@ -260,8 +260,9 @@ def test_text_kept_is_bounded_per_user_and_in_all(clock: FakeClock) -> None:
         send(messenger, "a", "\u00e9" * 2500, chat="general")  # 5,000 bytes of UTF-8
     recorded = len(events)
     with pytest.raises(
-        ms.QuotaExceeded, match=re.escape("your messages still kept may hold at most 10000 bytes "
-                                          "of text (10000 used): older ones must expire first")
+        ms.QuotaExceeded, match=re.escape("your messages still kept or scheduled may hold at "
+                                          "most 10000 bytes of text (10000 used): older ones "
+                                          "must expire first")
     ):
         send(messenger, "a", "x", chat="general")
     send(messenger, "b", "x" * 10_000, chat="general")
@@ -273,6 +274,34 @@ def test_text_kept_is_bounded_per_user_and_in_all(clock: FakeClock) -> None:
     clock.advance(ms.Rules().message_ttl)
     send(messenger, "a", "x", chat="general")  # the old ones expired: room again
     assert (messenger.kept_text, messenger.users["a"].kept_text) == (1, 1)
+
+
+def test_scheduled_texts_count_as_kept_from_when_they_are_scheduled(clock: FakeClock) -> None:
+    """Found by review: a user's 100 scheduled messages of 4,096 characters were kept for
+    up to a week outside every text quota. A scheduled text counts from its scheduling,
+    once (its sending moves it to the message), and a cancel frees it."""
+    messenger, events = make_messenger(
+        clock, flood_limit=1000, max_kept_text=10_000, max_total_text=15_000
+    )
+    register(messenger, "a", "b")
+    later = clock() + 60
+    first = messenger.send("a", ms.Draft(text="x" * 4_000, chat="general", send_at=later))
+    messenger.send("a", ms.Draft(text="x" * 4_000, chat="general", send_at=later + 1))
+    with pytest.raises(ms.QuotaExceeded, match=re.escape("(8000 used)")):
+        messenger.send("a", ms.Draft(text="x" * 2_001, chat="general", send_at=later))
+    with pytest.raises(ms.QuotaExceeded, match=re.escape("(8000 used)")):
+        send(messenger, "a", "x" * 2_001, chat="general")
+    send(messenger, "b", "y" * 7_000, chat="general")
+    with pytest.raises(ms.Unavailable, match="the server keeps as much message text as it may"):
+        messenger.send("b", ms.Draft(text="y" * 1, chat="general", send_at=later))
+    assert first.scheduled is not None
+    messenger.cancel("a", first.scheduled.id)
+    assert (messenger.users["a"].kept_text, messenger.kept_text) == (4_000, 11_000)
+    clock.advance(61)
+    messenger.tick()  # the other one is sent: counted once, as a message now
+    assert [m.text for m in messenger.messages.values()] == ["y" * 7_000, "x" * 4_000]
+    assert (messenger.users["a"].kept_text, messenger.kept_text) == (4_000, 11_000)
+    assert replayed(messenger, events, clock).kept_text == 11_000
 
 
 # Private messages nobody received ###########################################
