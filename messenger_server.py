@@ -221,6 +221,14 @@ class Rules:
     )
     registration_window: float = flag(HOUR, "seconds")
     max_sessions: int = flag(100, "sessions per user; a new one revokes the least recently used")
+    sessions_per_ip: int = flag(
+        1000, "sessions opened from one client address; a new one revokes the address's least "
+        "recently used"
+    )
+    max_users: int = flag(
+        100_000, "registered users in all; 503 above: memory stays bounded however many "
+        "addresses register"
+    )
     session_ttl: float = flag(30 * DAY, "seconds a session may go unused before it is revoked")
 
 
@@ -1248,6 +1256,7 @@ class Session:
     user: str
     created: float
     used: float  # when it was last used, to within SESSION_TOUCH
+    address: str | None = None  # the client's (its group) that opened it; None if unknown
 
 
 @dataclass(slots=True)
@@ -1450,6 +1459,8 @@ class Accounts:
         self._users = messenger.users
         self._rules = messenger.rules
         self.sessions: dict[str, Session] = {}  # by token hash, least recently used first
+        # The token hashes of the sessions each address opened, least recently used first.
+        self._by_address: dict[str, dict[str, None]] = {}
         self.login_failures = WindowsByKey(self._rules.login_window)  # by (name, address)
         self.password_checks = WindowsByKey(self._rules.login_window)  # by address
         self.registrations = WindowsByKey(self._rules.registration_window)  # by address
@@ -1480,7 +1491,12 @@ class Accounts:
         self.password_checks.add(address, self._messenger.clock())
 
     def check_registration_allowed(self, address: str) -> None:
-        """429 when an address has registered its share of users in the window."""
+        """429 when an address has registered its share of users in the window; 503 when
+        the server holds as many users as it may."""
+        if len(self._users) >= self._rules.max_users:
+            logger.warning("registration refused: %d users, the most allowed", len(self._users))
+            raise Unavailable("registration is closed: the server has as many users as it may "
+                              "hold", retry_after=3600)
         now = self._messenger.clock()
         if self.registrations.used(address, now) >= self._rules.registrations_per_ip:
             raise RateLimited(
@@ -1495,20 +1511,30 @@ class Accounts:
         if name in self._users:
             raise Conflict(f"the name {name} was taken a moment ago")
         self.check_registration_allowed(address)
+        self._make_room(None, address)
         self._messenger.emit(
             "user", name, password, salt, cost, hash_token(token), address,
             self._messenger.clock(),
         )
         return self._users[name]
 
-    def open_session(self, name: str, token: str) -> User:
-        """A new session; at the most a user may hold, its least recently used goes."""
-        user = self._users[name]
-        if len(user.sessions) >= self._rules.max_sessions:
+    def open_session(self, name: str, token: str, address: str) -> User:
+        """A new session of ``name``, opened from ``address`` (its group)."""
+        self._make_room(self._users[name], address)
+        self._messenger.emit("session", hash_token(token), name, self._messenger.clock(), address)
+        return self._users[name]
+
+    def _make_room(self, user: User | None, address: str) -> None:
+        """Before a session opens: at the most a user may hold, its least recently used
+        goes; at the most an address may hold, the address's least recently used goes (so
+        a stranger's logins cost a bounded memory, and end only its own sessions)."""
+        if user is not None and len(user.sessions) >= self._rules.max_sessions:
             oldest = min(user.sessions, key=lambda token_hash: self.sessions[token_hash].used)
-            self._messenger.emit("revoke", oldest, name)
-        self._messenger.emit("session", hash_token(token), name, self._messenger.clock())
-        return user
+            self._messenger.emit("revoke", oldest, user.name)
+        held = self._by_address.get(address, {})
+        if len(held) >= self._rules.sessions_per_ip:
+            oldest = next(iter(held))
+            self._messenger.emit("revoke", oldest, self.sessions[oldest].user)
 
     def authenticate(self, token: str) -> tuple[User, str]:
         """The user a bearer token belongs to, and the token's hash; 401 if none or if it
@@ -1541,22 +1567,38 @@ class Accounts:
 
     # Applying events --------------------------------------------------------
 
-    def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
-        self.add_session(Session(token_hash, name, ts, ts))
+    def _apply_session(
+        self, token_hash: str, name: str, ts: float, address: str | None = None
+    ) -> None:
+        self.add_session(Session(token_hash, name, ts, ts, address))
 
     def add_session(self, session: Session) -> None:
-        """Sessions are kept least recently used first: the TTL sweep starts there."""
+        """Sessions are kept least recently used first, in all and by address: the TTL sweep
+        and the caps start there."""
         self.sessions[session.token_hash] = session
         self._users[session.user].sessions.add(session.token_hash)
+        if session.address is not None:
+            self._by_address.setdefault(session.address, {})[session.token_hash] = None
+
+    def _take(self, token_hash: str) -> Session | None:
+        """Take a session out of the orders it is kept in (to drop it, or to put it back
+        last, as just used)."""
+        session = self.sessions.pop(token_hash, None)
+        if session is not None and session.address is not None:
+            held = self._by_address[session.address]
+            del held[token_hash]
+            if not held:
+                del self._by_address[session.address]
+        return session
 
     def _apply_touch(self, token_hash: str, name: str, ts: float) -> None:
-        session = self.sessions.pop(token_hash, None)
+        session = self._take(token_hash)
         if session is not None:
             session.used = ts
             self.add_session(session)
 
     def _apply_revoke(self, token_hash: str, name: str) -> None:
-        session = self.sessions.pop(token_hash, None)
+        session = self._take(token_hash)
         if session is not None:
             self._users[session.user].sessions.discard(token_hash)
 
@@ -2532,7 +2574,7 @@ class Messenger:
         self.users[new_user] = User(new_user, password, salt, cost, ts, address=address)
         self.accounts.registrations.add(address, ts)
         self.membership.add_member(self.chats[GENERAL], new_user)
-        self.accounts.add_session(Session(token_hash, new_user, ts, ts))
+        self.accounts.add_session(Session(token_hash, new_user, ts, ts, address))
 
     def _apply_message(
         self, message_id: int, chat: str | None, to: str | None, sender: str, text: str,
@@ -4160,7 +4202,7 @@ class MessengerApp:
             self.messenger.accounts.login_failed(name, group)
             logger.warning("wrong password for %r from %r", name, address)
             raise Unauthorized("wrong password")
-        return self.messenger.accounts.open_session(name, token)
+        return self.messenger.accounts.open_session(name, token, group)
 
     async def _scrypt(self, password: str, salt: bytes, cost: int, group: str) -> bytes:
         """scrypt (n = 2**cost, r=8, p=1) off the event loop, one per core at a time.
@@ -4600,7 +4642,8 @@ def build_openapi() -> dict[str, Any]:
         429: "Over a limit (with Retry-After)",
         431: "Headers too large or too many",
         501: "Unknown method or transfer coding",
-        503: "The state cannot be written, or too many connections",
+        503: "Busy or full for now: the state cannot be written, too many connections, or a "
+             "server-wide limit is reached (with Retry-After when known)",
         505: "HTTP version not supported",
     }
     connect_answer = _object(
