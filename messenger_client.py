@@ -982,12 +982,14 @@ def format_uptime(seconds: float) -> str:
 
 def clean(text: str, *, keep_newlines: bool = True) -> str:
     """Text from others, safe for a terminal: control characters (escapes) and the marks
-    that reorder text on screen (bidi overrides) are shown as codes like ``\\x1b``; newlines
-    too unless ``keep_newlines``. Text cleaned once is left as it is."""
-    return "".join(
-        f"\\x{ord(char):02x}" if _unsafe(char, keep_newlines) else char
-        for char in text
-    )
+    that reorder text on screen (bidi overrides) are shown as codes like ``\\x1b`` or
+    ``\\u202e``; newlines too unless ``keep_newlines``. Text cleaned once is left as it is."""
+    return "".join(_code(char) if _unsafe(char, keep_newlines) else char for char in text)
+
+
+def _code(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _unsafe(char: str, keep_newlines: bool = True) -> bool:
@@ -1740,10 +1742,7 @@ def download(app: App, file_id: str, output: Path | None, force: bool) -> None:
         raise ClientError(f"{output} exists; add --force to overwrite it")
     client, _ = app.login()
     with client.download(file_id) as got:
-        # Only the base name of the server's filename: never a path it chose.
-        name = PurePosixPath((got.filename or "").replace("\\", "/")).name
-        if name in ("", ".", ".."):
-            name = f"file-{file_id}"
+        name = saved_name(got.filename, file_id)
         target = output or Path(name)
         if target.is_dir():
             target /= name
@@ -1752,6 +1751,16 @@ def download(app: App, file_id: str, output: Path | None, force: bool) -> None:
         print_json({"path": str(target), "size": size, "type": got.content_type})
     else:
         echo(f"Saved {target} ({format_size(size)}, {got.content_type}).")
+
+
+def saved_name(filename: str | None, file_id: str) -> str:
+    """The name to save a download under, from the one its uploader gave: its base name
+    only (never a path somebody chose), each character ``clean`` would show as a code
+    made ``_``, without leading dots (no hidden file) or spaces around; ``file-ID`` when
+    nothing is left."""
+    base = PurePosixPath((filename or "").replace("\\", "/")).name
+    name = "".join("_" if _unsafe(char, keep_newlines=False) else char for char in base)
+    return name.strip().lstrip(".").strip() or f"file-{file_id}"
 
 
 def save_download(got: Download, target: Path, *, force: bool) -> int:

@@ -490,7 +490,7 @@ def test_send_shows_bidi_overrides_from_others_as_codes(cli: Cli) -> None:
     cli.login("bob")
     cli("send", "pay \u202egnp.exe", user="bob")
     shown = cli("read", user="alice").stdout
-    assert "\u202e" not in shown and shown.endswith(" general bob: pay \\x202egnp.exe\n")
+    assert "\u202e" not in shown and shown.endswith(" general bob: pay \\u202egnp.exe\n")
 
 
 @pytest.mark.parametrize(
@@ -709,6 +709,28 @@ def test_download_keeps_only_the_base_name(
     monkeypatch.chdir(tmp_path)
     cli("download", uploaded["file"]["id"])
     assert (tmp_path / "evil.sh").read_bytes() == b"echo hi\n"
+
+
+@pytest.mark.parametrize(
+    ("filename", "saved"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../evil.sh", "evil.sh"),
+        ("C:\\Users\\evil.bat", "evil.bat"),
+        (".bashrc", "bashrc"),
+        ("..", "file-f1"),
+        ("  ", "file-f1"),
+        (None, "file-f1"),
+        (" . spaced out . ", "spaced out ."),
+        ("pay\u202egnp.exe", "pay_gnp.exe"),
+        ("line\nbreak\x00.txt", "line_break_.txt"),
+        ("caf\u00e9 \U0001f600.txt", "caf\u00e9 \U0001f600.txt"),
+    ],
+)
+def test_a_download_is_saved_under_a_plain_visible_name(filename: str | None, saved: str) -> None:
+    """Found by review: the uploader's name was saved as it came, control characters and
+    text reversing marks included, and a leading dot made a hidden file."""
+    assert mc.saved_name(filename, "f1") == saved
 
 
 def test_download_an_unknown_file_fails(cli: Cli) -> None:
@@ -1542,7 +1564,7 @@ def test_strings_from_the_server_reach_the_terminal_cleaned(
     if "--json" in args:  # the same JSON, its characters escaped
         assert json.loads(result.stdout) == ROGUE_ANSWERS["/history"]
     else:
-        assert "\\x1b]0;pwned\\x07\\x9b31m\\x202e" in result.stdout
+        assert "\\x1b]0;pwned\\x07\\x9b31m\\u202e" in result.stdout
 
 
 def test_error_messages_from_the_server_are_cleaned_and_one_line(
@@ -1551,7 +1573,7 @@ def test_error_messages_from_the_server_are_cleaned_and_one_line(
     error = {"error": ROGUE, "message": f"no\n{ROGUE}"}
     with fake_server(lambda target: answer_json(error, 404)) as url:
         line = error_line(logged_in(url)("status", code=1))
-        assert line == "Error: no\\x0a\\x1b]0;pwned\\x07\\x9b31m\\x202e"
+        assert line == "Error: no\\x0a\\x1b]0;pwned\\x07\\x9b31m\\u202e"
         result = logged_in(url)("status", json_output=True, code=1)
     assert not UNSAFE.search(result.stderr.rstrip("\n")), result.stderr
     assert json_error(result) == {"error": ROGUE, "message": f"no\n{ROGUE}", "status": 404}
@@ -1566,7 +1588,8 @@ def test_a_downloads_type_and_name_from_the_server_are_cleaned(
     with fake_server(lambda target: [head.encode("latin-1")]) as url:
         result = logged_in(url)("download", "f1")
     shown = "\\x1b]0;pwned\\x07\\x9b31m"
-    assert result.stdout == f"Saved a{shown} (2 B, text/{shown}).\n"
+    assert result.stdout == f"Saved a_]0;pwned__31m (2 B, text/{shown}).\n"
+    assert (tmp_path / "a_]0;pwned__31m").read_bytes() == b"hi"
 
 
 def test_a_huge_answer_is_refused_after_16_mib(logged_in: Callable[[str], Cli]) -> None:
