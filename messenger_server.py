@@ -124,6 +124,10 @@ SNAPSHOT_INTERVAL: Final = 30.0  # seconds between snapshots (when something cha
 JOURNAL_ROOM: Final = 64 * 1024  # bytes free before a disk found full takes changes again
 FILE_BLOCK: Final = 4096  # bytes a stored file counts against the upload quota, at least
 MIN_FREE_DISK: Final = 64 * 1024 * 1024  # bytes free on the state's disk; no upload below
+# Bytes of memory a kept message (or notice, or scheduled message) takes besides its text: what
+# it counts against the kept-text quotas on top of its text, so that they bound memory however
+# short the texts (measured: about 420 bytes a message, 700 a notice, with their indexes).
+MESSAGE_COST: Final = 512
 
 JSON_TYPE: Final = "application/json; charset=utf-8"
 
@@ -193,12 +197,12 @@ class Rules:
     undelivered_ttl: float = flag(7 * DAY, "seconds a private message nobody received lives")
     max_scheduled: int = flag(100, "pending scheduled messages per user; 403 above")
     max_kept_text: int = flag(
-        MIB, "bytes (UTF-8) of the texts of a user's messages the server still keeps or has "
-        "scheduled; 403 above"
+        MIB, "bytes of a user's messages and notices the server still keeps or has scheduled "
+        f"(UTF-8 text and {MESSAGE_COST} bytes each); 403 above"
     )
     max_total_text: int = flag(
-        512 * MIB, "bytes (UTF-8) of the texts of all messages the server keeps or has "
-        "scheduled; 503 above"
+        512 * MIB, "bytes of all messages and notices the server keeps or has scheduled "
+        f"(UTF-8 text and {MESSAGE_COST} bytes each); 503 above"
     )
     max_memberships: int = flag(500, "chats a user may be a member of; 403 above")
     max_owned_chats: int = flag(100, "chats a user may create; 403 above")
@@ -1136,8 +1140,9 @@ def text_size(text: str) -> int:
 
 
 def kept_size(text: str) -> int:
-    """What a message's text counts against ``--max-kept-text`` and ``--max-total-text``."""
-    return len(text.encode("utf-8"))
+    """What a message counts against ``--max-kept-text`` and ``--max-total-text``: its
+    text's UTF-8 bytes and MESSAGE_COST."""
+    return len(text.encode("utf-8")) + MESSAGE_COST
 
 
 def conversation_of(message: Message, name: str) -> str:
@@ -1850,12 +1855,11 @@ class Membership:
             raise UnknownUser(guest)
         if guest not in chat.members and guest not in chat.invited:
             now = self._messenger.clock()
+            text = f"{owner} invited you to {chat_name}"
             self._messenger.check_flood(self._users[owner], now)
+            self._messenger.check_text_room(self._users[owner], text)  # the owner's notice
             self._messenger.emit("invite", chat_name, guest, now)
-            self._messenger.notify(
-                guest, "invited", f"{owner} invited you to {chat_name}",
-                chat=chat_name, about=owner,
-            )
+            self._messenger.notify(guest, "invited", text, chat=chat_name, about=owner)
         return chat
 
     def make_link(self, owner: str, chat_name: str) -> str:
@@ -1876,13 +1880,12 @@ class Membership:
             return chat, True
         if name not in chat.requests:
             now = self._messenger.clock()
+            text = f"{name} asks to join {chat_name}"
             self._messenger.check_flood(self._users[name], now)
+            self._messenger.check_text_room(self._users[name], text)  # the requester's notice
             self._messenger.emit("request", chat_name, name, now)
             if chat.owner is not None:
-                self._messenger.notify(
-                    chat.owner, "request", f"{name} asks to join {chat_name}",
-                    chat=chat_name, about=name,
-                )
+                self._messenger.notify(chat.owner, "request", text, chat=chat_name, about=name)
         return chat, False
 
     def pending_requests(self, owner: str, chat_name: str) -> dict[str, float]:
@@ -1894,17 +1897,14 @@ class Membership:
             raise NotFound(f"{guest} has no pending request to join {chat_name}")
         if approve:
             self.check_memberships(self._users[guest])
-        self._messenger.emit("decide", chat_name, guest, approve, self._messenger.clock())
-        if approve:
-            self._messenger.notify(
-                guest, "approved", f"{owner} let you into {chat_name}",
-                chat=chat_name, about=owner,
-            )
+            kind, text = "approved", f"{owner} let you into {chat_name}"
         else:
-            self._messenger.notify(
-                guest, "denied", f"{owner} turned down your request to join {chat_name}",
-                chat=chat_name, about=owner,
-            )
+            kind, text = "denied", f"{owner} turned down your request to join {chat_name}"
+        now = self._messenger.clock()
+        self._messenger.check_flood(self._users[owner], now)  # each decision is a notice
+        self._messenger.check_text_room(self._users[owner], text)
+        self._messenger.emit("decide", chat_name, guest, approve, now)
+        self._messenger.notify(guest, kind, text, chat=chat_name, about=owner)
         return chat
 
     # Applying events --------------------------------------------------------
@@ -1961,10 +1961,13 @@ class Membership:
         self._users[name].flood.add(ts, self._rules.flood_window)
 
     def _apply_decide(self, chat: str, name: str, approve: bool, ts: float) -> None:
+        """The owner decides on ``name``'s request, at ``ts`` in its flood window."""
         joined = self._chats[chat]
         joined.requests.pop(name, None)
         if approve:
             self.add_member(joined, name)
+        if joined.owner is not None:
+            self._users[joined.owner].flood.add(ts, self._rules.flood_window)
 
 
 class Messenger:
@@ -2062,7 +2065,7 @@ class Messenger:
         counted = chat == GENERAL
         if counted:
             self._check_rate(user, now)
-        self._check_text_room(user, draft.text)  # a scheduled text is kept from now on
+        self.check_text_room(user, draft.text)  # a scheduled text is kept from now on
         if draft.send_at is not None:
             if not now < draft.send_at <= now + MAX_SCHEDULE_AHEAD:
                 raise InvalidField("send_at must be in the future, at most 7 days ahead")
@@ -2167,17 +2170,17 @@ class Messenger:
                 "for recipients who have not received them"
             )
 
-    def _check_text_room(self, user: User, text: str) -> None:
-        """403 when the user's messages still kept or scheduled would hold too much text,
-        503 when all messages would: memory stays bounded whoever sends (a message lives an
-        hour after delivery, a private one nobody received up to ``undelivered_ttl``, a
-        scheduled one up to a week before it is sent)."""
+    def check_text_room(self, user: User, text: str) -> None:
+        """403 when the messages and notices the user pays for would take too many bytes,
+        503 when all would (``kept_size``): memory stays bounded whoever sends (a message
+        lives an hour after delivery, a private one or a notice nobody received up to
+        ``undelivered_ttl``, a scheduled one up to a week before it is sent)."""
         size = kept_size(text)
         if user.kept_text + size > self.rules.max_kept_text:
             raise QuotaExceeded(
-                f"your messages still kept or scheduled may hold at most "
-                f"{self.rules.max_kept_text} bytes of text ({user.kept_text} used): older ones "
-                "must expire first"
+                f"your messages and notices still kept or scheduled may take at most "
+                f"{self.rules.max_kept_text} bytes ({user.kept_text} used; each counts its "
+                f"text and {MESSAGE_COST}): older ones must expire first"
             )
         if self.kept_text + size > self.rules.max_total_text:
             logger.warning("message text is at its limit of %d bytes", self.rules.max_total_text)
@@ -2526,7 +2529,7 @@ class Messenger:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
             sender = None if message.sender is None else self.users[message.sender]
-            self._count_kept(sender, -kept_size(message.text))
+            self._count_kept(self._payer(message), -kept_size(message.text))
             if sender is not None:
                 conversation = conversation_of(message, sender.name)
                 sender.sent[conversation] -= 1
@@ -2612,7 +2615,7 @@ class Messenger:
         self.deadlines.add_message(message)
         self.last_id = max(self.last_id, message.id)
         sender = None if message.sender is None else self.users[message.sender]  # None: a notice
-        self._count_kept(sender, kept_size(message.text))
+        self._count_kept(self._payer(message), kept_size(message.text))
         if sender is not None:
             conversation = conversation_of(message, sender.name)
             sender.sent[conversation] = sender.sent.get(conversation, 0) + 1
@@ -2632,12 +2635,19 @@ class Messenger:
         if message.file is not None:
             self.files[message.file].messages.add(message.id)
 
-    def _count_kept(self, sender: User | None, size: int) -> None:
-        """``size`` more bytes of text kept (fewer if negative), a message's or a scheduled
-        one's: for its sender (none for a notice) and in all."""
+    def _count_kept(self, payer: User | None, size: int) -> None:
+        """``size`` more bytes kept (fewer if negative), a message's, a notice's or a
+        scheduled one's: for the user who pays for it (none for the server's notices) and
+        in all."""
         self.kept_text += size
-        if sender is not None:
-            sender.kept_text += size
+        if payer is not None:
+            payer.kept_text += size
+
+    def _payer(self, message: Message) -> User | None:
+        """Whose quota a message counts against: its sender's, or for a notice the user
+        whose action it tells of (none for the server's own: a ban, a dropped message)."""
+        name = message.sender if message.notice is None else message.notice.get("user")
+        return None if name is None else self.users[name]
 
     def _apply_deliver(self, name: str, ids: list[int], ts: float) -> None:
         """Private messages ``name`` received: their time to live starts."""
@@ -4766,14 +4776,14 @@ def build_openapi() -> dict[str, Any]:
             errors=[403, 404], parameters=[chat_path])},
         "/chat/{name}/requests/{user}": {"post": _operation(
             "Approve or deny a join request (owner only)", {200: chat_answer},
-            errors=[400, 403, 404], body=_object("approve", approve=boolean),
+            errors=[400, 403, 404, 429], body=_object("approve", approve=boolean),
             parameters=[chat_path, _parameter("user", "path", user_name, "who asked")])},
         "/join/{token}": {"post": _operation(
             "Ask to join through a link",
             {200: ("Already a member", _object("status chat", status=string, chat=chat_name)),
              202: ("Pending the owner's approval",
                    _object("status chat", status=string, chat=chat_name))},
-            errors=[404, 429],
+            errors=[403, 404, 429],
             parameters=[_parameter("token", "path", string, "the link's token")])},
         "/status": {"get": _operation("The caller's state", {200: ("Status", _ref("Status"))})},
         "/report": {"post": _operation(

@@ -131,6 +131,62 @@ def test_join_requests_count_against_the_requesters_flood_window(clock: FakeCloc
     messenger.membership.request_join("stranger", links[2])
 
 
+def test_decisions_on_join_requests_count_against_the_owners_flood_window(
+    clock: FakeClock,
+) -> None:
+    """Found by review: request and deny, again and again, made two notices per flood unit
+    of the requester; the owner's decisions were free."""
+    messenger, events = make_messenger(clock, flood_limit=2, flood_window=60.0)
+    register(messenger, "owner", "s1", "s2", "s3")
+    messenger.membership.join("owner", "den", True)
+    link = messenger.membership.make_link("owner", "den")
+    for stranger in ("s1", "s2", "s3"):
+        messenger.membership.request_join(stranger, link)
+    messenger.membership.decide("owner", "den", "s1", False)
+    messenger.membership.decide("owner", "den", "s2", True)  # the last allowed
+    recorded = len(events)
+    with pytest.raises(ms.RateLimited, match="are limited to"):
+        messenger.membership.decide("owner", "den", "s3", False)
+    assert len(events) == recorded and "s3" in messenger.chats["den"].requests
+    assert replayed(messenger, events, clock).quotas_left("owner")["flood_left"] == 0
+    clock.advance(60)
+    messenger.membership.decide("owner", "den", "s3", False)
+
+
+def test_a_notice_counts_against_the_quota_of_whoever_caused_it(clock: FakeClock) -> None:
+    """Found by review: notices were kept up to 7 days outside every quota, so two accounts
+    could hold the server's memory (and fill the global cap, 503 for everyone). A notice
+    now counts like a message of the user whose action it tells of: the requester's
+    request, the owner's invitation or decision; never its recipient's."""
+    cost = ms.MESSAGE_COST
+    messenger, events = make_messenger(clock, flood_limit=1000, max_kept_text=3 * cost + 150)
+    register(messenger, "owner", "stranger", "guest")
+    messenger.membership.join("owner", "den", True)
+    link = messenger.membership.make_link("owner", "den")
+    requested = "stranger asks to join den"
+    denied = "owner turned down your request to join den"
+    for _ in range(3):  # each cycle: a notice paid by each of them
+        messenger.membership.request_join("stranger", link)
+        messenger.membership.decide("owner", "den", "stranger", False)
+    stranger, owner = messenger.users["stranger"], messenger.users["owner"]
+    assert stranger.kept_text == 3 * (len(requested) + cost)
+    assert owner.kept_text == 3 * (len(denied) + cost)
+    recorded = len(events)
+    with pytest.raises(ms.QuotaExceeded, match="your messages and notices still kept"):
+        messenger.membership.request_join("stranger", link)
+    with pytest.raises(ms.QuotaExceeded, match="your messages and notices still kept"):
+        messenger.membership.invite("owner", "den", "guest")
+    assert len(events) == recorded, "a refused action records nothing"
+    assert not messenger.chats["den"].requests and not messenger.chats["den"].invited
+    assert messenger.users["guest"].kept_text == 0
+    send(messenger, "guest", "the recipients of notices still send", chat="general")
+    assert replayed(messenger, events, clock).users["owner"].kept_text == owner.kept_text
+    clock.advance(ms.Rules().undelivered_ttl)  # unread notices go after a week
+    messenger.expire(clock())
+    assert (stranger.kept_text, owner.kept_text) == (0, 0)
+    messenger.membership.request_join("stranger", link)
+
+
 def test_an_invite_event_of_the_previous_version_still_loads(clock: FakeClock) -> None:
     """Journals written before invitations carried their time: (chat, guest) alone."""
     messenger, events = make_messenger(clock)
@@ -251,57 +307,63 @@ async def test_an_answer_counts_file_names_and_each_messages_other_fields(
 
 def test_text_kept_is_bounded_per_user_and_in_all(clock: FakeClock) -> None:
     """Found by review: quotas per user added up to no bound at all, as accounts are free
-    to make. Each user's kept text is bounded, and so is everyone's."""
+    to make. Each user's kept messages are bounded, and so is everyone's: in bytes of text
+    and MESSAGE_COST each (the memory a message takes besides its text)."""
+    cost = ms.MESSAGE_COST
     messenger, events = make_messenger(
-        clock, flood_limit=1000, max_kept_text=10_000, max_total_text=25_000
+        clock, flood_limit=1000, max_kept_text=10_000 + 2 * cost, max_total_text=25_000 + 4 * cost
     )
     register(messenger, "a", "b", "c", "d")
     for _ in range(2):
         send(messenger, "a", "\u00e9" * 2500, chat="general")  # 5,000 bytes of UTF-8
     recorded = len(events)
-    with pytest.raises(
-        ms.QuotaExceeded, match=re.escape("your messages still kept or scheduled may hold at "
-                                          "most 10000 bytes of text (10000 used): older ones "
-                                          "must expire first")
-    ):
+    with pytest.raises(ms.QuotaExceeded, match=re.escape(
+        f"your messages and notices still kept or scheduled may take at most {10_000 + 2 * cost} "
+        f"bytes ({10_000 + 2 * cost} used; each counts its text and {cost}): older ones must "
+        "expire first"
+    )):
         send(messenger, "a", "x", chat="general")
     send(messenger, "b", "x" * 10_000, chat="general")
     with pytest.raises(ms.Unavailable, match="the server keeps as much message text as it may"):
         send(messenger, "c", "x" * 5_001, chat="general")
     assert len(events) == recorded + 1, "refused sends record nothing"
     send(messenger, "c", "x" * 5_000, chat="general")  # exactly the limit in all
-    assert replayed(messenger, events, clock).kept_text == messenger.kept_text == 25_000
+    total = 25_000 + 4 * cost
+    assert replayed(messenger, events, clock).kept_text == messenger.kept_text == total
     clock.advance(ms.Rules().message_ttl)
     send(messenger, "a", "x", chat="general")  # the old ones expired: room again
-    assert (messenger.kept_text, messenger.users["a"].kept_text) == (1, 1)
+    assert (messenger.kept_text, messenger.users["a"].kept_text) == (1 + cost, 1 + cost)
 
 
 def test_scheduled_texts_count_as_kept_from_when_they_are_scheduled(clock: FakeClock) -> None:
     """Found by review: a user's 100 scheduled messages of 4,096 characters were kept for
     up to a week outside every text quota. A scheduled text counts from its scheduling,
     once (its sending moves it to the message), and a cancel frees it."""
+    cost = ms.MESSAGE_COST
     messenger, events = make_messenger(
-        clock, flood_limit=1000, max_kept_text=10_000, max_total_text=15_000
+        clock, flood_limit=1000, max_kept_text=10_000 + 2 * cost, max_total_text=15_000 + 3 * cost
     )
     register(messenger, "a", "b")
     later = clock() + 60
     first = messenger.send("a", ms.Draft(text="x" * 4_000, chat="general", send_at=later))
     messenger.send("a", ms.Draft(text="x" * 4_000, chat="general", send_at=later + 1))
-    with pytest.raises(ms.QuotaExceeded, match=re.escape("(8000 used)")):
+    used = re.escape(f"({8_000 + 2 * cost} used;")
+    with pytest.raises(ms.QuotaExceeded, match=used):
         messenger.send("a", ms.Draft(text="x" * 2_001, chat="general", send_at=later))
-    with pytest.raises(ms.QuotaExceeded, match=re.escape("(8000 used)")):
+    with pytest.raises(ms.QuotaExceeded, match=used):
         send(messenger, "a", "x" * 2_001, chat="general")
     send(messenger, "b", "y" * 7_000, chat="general")
     with pytest.raises(ms.Unavailable, match="the server keeps as much message text as it may"):
         messenger.send("b", ms.Draft(text="y" * 1, chat="general", send_at=later))
     assert first.scheduled is not None
     messenger.cancel("a", first.scheduled.id)
-    assert (messenger.users["a"].kept_text, messenger.kept_text) == (4_000, 11_000)
+    kept = (4_000 + cost, 11_000 + 2 * cost)
+    assert (messenger.users["a"].kept_text, messenger.kept_text) == kept
     clock.advance(61)
     messenger.tick()  # the other one is sent: counted once, as a message now
     assert [m.text for m in messenger.messages.values()] == ["y" * 7_000, "x" * 4_000]
-    assert (messenger.users["a"].kept_text, messenger.kept_text) == (4_000, 11_000)
-    assert replayed(messenger, events, clock).kept_text == 11_000
+    assert (messenger.users["a"].kept_text, messenger.kept_text) == kept
+    assert replayed(messenger, events, clock).kept_text == kept[1]
 
 
 # Private messages nobody received ###########################################
