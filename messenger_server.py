@@ -1364,6 +1364,7 @@ class Deadlines:
         self._undelivered: deque[int] = deque()  # private messages, oldest first
         self._file: deque[str] = deque()  # files, oldest first
         self._due: list[tuple[float, int, str]] = []  # heap of (send_at, order, scheduled id)
+        self._client_ids: deque[tuple[float, str, str]] = deque()  # (ts, user, id), oldest first
         self._scheduled_count = 0  # orders scheduled messages due at the same time
 
     def add_message(self, message: Message) -> None:
@@ -1378,6 +1379,9 @@ class Deadlines:
 
     def add_file(self, file_id: str) -> None:
         self._file.append(file_id)
+
+    def add_client_id(self, ts: float, name: str, client_id: str) -> None:
+        self._client_ids.append((ts, name, client_id))
 
     def schedule(self, scheduled: Scheduled) -> None:
         self._scheduled_count += 1
@@ -1415,6 +1419,14 @@ class Deadlines:
             if messenger.messages[oldest].ts + messenger.rules.undelivered_ttl > now:
                 break
             expired.append(self._undelivered.popleft())
+        return expired
+
+    def expired_client_ids(self, now: float) -> list[tuple[float, str, str]]:
+        """Take out the client_ids remembered (ts, user, id) whose lifetime is over."""
+        lifetime = self._messenger.client_id_lifetime()
+        expired: list[tuple[float, str, str]] = []
+        while self._client_ids and self._client_ids[0][0] + lifetime <= now:
+            expired.append(self._client_ids.popleft())
         return expired
 
     def expired_file(self, now: float) -> StoredFile | None:
@@ -2104,7 +2116,7 @@ class Messenger:
         if client_id is None:
             return None
         known = user.client_ids.get(client_id)
-        if known is None or known[2] + self._client_id_lifetime() <= now:
+        if known is None or known[2] + self.client_id_lifetime() <= now:
             return None
         kind, ref, _ = known
         if kind == "scheduled":
@@ -2514,12 +2526,17 @@ class Messenger:
         self._post(message, client_id=scheduled.client_id, counted=False, scheduled_id=scheduled.id)
 
     def expire(self, now: float) -> None:
-        """Drop the messages and files whose time is over; costs O(what expires)."""
+        """Drop the messages, files and client_ids whose time is over; costs O(what
+        expires)."""
         expired = self.deadlines.expired_messages(now)
         if expired:
             self._remove_messages(expired, now)
         while (stored := self.deadlines.expired_file(now)) is not None:
             self.uploads.drop_if_unused(stored, now)
+        for ts, name, client_id in self.deadlines.expired_client_ids(now):
+            remembered = self.users[name].client_ids
+            if client_id in remembered and remembered[client_id][2] == ts:  # not used again
+                del remembered[client_id]
 
     def _remove_messages(self, ids: list[int], now: float) -> None:
         by_chat: dict[str, int] = {}
@@ -2730,20 +2747,16 @@ class Messenger:
         if client_id is not None:
             self._remember_client_id(user, client_id, "scheduled", new_scheduled, ts)
 
-    def _client_id_lifetime(self) -> float:
+    def client_id_lifetime(self) -> float:
         return max(IDEMPOTENCY_WINDOW, self.rules.message_ttl)
 
     def _remember_client_id(
         self, user: User, client_id: str, kind: str, ref: int | str, ts: float
     ) -> None:
-        """Keep a client_id, newest last, and forget the ones past their lifetime."""
-        while user.client_ids:
-            oldest = next(iter(user.client_ids))
-            if user.client_ids[oldest][2] + self._client_id_lifetime() > ts:
-                break
-            del user.client_ids[oldest]
+        """Keep a client_id, newest last, until its lifetime is over (``expire``)."""
         user.client_ids.pop(client_id, None)
         user.client_ids[client_id] = (kind, ref, ts)
+        self.deadlines.add_client_id(ts, user.name, client_id)
 
     def _add_scheduled(self, scheduled: Scheduled) -> None:
         self.scheduled[scheduled.id] = scheduled
@@ -2828,6 +2841,12 @@ class Messenger:
         for scheduled in load_records(state, "scheduled", Scheduled, checks.scheduled):
             self._add_scheduled(scheduled)
         self.accounts.registrations.windows = load_windows(state, "registrations")
+        remembered = sorted(
+            (ts, user.name, client_id)
+            for user in self.users.values() for client_id, (_, _, ts) in user.client_ids.items()
+        )
+        for ts, name, client_id in remembered:
+            self.deadlines.add_client_id(ts, name, client_id)
         for user in self.users.values():
             for key in [*user.chats, *user.conversations]:
                 user.unread.add(key)

@@ -521,6 +521,34 @@ def test_send_retry_after_the_message_expired_makes_no_copy(clock: FakeClock) ->
     assert messenger.send("alice", ms.Draft("hello", client_id="k1")).created
 
 
+def test_client_ids_are_forgotten_with_time_not_at_the_next_send(clock: FakeClock) -> None:
+    """Found by review: client_ids were pruned only when their user sent again, so an
+    account that sent an hour's worth and went quiet kept them all, in every snapshot, for
+    good. They go when their lifetime is over, the same live, replayed and restored; one
+    used again lives from its new use (a replay applies that use before it forgets the
+    first)."""
+    messenger, events = make_messenger(clock, flood_limit=1000, rate_limit=1000)
+    register(messenger, "alice")
+    for number in range(50):
+        post(messenger, "alice", "hello", client_id=f"k{number}")
+    clock.advance(ms.IDEMPOTENCY_WINDOW)
+    post(messenger, "alice", "again", client_id="k0")  # forgotten, so free: a new lifetime
+    state, messages = messenger.export()
+    restored = ms.Messenger(messenger.rules, clock)
+    restored.restore(state, [tuple(message) for message in messages])
+    replayed = ms.Messenger(messenger.rules, clock)
+    for event in events:
+        replayed.replay(event)
+    clock.advance(10)
+    for one in (messenger, restored, replayed):
+        one.tick()
+        assert list(one.users["alice"].client_ids) == ["k0"]
+    clock.advance(ms.IDEMPOTENCY_WINDOW)
+    messenger.tick()
+    assert messenger.users["alice"].client_ids == {}
+    assert messenger.export()[0]["users"][0]["client_ids"] == {}
+
+
 def test_send_client_ids_are_per_user(messenger: ms.Messenger) -> None:
     mine = messenger.send("alice", ms.Draft("a", chat="club", client_id="same"))
     theirs = messenger.send("bob", ms.Draft("b", chat="club", client_id="same"))
