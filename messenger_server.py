@@ -224,11 +224,7 @@ class Rules:
         10, "new users per client address per registration window; 429 above"
     )
     registration_window: float = flag(HOUR, "seconds")
-    max_sessions: int = flag(100, "sessions per user; a new one revokes the least recently used")
-    sessions_per_ip: int = flag(
-        1000, "sessions opened from one client address; a new one revokes the address's least "
-        "recently used"
-    )
+    max_sessions: int = flag(20, "sessions per user; a new one revokes the least recently used")
     max_users: int = flag(
         100_000, "registered users in all; 503 above: memory stays bounded however many "
         "addresses register"
@@ -249,7 +245,10 @@ class ServerConfig:
     http: HttpLimits = field(default_factory=HttpLimits)
     max_json_body: int = flag(MAX_JSON_BODY, "bytes of a JSON body; 413 above")
     max_file_size: int = flag(MAX_FILE_SIZE, "bytes of an uploaded file; 413 above")
-    head_timeout: float = flag(HEAD_TIMEOUT, "seconds for a whole request head; 408 after")
+    head_timeout: float = flag(
+        HEAD_TIMEOUT, "seconds for a whole request head (408 after), and for a new connection's "
+        "first request to begin (closed after)"
+    )
     body_timeout: float = flag(BODY_TIMEOUT, "seconds for a whole request body; 408 after")
     idle_timeout: float = flag(IDLE_TIMEOUT, "seconds an idle keep-alive connection is kept")
     shutdown_timeout: float = flag(SHUTDOWN_TIMEOUT, "seconds requests get to finish at exit")
@@ -1261,7 +1260,6 @@ class Session:
     user: str
     created: float
     used: float  # when it was last used, to within SESSION_TOUCH
-    address: str | None = None  # the client's (its group) that opened it; None if unknown
 
 
 @dataclass(slots=True)
@@ -1476,8 +1474,6 @@ class Accounts:
         self._users = messenger.users
         self._rules = messenger.rules
         self.sessions: dict[str, Session] = {}  # by token hash, least recently used first
-        # The token hashes of the sessions each address opened, least recently used first.
-        self._by_address: dict[str, dict[str, None]] = {}
         self.login_failures = WindowsByKey(self._rules.login_window)  # by (name, address)
         self.password_checks = WindowsByKey(self._rules.login_window)  # by address
         self.registrations = WindowsByKey(self._rules.registration_window)  # by address
@@ -1509,11 +1505,12 @@ class Accounts:
 
     def check_registration_allowed(self, address: str) -> None:
         """429 when an address has registered its share of users in the window; 503 when
-        the server holds as many users as it may."""
+        the server holds as many users as it may (accounts are never removed: only the
+        operator can open registration again, with a larger --max-users)."""
         if len(self._users) >= self._rules.max_users:
             logger.warning("registration refused: %d users, the most allowed", len(self._users))
             raise Unavailable("registration is closed: the server has as many users as it may "
-                              "hold", retry_after=3600)
+                              "hold")
         now = self._messenger.clock()
         if self.registrations.used(address, now) >= self._rules.registrations_per_ip:
             raise RateLimited(
@@ -1528,30 +1525,20 @@ class Accounts:
         if name in self._users:
             raise Conflict(f"the name {name} was taken a moment ago")
         self.check_registration_allowed(address)
-        self._make_room(None, address)
         self._messenger.emit(
             "user", name, password, salt, cost, hash_token(token), address,
             self._messenger.clock(),
         )
         return self._users[name]
 
-    def open_session(self, name: str, token: str, address: str) -> User:
-        """A new session of ``name``, opened from ``address`` (its group)."""
-        self._make_room(self._users[name], address)
-        self._messenger.emit("session", hash_token(token), name, self._messenger.clock(), address)
-        return self._users[name]
-
-    def _make_room(self, user: User | None, address: str) -> None:
-        """Before a session opens: at the most a user may hold, its least recently used
-        goes; at the most an address may hold, the address's least recently used goes (so
-        a stranger's logins cost a bounded memory, and end only its own sessions)."""
-        if user is not None and len(user.sessions) >= self._rules.max_sessions:
+    def open_session(self, name: str, token: str) -> User:
+        """A new session; at the most a user may hold, its least recently used goes."""
+        user = self._users[name]
+        if len(user.sessions) >= self._rules.max_sessions:
             oldest = min(user.sessions, key=lambda token_hash: self.sessions[token_hash].used)
-            self._messenger.emit("revoke", oldest, user.name)
-        held = self._by_address.get(address, {})
-        if len(held) >= self._rules.sessions_per_ip:
-            oldest = next(iter(held))
-            self._messenger.emit("revoke", oldest, self.sessions[oldest].user)
+            self._messenger.emit("revoke", oldest, name)
+        self._messenger.emit("session", hash_token(token), name, self._messenger.clock())
+        return user
 
     def authenticate(self, token: str) -> tuple[User, str]:
         """The user a bearer token belongs to, and the token's hash; 401 if none or if it
@@ -1584,38 +1571,22 @@ class Accounts:
 
     # Applying events --------------------------------------------------------
 
-    def _apply_session(
-        self, token_hash: str, name: str, ts: float, address: str | None = None
-    ) -> None:
-        self.add_session(Session(token_hash, name, ts, ts, address))
+    def _apply_session(self, token_hash: str, name: str, ts: float) -> None:
+        self.add_session(Session(token_hash, name, ts, ts))
 
     def add_session(self, session: Session) -> None:
-        """Sessions are kept least recently used first, in all and by address: the TTL sweep
-        and the caps start there."""
+        """Sessions are kept least recently used first: the TTL sweep starts there."""
         self.sessions[session.token_hash] = session
         self._users[session.user].sessions.add(session.token_hash)
-        if session.address is not None:
-            self._by_address.setdefault(session.address, {})[session.token_hash] = None
-
-    def _take(self, token_hash: str) -> Session | None:
-        """Take a session out of the orders it is kept in (to drop it, or to put it back
-        last, as just used)."""
-        session = self.sessions.pop(token_hash, None)
-        if session is not None and session.address is not None:
-            held = self._by_address[session.address]
-            del held[token_hash]
-            if not held:
-                del self._by_address[session.address]
-        return session
 
     def _apply_touch(self, token_hash: str, name: str, ts: float) -> None:
-        session = self._take(token_hash)
+        session = self.sessions.pop(token_hash, None)
         if session is not None:
             session.used = ts
             self.add_session(session)
 
     def _apply_revoke(self, token_hash: str, name: str) -> None:
-        session = self._take(token_hash)
+        session = self.sessions.pop(token_hash, None)
         if session is not None:
             self._users[session.user].sessions.discard(token_hash)
 
@@ -2416,7 +2387,7 @@ class Messenger:
         fewer when they are long (see MAX_ANSWER_TEXT). Private ones are delivered unless
         ``mark`` is False (a HEAD)."""
         message = self.visible_message(name, message_id)
-        live = (i for i in self._replies.get(message_id, ()) if i > after and i in self.messages)
+        live = self._after(self._replies.get(message_id, []), after)
         comments = self._within_budget(self.messages[i] for i in itertools.islice(live, limit))
         if mark:
             self._mark_delivered(self.users[name], [message, *comments])
@@ -2542,9 +2513,12 @@ class Messenger:
         by_chat: dict[str, int] = {}
         by_user: dict[str, list[int]] = {}
         by_conversation: dict[tuple[str, str], list[int]] = {}
+        by_parent: dict[int, list[int]] = {}  # comments that go, by the message they are on
         for message_id in ids:
             message = self.messages.pop(message_id)
             self._replies.pop(message_id, None)
+            if message.reply_to is not None:
+                by_parent.setdefault(message.reply_to, []).append(message_id)
             sender = None if message.sender is None else self.users[message.sender]
             self._count_kept(self._payer(message), -kept_size(message.text))
             if sender is not None:
@@ -2570,6 +2544,12 @@ class Messenger:
             del self.chats[chat_name].messages[:count]
         for name, gone in by_user.items():
             _remove_ids(self.users[name].private, gone)
+        for parent, gone in by_parent.items():
+            replies = self._replies.get(parent)  # None if the parent went too
+            if replies is not None:
+                _remove_ids(replies, gone)
+                if not replies:
+                    del self._replies[parent]
         for (name, key), gone in by_conversation.items():
             user = self.users[name]
             live = user.conversations[key]
@@ -2594,7 +2574,7 @@ class Messenger:
         self.users[new_user] = User(new_user, password, salt, cost, ts, address=address)
         self.accounts.registrations.add(address, ts)
         self.membership.add_member(self.chats[GENERAL], new_user)
-        self.accounts.add_session(Session(token_hash, new_user, ts, ts, address))
+        self.accounts.add_session(Session(token_hash, new_user, ts, ts))
 
     def _apply_message(
         self, message_id: int, chat: str | None, to: str | None, sender: str, text: str,
@@ -4231,7 +4211,7 @@ class MessengerApp:
             self.messenger.accounts.login_failed(name, group)
             logger.warning("wrong password for %r from %r", name, address)
             raise Unauthorized("wrong password")
-        return self.messenger.accounts.open_session(name, token, group)
+        return self.messenger.accounts.open_session(name, token)
 
     async def _scrypt(self, password: str, salt: bytes, cost: int, group: str) -> bytes:
         """scrypt (n = 2**cost, r=8, p=1) off the event loop, one per core at a time.
@@ -4897,7 +4877,10 @@ class Connection:
         self._buffer = bytearray()
         self._loop = asyncio.get_running_loop()
         self.phase = Phase.IDLE
-        self.deadline = self._loop.time() + self._config.idle_timeout
+        # A new connection gets as long for its first request as a head gets to arrive, not
+        # the idle timeout of a keep-alive one: sockets that never send hold no place long.
+        first_request = min(self._config.head_timeout, self._config.idle_timeout)
+        self.deadline = self._loop.time() + first_request
         self._body = Body.NONE  # the current request's body
         self.cut_off = False  # the server ended it (a deadline, shutdown): say no more
         self.user: str | None = None  # whose token the connection used last

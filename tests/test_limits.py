@@ -824,24 +824,6 @@ async def test_sessions_are_capped_least_recently_used_first_and_expire_unused(
 
 
 @pytest.mark.asyncio
-async def test_an_address_holds_at_most_sessions_per_ip(tmp_path: Path, clock: FakeClock) -> None:
-    """Found by review: logins from one address piled up sessions (100 per user, each of its
-    users) for 30 days. An address now holds ``--sessions-per-ip``; a new one ends the
-    address's least recently used, and other addresses keep theirs."""
-    config = make_config(tmp_path, rules=ms.Rules(sessions_per_ip=2), **TRUSTING)
-    async with ms.MessengerServer(config, clock) as server:
-        port = server.port
-        elsewhere = await connect(port, "carol", address="10.0.0.2")
-        first = await connect(port, "alice", address="10.0.0.1")
-        second = await connect(port, "alice", address="10.0.0.1")
-        third = await connect(port, "alice", address="10.0.0.1")  # the first goes
-        gone = await call(port, "GET", "/status", token=first)
-        assert_error(gone, 401, "unauthorized", "unknown or revoked token: connect again")
-        for token in (second, third, elsewhere):
-            assert (await call(port, "GET", "/status", token=token)).status == 200
-
-
-@pytest.mark.asyncio
 async def test_registration_is_503_once_the_server_holds_max_users(
     tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -854,7 +836,7 @@ async def test_registration_is_503_once_the_server_holds_max_users(
         refused = await call(server.port, "POST", "/connect", body)
         assert_error(refused, 503, "unavailable",
                      "registration is closed: the server has as many users as it may hold")
-        assert refused.headers["retry-after"] == "3600"
+        assert "retry-after" not in refused.headers
         assert await connect(server.port, "alice")
         assert list(server.messenger.users) == ["alice"]
 

@@ -507,6 +507,25 @@ async def test_idle_keep_alive_connection_is_closed(fast_server: ms.MessengerSer
 
 
 @pytest.mark.asyncio
+async def test_a_connection_that_sends_nothing_goes_after_the_head_timeout(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: a socket that never sent a byte held its place for the idle timeout
+    (75 s), so a few addresses reconnecting kept --max-connections full. Its first request
+    gets as long as a head does; then a keep-alive connection idles up to the idle timeout."""
+    config = make_config(tmp_path, head_timeout=0.3, idle_timeout=30.0)
+    async with ms.MessengerServer(config, clock) as server:
+        loop = asyncio.get_running_loop()
+        async with Client(server.port) as silent, Client(server.port) as used:
+            opened = loop.time()
+            assert (await used.request("GET", "/health")).status == 200
+            assert await silent.closed()
+            assert 0.25 <= loop.time() - opened < 2
+            # Past the head timeout too, the connection that made a request is still served.
+            assert (await used.request("GET", "/health")).status == 200
+
+
+@pytest.mark.asyncio
 async def test_long_poll_is_not_idle(tmp_path: Path, clock: FakeClock) -> None:
     """A request being answered is not an idle connection, whatever the idle timeout."""
     config = make_config(tmp_path, idle_timeout=0.2)
