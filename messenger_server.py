@@ -107,6 +107,9 @@ MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 
 # listening sockets, the state folder's lock, journal and snapshot files, uploads and downloads
 # under way, the event loop's own. --max-connections is lowered to fit below the limit.
 FD_RESERVE: Final = 64
+# Descriptors asked for each connection: its socket, and a file it downloads or uploads. One
+# is required; when the limit allows no more, a download that finds none is answered 503.
+FDS_PER_CONNECTION: Final = 2
 ACCEPT_BATCH: Final = 128  # connections taken per wake-up of a listening socket
 ACCEPT_PAUSE: Final = 0.1  # seconds accepting rests after a failure (out of descriptors)
 LOG_EVERY: Final = 10.0  # seconds between two records of a repeated warning (refusals)
@@ -4497,8 +4500,11 @@ class MessengerApp:
         stored = self.messenger.uploads.readable_file(call.user, file_id)
         try:
             handle = self.store.open_file(stored.id)
-        except OSError as exc:  # gone, or a symlink planted in its place
+        except OSError as exc:  # out of descriptors; else gone, or a symlink in its place
             logger.error("stored file %s cannot be opened: %s", stored.id, exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise Unavailable("the server has too many files open: try again",
+                                  retry_after=1) from exc
             raise UnknownFile(file_id) from exc
         headers = [
             ("Content-Disposition", content_disposition(stored.name)),
@@ -5158,14 +5164,15 @@ class Connection:
 
 def connection_cap(wanted: int) -> int:
     """How many connections may be open at once: ``wanted``, or fewer if the open-file
-    limit is too low for them and FD_RESERVE descriptors more.
+    limit is too low for a descriptor each and FD_RESERVE more.
 
-    The soft limit is raised first, toward the hard one, as far as needed. A lowered cap
-    is said once, in a warning.
+    The soft limit is raised first, toward the hard one, as far as FDS_PER_CONNECTION
+    descriptors a connection. A lowered cap is said once, in a warning.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = wanted + FD_RESERVE
-    raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    asked = wanted * FDS_PER_CONNECTION + FD_RESERVE
+    raised = asked if hard == resource.RLIM_INFINITY else min(asked, hard)
     if soft != resource.RLIM_INFINITY and soft < raised:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))

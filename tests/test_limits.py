@@ -4,11 +4,12 @@ the first one refused), in the domain without I/O and through real sockets."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import resource
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -21,6 +22,7 @@ from tests.conftest import (
     assert_error,
     call,
     connect,
+    login,
     make_config,
     settle,
 )
@@ -1128,11 +1130,33 @@ async def test_messages_names_at_most_100_conversations(tmp_path: Path, clock: F
         )  # the limit passed: now the names are checked
 
 
+@pytest.mark.asyncio
+async def test_a_download_out_of_descriptors_is_503_not_404(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a stored file that could not be opened for lack of descriptors was
+    answered 404, as if it did not exist."""
+    async with ms.MessengerServer(make_config(tmp_path), clock) as server:
+        (alice,) = await login(server, "alice")
+        file_id = (await alice.uploaded(b"mine", "a.txt", "text/plain"))["id"]
+
+        def out_of_descriptors(file_id: str) -> BinaryIO:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(server.store, "open_file", out_of_descriptors)
+        response = await alice.get(f"/files/{file_id}")
+        assert_error(response, 503, "unavailable", "the server has too many files open: try again")
+        assert response.headers["retry-after"] == "1"
+        monkeypatch.undo()
+        assert (await alice.get(f"/files/{file_id}")).body == b"mine"
+
+
 @pytest.mark.parametrize(
     ("soft", "hard", "raised_to", "cap"),
-    [(1024, resource.RLIM_INFINITY, 10_000 + ms.FD_RESERVE, 10_000),
+    [(1024, resource.RLIM_INFINITY, 20_000 + ms.FD_RESERVE, 10_000),
      (1024, 4096, 4096, 4096 - ms.FD_RESERVE),
      (1024, 1024, None, 1024 - ms.FD_RESERVE),
+     (1024, 15_000, 15_000, 10_000),
      (100, 100, None, 50),
      (20_000, 20_000, None, 10_000)],
 )
@@ -1141,8 +1165,9 @@ def test_connection_cap_fits_under_the_open_file_limit(
     soft: int, hard: int, raised_to: int | None, cap: int,
 ) -> None:
     """Found by review: --max-connections was never set against RLIMIT_NOFILE. The soft limit
-    is raised toward the hard one as far as needed; a cap still too high is lowered below it,
-    FD_RESERVE descriptors (half the limit at most) kept for the rest, and a warning says so."""
+    is raised toward the hard one as far as two descriptors a connection (a download holds
+    its file too); a cap too high for one each is lowered below it, FD_RESERVE descriptors
+    (half the limit at most) kept for the rest, and a warning says so."""
     raised: list[int] = []
     monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, hard))
     monkeypatch.setattr(resource, "setrlimit", lambda _, limits: raised.append(limits[0]))
