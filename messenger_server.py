@@ -1067,6 +1067,7 @@ CONVERSATION_RE: Final = re.compile(r"@(?:[A-Za-z0-9_-]{1,32})?|[A-Za-z0-9_-]{1,
 NOTICE_TYPES: Final = frozenset(
     {"invited", "request", "approved", "denied", "scheduled_dropped", "banned"}
 )
+ANSWER_NOTICES: Final = frozenset({"approved", "denied"})  # an owner's answers to requests
 NOTICE_KEYS: Final = frozenset({"type", "chat", "user", "scheduled"})
 
 Event = tuple[Any, ...]  # ("kind", *fields): the unit of the journal
@@ -1886,10 +1887,9 @@ class Membership:
             kind, text = "approved", f"{owner} let you into {chat_name}"
         else:
             kind, text = "denied", f"{owner} turned down your request to join {chat_name}"
-        now = self._messenger.clock()
-        self._messenger.check_flood(self._users[owner], now)  # each decision is a notice
-        self._messenger.check_text_room(self._users[owner], text)
-        self._messenger.emit("decide", chat_name, guest, approve, now)
+        # The answer counts against the requester's quota, as its request did (``_payer``):
+        # never refused, so that an owner always gets through its requests.
+        self._messenger.emit("decide", chat_name, guest, approve, self._messenger.clock())
         self._messenger.notify(guest, kind, text, chat=chat_name, about=owner)
         return chat
 
@@ -1947,13 +1947,10 @@ class Membership:
         self._users[name].flood.add(ts, self._rules.flood_window)
 
     def _apply_decide(self, chat: str, name: str, approve: bool, ts: float) -> None:
-        """The owner decides on ``name``'s request, at ``ts`` in its flood window."""
         joined = self._chats[chat]
         joined.requests.pop(name, None)
         if approve:
             self.add_member(joined, name)
-        if joined.owner is not None:
-            self._users[joined.owner].flood.add(ts, self._rules.flood_window)
 
 
 class Messenger:
@@ -2644,9 +2641,16 @@ class Messenger:
             payer.kept_text += size
 
     def _payer(self, message: Message) -> User | None:
-        """Whose quota a message counts against: its sender's, or for a notice the user
-        whose action it tells of (none for the server's own: a ban, a dropped message)."""
-        name = message.sender if message.notice is None else message.notice.get("user")
+        """Whose quota a message counts against: its sender's; for a notice, the user whose
+        action it tells of (an invitation, a join request), but for the answer to a request
+        the requester's, who asked for it (an owner turning down a stranger again and again
+        must not pay for it); none for the server's own (a ban, a dropped message)."""
+        if message.notice is None:
+            name = message.sender
+        elif message.notice["type"] in ANSWER_NOTICES:
+            name = message.to
+        else:
+            name = message.notice.get("user")
         return None if name is None else self.users[name]
 
     def _apply_deliver(self, name: str, ids: list[int], ts: float) -> None:
@@ -4463,8 +4467,9 @@ class MessengerApp:
         media_type = request.headers.get("content-type", "application/octet-stream")
         if not _MEDIA_TYPE_RE.fullmatch(media_type):
             raise InvalidField("Content-Type must be a media type such as image/png")
-        # Uploads under way count as stored already, for the quota and for the disk.
-        expected = limit if request.content_length is None else request.content_length
+        # Uploads under way count as stored already, for the quota and for the disk: a disk
+        # block at least (never 0: an empty one overlapping another keeps their count).
+        expected = _charged(limit if request.content_length is None else request.content_length)
         under_way = self.uploading.get(call.user, 0)
         self.messenger.uploads.check_upload(call.user, under_way + (request.content_length or 0))
         free = self.store.free_bytes() - sum(self.uploading.values())
@@ -4781,7 +4786,7 @@ def build_openapi() -> dict[str, Any]:
             errors=[403, 404], parameters=[chat_path])},
         "/chat/{name}/requests/{user}": {"post": _operation(
             "Approve or deny a join request (owner only)", {200: chat_answer},
-            errors=[400, 403, 404, 429], body=_object("approve", approve=boolean),
+            errors=[400, 403, 404], body=_object("approve", approve=boolean),
             parameters=[chat_path, _parameter("user", "path", user_name, "who asked")])},
         "/join/{token}": {"post": _operation(
             "Ask to join through a link",

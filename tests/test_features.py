@@ -1010,6 +1010,41 @@ async def test_upload_answers_201_with_the_file_record(files_server: ms.Messenge
 
 
 @pytest.mark.asyncio
+async def test_an_empty_upload_overlapping_another_is_stored(
+    files_server: ms.MessengerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: an empty upload counted 0 bytes under way; when another upload of
+    the same user ended first, the count was gone and the empty one's end was a 500, its
+    file left on disk unrecorded."""
+    (alice,) = await login(files_server, "alice")
+    save_upload = files_server.store.save_upload
+    empty_saved, other_answered = asyncio.Event(), asyncio.Event()
+
+    async def held_when_empty(chunks: AsyncIterator[bytes]) -> tuple[str, str, int]:
+        saved = await save_upload(chunks)
+        if saved[2] == 0:  # the empty one ends after the other
+            empty_saved.set()
+            await other_answered.wait()
+        return saved
+
+    monkeypatch.setattr(files_server.store, "save_upload", held_when_empty)
+    async with Client(files_server.port) as other:
+        await other.send_raw(
+            f"POST /files?name=big HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {alice.token}"
+            "\r\nContent-Length: 100\r\n\r\n".encode() + b"x" * 99
+        )
+        empty = asyncio.create_task(alice.upload(b"", "empty.txt"))
+        await empty_saved.wait()
+        await other.send_raw(b"x")
+        assert (await other.response()).status == 201
+        other_answered.set()
+        assert (await empty).status == 201
+    assert files_server.app.uploading == {}
+    names = sorted(stored.name for stored in files_server.messenger.files.values())
+    assert names == ["big", "empty.txt"]
+
+
+@pytest.mark.asyncio
 async def test_download_round_trips_every_byte_value(files_server: ms.MessengerServer) -> None:
     (alice,) = await login(files_server, "alice")
     data = bytes(range(256))
