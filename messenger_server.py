@@ -59,6 +59,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pickle
 import re
@@ -2989,16 +2990,49 @@ def _record_fields(cls: type) -> list[tuple[str, Any, Callable[[Any], bool]]]:
 
 def to_plain(record: Any) -> dict[str, Any]:
     """A state object as plain builtins by field name, derived fields left out. Containers
-    are copied: the result stays as it is while the object changes."""
-    plain: dict[str, Any] = {}
-    for name, _, _ in _record_fields(type(record)):
-        value = getattr(record, name)
-        if dataclasses.is_dataclass(value):
-            value = to_plain(value)
-        elif isinstance(value, list | set | dict):
-            value = value.copy()
-        plain[name] = value
+    are copied: the result stays as it is while the object changes. (A snapshot makes one
+    per user, chat and session while the loop waits: the field lists come made.)"""
+    names, read, copied, nested = _plain_layout(type(record))
+    plain = dict(zip(names, read(record), strict=True))
+    for name in copied:
+        if plain[name] is not None:
+            plain[name] = plain[name].copy()
+    for name in nested:
+        plain[name] = to_plain(plain[name])
     return plain
+
+
+PlainLayout = tuple[
+    tuple[str, ...], Callable[[Any], tuple[Any, ...]], tuple[str, ...], tuple[str, ...]
+]
+_PLAIN_LAYOUTS: Final[dict[type, PlainLayout]] = {}
+
+
+def _plain_layout(cls: type) -> PlainLayout:
+    """For ``to_plain``, made once per class: a state class's saved fields, a getter of
+    their values, the fields holding a container (list, set or dict, maybe None) and those
+    holding a record."""
+    layout = _PLAIN_LAYOUTS.get(cls)
+    if layout is None:
+        fields = _record_fields(cls)
+        names = tuple(name for name, _, _ in fields)
+        assert len(names) > 1  # attrgetter gives a tuple
+        copied = tuple(name for name, hint, _ in fields if _holds_container(hint))
+        nested = tuple(
+            name for name, hint, _ in fields
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint)
+        )
+        layout = _PLAIN_LAYOUTS[cls] = (names, operator.attrgetter(*names), copied, nested)
+    return layout
+
+
+def _holds_container(hint: Any) -> bool:
+    """Whether a field of type ``hint`` holds a list, set or dict (or None)."""
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    return any(
+        option in (list, set, dict) or typing.get_origin(option) in (list, set, dict)
+        for option in (typing.get_args(hint) if union else (hint,))
+    )
 
 
 def from_plain(cls: type[T], plain: Any) -> T:

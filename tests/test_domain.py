@@ -1375,6 +1375,24 @@ def test_replay_forgets_a_read_mark_that_expired_live_then_saw_a_new_message(
     assert replayed.export() == messenger.export()
 
 
+def test_an_export_stays_as_it_was_while_the_state_changes(clock: FakeClock) -> None:
+    """A snapshot is written from the export in steps while the loop runs on: the export
+    holds copies of every container and plain dicts for nested records."""
+    messenger, _ = make_messenger(clock)
+    register(messenger, "alice")
+    messenger.membership.join("alice", "club", False)
+    post(messenger, "alice", "hi", chat="club", client_id="k1")
+    state, _ = messenger.export()
+    alice = state["users"][0]
+    kept = {key: alice[key] for key in ("chats", "client_ids", "flood")}
+    assert kept["flood"] == {"start": clock.now, "count": 1}
+    snapshot = repr(kept)
+    messenger.membership.join("alice", "den", False)
+    post(messenger, "alice", "again", chat="club", client_id="k2")
+    assert repr(kept) == snapshot
+    assert set(messenger.users["alice"].chats) == {"general", "club", "den"}
+
+
 def test_export_restore_gives_the_same_export(clock: FakeClock) -> None:
     messenger, _ = make_messenger(clock)
     scenario(messenger, clock)
