@@ -4301,7 +4301,7 @@ class MessengerApp:
             to=body.optional_string("to", pattern=USER_NAME_RE),
             reply_to=body.optional_int("reply_to", minimum=1),
             file=body.optional_string("file", pattern=ID_RE),
-            client_id=body.optional_string("client_id", max_length=64),
+            client_id=body.optional_string("client_id", min_length=0, max_length=64) or None,
             send_at=body.optional_float("send_at"),
         )
         if not draft.text and draft.file is None:

@@ -463,10 +463,20 @@ async def test_send_client_id_over_64_characters_400(server: ms.MessengerServer)
     body = {"text": "x", "client_id": "k" * 65}
     assert_error(
         await alice.post("/send", body), 400, "invalid_field",
-        "client_id must be 1 to 64 characters"
+        "client_id must be at most 64 characters"
     )
     body = {"text": "x", "client_id": "k" * 64}
     assert (await alice.post("/send", body)).status == 201
+
+
+@pytest.mark.asyncio
+async def test_send_empty_client_id_is_no_key(server: ms.MessengerServer) -> None:
+    """Found by review: the contract allows any client_id up to 64 characters, and "" was
+    refused. It is taken as no key: two sends are two messages, not a retry."""
+    (alice,) = await login(server, "alice")
+    first = await alice.posted("one", client_id="")
+    second = await alice.posted("two", client_id="")
+    assert (first["text"], second["text"]) == ("one", "two")
 
 
 # Reading: /messages ##########################################################
