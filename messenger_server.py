@@ -216,6 +216,10 @@ class Rules:
         3, "reporters that ban a user from sending, counted once per address they registered from"
     )
     ban_duration: float = flag(4 * HOUR, "seconds a ban lasts")
+    report_memory: float = flag(
+        30 * DAY, "seconds after a ban during which the users whose reports caused it count "
+        "toward no new ban of that user"
+    )
     login_failures: int = flag(
         10, "wrong passwords for a name from an address per login window; 429 above"
     )
@@ -1225,6 +1229,8 @@ class User:
     sessions: set[str] = field(default_factory=set, metadata=DERIVED)  # token hashes
     reporters: set[str] = field(default_factory=set)
     banned_until: float | None = None
+    # Reporters whose reports banned it -> when that ban ended (see Moderation._spent_until).
+    spent_reporters: dict[str, float] = field(default_factory=dict)
     general: Window = field(default_factory=Window)  # messages sent to general
     flood: Window = field(default_factory=Window)  # messages sent anywhere
     reports_made: Window = field(default_factory=Window)
@@ -1619,7 +1625,7 @@ class Moderation:
             raise Forbidden(f"you can report {target} only for a message of theirs you can see")
         now = self._messenger.clock()
         already_counted = reporter in user.reporters and not _ban_ended(user, now)
-        if not already_counted:
+        if not already_counted and self._spent_until(user, reporter, now) <= now:
             made = self._users[reporter].reports_made
             if made.used(now, self._rules.rate_window) >= self._rules.report_limit:
                 reset = made.reset_at(now, self._rules.rate_window) or now
@@ -1650,9 +1656,25 @@ class Moderation:
             return Standing(0, None)
         return Standing(len(user.reporters), user.banned_until)
 
+    def _spent_until(self, user: User, reporter: str, now: float) -> float:
+        """Until when ``reporter`` counts toward no new ban of ``user``: ``report_memory``
+        after a ban its report helped cause ended (else 0). Without it, the same few
+        accounts could report their target again the moment each ban ends."""
+        if _ban_ended(user, now) and reporter in user.reporters:
+            ended = user.banned_until
+        else:
+            ended = user.spent_reporters.get(reporter)
+        return 0.0 if ended is None else ended + self._rules.report_memory
+
     def _apply_report(self, reporter: str, target: str, reason: str, ts: float) -> None:
         user = self._users[target]
-        if _ban_ended(user, ts):
+        if self._spent_until(user, reporter, ts) > ts:
+            return
+        if user.banned_until is not None and user.banned_until <= ts:  # the ban has ended
+            memory = self._rules.report_memory
+            spent = {name: ended for name, ended in user.spent_reporters.items()
+                     if ended + memory > ts}
+            user.spent_reporters = spent | dict.fromkeys(user.reporters, user.banned_until)
             user.banned_until = None
             user.reporters.clear()
         if reporter in user.reporters:

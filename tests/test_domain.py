@@ -660,17 +660,36 @@ def test_report_each_reporter_counts_once(clock: FakeClock) -> None:
     assert (standing.reports, standing.banned_until, len(events)) == (1, None, recorded)
 
 
-def test_report_count_restarts_when_the_ban_ends(clock: FakeClock) -> None:
-    messenger, _ = make_messenger(clock, ban_threshold=2, ban_duration=100.0)
-    register(messenger, "x", "a", "b")
+def test_report_count_restarts_when_the_ban_ends_without_its_reporters(
+    clock: FakeClock,
+) -> None:
+    """Found by review: the reporters of a ban reported again the moment it ended, and
+    kept their target silent for good. When a ban ends the count restarts, and those who
+    caused it count toward no new ban of that user for ``report_memory``."""
+    messenger, events = make_messenger(
+        clock, ban_threshold=2, ban_duration=100.0, report_memory=1000.0
+    )
+    register(messenger, "x", "a", "b", "c", "d")
     post(messenger, "x", "spam", chat="general")  # a message to report
     messenger.moderation.report("a", "x", "")
     messenger.moderation.report("b", "x", "")
     clock.advance(100)
     assert messenger.moderation.standing("x").reports == 0
-    assert messenger.moderation.report("a", "x", "").banned_until is None
-    post(messenger, "x", "one report is not a ban")
+    post(messenger, "x", "spam again")
+    recorded = len(events)
+    for reporter in ("a", "b"):
+        assert messenger.moderation.report(reporter, "x", "") == ms.Standing(0, None)
+    assert len(events) == recorded, "their reports are no voice now: nothing recorded"
+    assert messenger.moderation.report("c", "x", "").banned_until is None
+    assert messenger.moderation.report("d", "x", "").banned_until == clock.now + 100.0
+    clock.advance(1000)  # a and b's memory has passed (c and d's has not)
+    post(messenger, "x", "and again")
+    messenger.moderation.report("a", "x", "")
     assert messenger.moderation.report("b", "x", "").banned_until == clock.now + 100.0
+    again = ms.Messenger(messenger.rules, clock)
+    for event in events:
+        again.replay(event)
+    assert again.export() == messenger.export()
 
 
 @pytest.mark.parametrize(
