@@ -232,7 +232,7 @@ class Rules:
         10, "new users per client address per registration window; 429 above"
     )
     registration_window: float = flag(HOUR, "seconds")
-    max_sessions: int = flag(20, "sessions per user; a new one revokes the least recently used")
+    max_sessions: int = flag(100, "sessions per user; a new one revokes the least recently used")
     max_users: int = flag(
         100_000, "registered users in all; 503 above: memory stays bounded however many "
         "addresses register"
