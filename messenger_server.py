@@ -261,7 +261,8 @@ class ServerConfig:
     idle_timeout: float = flag(IDLE_TIMEOUT, "seconds an idle keep-alive connection is kept")
     shutdown_timeout: float = flag(SHUTDOWN_TIMEOUT, "seconds requests get to finish at exit")
     max_connections: int = flag(
-        MAX_CONNECTIONS, "open connections in all; 503 above (lowered to fit the open-file limit)"
+        MAX_CONNECTIONS, "open connections in all: a new one takes the place of the one idle the "
+        "longest, 503 if none is (lowered to fit the open-file limit)"
     )
     max_connections_per_ip: int = flag(
         MAX_CONNECTIONS_PER_IP, "open connections per client address; 503 above"
@@ -4954,11 +4955,14 @@ class Connection:
         self._next_read: asyncio.Future[bytes] | None = None  # a read begun by a handler
 
     async def serve(self) -> None:
+        idle = self._server.idle
         try:
+            idle[self] = None
             while True:
                 request = await self._read_request()
                 if request is None:
                     return
+                idle.pop(self, None)
                 if self._proxied:
                     self._attribute(request)
                 self.phase, self.deadline = Phase.HANDLER, float("inf")
@@ -4982,6 +4986,8 @@ class Connection:
                 self.deadline = self._loop.time() + self._config.idle_timeout
                 if self._buffer:  # pipelined requests wait their turn behind other clients
                     await asyncio.sleep(0)
+                else:
+                    idle[self] = None
         except MessengerError as exc:
             if not self.cut_off:
                 logger.info("bad request from %s: %d %r", self.peer, exc.status, exc.message)
@@ -4991,6 +4997,7 @@ class Connection:
         except OSError as exc:  # the client went away, or a file could not be read
             logger.debug("connection with %s ended: %s", self.peer, exc)
         finally:
+            idle.pop(self, None)
             self._server.app.forget(self)
             if self._next_read is not None:
                 self._next_read.cancel()
@@ -5077,6 +5084,7 @@ class Connection:
                 if self.phase == Phase.IDLE:
                     self.phase = Phase.HEAD
                     self.deadline = self._loop.time() + self._config.head_timeout
+                    self._server.idle.pop(self, None)
                 check_partial_head(buffer, self._config.http, checked)
                 checked = len(buffer)
             if not await self._fill():
@@ -5313,6 +5321,9 @@ class MessengerServer:
         self._refusals = Throttled()
         self._accept_failures = Throttled()
         self._connections: dict[Connection, asyncio.Task[None]] = {}
+        # Connections waiting for a request, idle the longest first: at the cap, the first
+        # makes room for a new one.
+        self.idle: OrderedDict[Connection, None] = OrderedDict()
         self._per_address: dict[str, int] = {}  # open connections by client address
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -5458,10 +5469,11 @@ class MessengerServer:
         self._listeners = []
 
     def _accept(self, listener: socket.socket) -> None:
-        """Take the connections waiting on ``listener``. Past ``max_connections`` each is
-        answered 503 and closed right away, so that neither the backlog nor refused
-        connections hold descriptors; out of descriptors all the same (EMFILE), accepting
-        rests for ACCEPT_PAUSE, with a warning now and then."""
+        """Take the connections waiting on ``listener``. At ``max_connections`` a new one
+        takes the place of the connection idle the longest; if none is idle, it is answered
+        503 and closed right away, so that neither the backlog nor refused connections hold
+        descriptors. Out of descriptors all the same (EMFILE), accepting rests for
+        ACCEPT_PAUSE, with a warning now and then."""
         for _ in range(ACCEPT_BATCH):
             try:
                 client, address = listener.accept()
@@ -5477,7 +5489,8 @@ class MessengerServer:
                 loop.remove_reader(listener.fileno())
                 loop.call_later(ACCEPT_PAUSE, self._resume_accepting, listener)
                 return
-            if self._open_sockets >= self.max_connections:
+            at_cap = self._open_sockets >= self.max_connections
+            if at_cap and not self._close_longest_idle():
                 peer = address[0] if isinstance(address, tuple) else "?"
                 self._refuse_now(client, peer, "too many open connections: try again later")
                 continue
@@ -5485,6 +5498,21 @@ class MessengerServer:
             task = asyncio.create_task(self._serve_socket(client))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
+            if at_cap:  # the next ones once the loop has let the closed one's descriptor go
+                return
+
+    def _close_longest_idle(self) -> bool:
+        """At the cap, close the connection waiting longest for a request, to make room for
+        a new one (a client may find its idle connection closed any time, RFC 9112 §9.6):
+        the places go to clients that use them, not to sockets kept open. False if every
+        connection is busy."""
+        if not self.idle:
+            return False
+        connection, _ = self.idle.popitem(last=False)
+        logger.debug("closed the connection of %s, idle the longest, for a new one",
+                     connection.peer)
+        connection.drop()
+        return True
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if listener in self._listeners:

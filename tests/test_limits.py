@@ -25,6 +25,7 @@ from tests.conftest import (
     login,
     make_config,
     settle,
+    waiting,
 )
 from tests.proxy import needs_nginx, nginx_in_front
 from tests.servers import Spawn
@@ -926,22 +927,37 @@ async def test_connection_cap_behind_a_proxy_counts_each_client_address(
 
 
 @pytest.mark.asyncio
-async def test_max_connections_in_all_refuses_the_next_one(
+async def test_max_connections_in_all_makes_room_from_the_longest_idle(
     tmp_path: Path, clock: FakeClock
 ) -> None:
+    """Found by review: a few addresses' idle sockets kept --max-connections full, and every
+    newcomer got 503. At the cap, the connection idle the longest is closed for a new one
+    (a client may find an idle connection closed any time); only when every connection is
+    busy is a newcomer refused."""
     config = make_config(tmp_path, max_connections=2)
-    async with (
-        ms.MessengerServer(config, clock) as server,
-        SourceClient(server.port, "127.0.0.2") as first,
-        SourceClient(server.port, "127.0.0.3") as second,
-    ):
-        for client in (first, second):  # the last ones allowed, from two addresses
-            assert (await client.request("GET", "/health")).status == 200
-        async with SourceClient(server.port, "127.0.0.4") as third:
-            assert_error(
-                await third.response(), 503, "unavailable",
-                "too many open connections: try again later"
-            )
+    async with ms.MessengerServer(config, clock) as server:
+        port = server.port
+        token = await connect(port, "alice")
+        await settle(lambda: not server.idle)  # that connection is gone
+        poll = f"GET /messages?since=0&wait=30 HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}"
+        async with (
+            SourceClient(port, "127.0.0.2") as first,
+            SourceClient(port, "127.0.0.3") as second,
+        ):
+            for client in (first, second):  # the last ones allowed, from two addresses
+                assert (await client.request("GET", "/health")).status == 200
+            await second.send_raw(f"{poll}\r\n\r\n".encode())  # busy: a parked long-poll
+            assert await settle(waiting(server, "alice"))
+            async with SourceClient(port, "127.0.0.4") as third:
+                assert (await third.request("GET", "/health")).status == 200
+                assert await first.closed(), "idle the longest: closed for the newcomer"
+                await third.send_raw(f"{poll}\r\n\r\n".encode())
+                assert await settle(lambda: len(server.app.waiters._by_user["alice"]) == 2)
+                async with SourceClient(port, "127.0.0.5") as fourth:
+                    assert_error(
+                        await fourth.response(), 503, "unavailable",
+                        "too many open connections: try again later"
+                    )
 
 
 @pytest.mark.parametrize(
