@@ -210,6 +210,10 @@ class Rules:
     )
     max_memberships: int = flag(500, "chats a user may be a member of; 403 above")
     max_owned_chats: int = flag(100, "chats a user may create; 403 above")
+    max_chats: int = flag(
+        100_000, "chats in all; creating one more is 503: memory stays bounded however many "
+        "accounts create them"
+    )
     upload_quota: int = flag(50 * MIB, "bytes of stored files per user; 403 above")
     report_limit: int = flag(10, "new reports per user per rate window; 429 above")
     ban_threshold: int = flag(
@@ -1839,6 +1843,10 @@ class Membership:
             raise QuotaExceeded(
                 f"you may create at most {how_many(self._rules.max_owned_chats, 'chat')}"
             )
+        elif len(self._chats) >= self._rules.max_chats:
+            logger.warning("chat %r not created: %d chats, the most allowed", chat_name,
+                           len(self._chats))
+            raise Unavailable("no new chat for now: the server holds as many chats as it may")
         if chat is None or name not in chat.members:
             self.check_memberships(user)
         self._messenger.emit("join", chat_name, name, bool(private), self._messenger.clock())

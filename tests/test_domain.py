@@ -181,6 +181,22 @@ def test_read_position_is_shared_by_all_sessions(messenger: ms.Messenger) -> Non
     assert messenger.unread(second.name) == ({}, {}, 0)
 
 
+def test_chats_are_capped_in_all(clock: FakeClock) -> None:
+    """Chats are free to make (100 an account) and stay: their number in all is bounded
+    (memory); joining the existing ones goes on."""
+    messenger, events = make_messenger(clock, max_chats=3)  # general and two more
+    register(messenger, "alice", "bob")
+    messenger.membership.join("alice", "one", False)
+    messenger.membership.join("alice", "two", False)
+    recorded = len(events)
+    with pytest.raises(
+        ms.Unavailable, match="no new chat for now: the server holds as many chats as it may"
+    ):
+        messenger.membership.join("bob", "three", False)
+    assert len(events) == recorded and "three" not in messenger.chats
+    messenger.membership.join("bob", "one", None)
+
+
 def test_registration_closes_at_max_users(clock: FakeClock) -> None:
     messenger, events = make_messenger(clock, max_users=2)
     register(messenger, "alice", "bob")
