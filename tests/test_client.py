@@ -990,12 +990,17 @@ def client_process(*args: str, stderr: int = subprocess.PIPE) -> subprocess.Pope
     )
 
 
-def test_ctrl_c_ends_read_follow_on_a_new_line_with_status_130(cli: Cli) -> None:
+def test_ctrl_c_ends_read_follow_on_a_new_line_with_status_130(
+    cli: Cli, live_server: ServerThread
+) -> None:
     cli.login("alice")
-    bob = mc.MessengerClient(cli.url, cli.login("bob"))
     process = client_process("--server", cli.url, "--user", "alice", "read", "--follow")
     try:
-        wait_until_parked(bob)
+        # Its long poll parked (counting it online could be its first reads still).
+        deadline = time.monotonic() + 10
+        while not live_server.server.app.waiters._by_user.get("alice"):
+            assert time.monotonic() < deadline, "read --follow never started waiting"
+            time.sleep(0.01)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=20)
     finally:
