@@ -215,6 +215,10 @@ class Rules:
         "accounts create them"
     )
     upload_quota: int = flag(50 * MIB, "bytes of stored files per user; 403 above")
+    upload_quota_per_ip: int = flag(
+        200 * MIB, "bytes of stored files of all the users registered from one client "
+        "address; 403 above"
+    )
     report_limit: int = flag(10, "new reports per user per rate window; 429 above")
     ban_threshold: int = flag(
         3, "reporters that ban a user from sending, counted once per address they registered from"
@@ -1253,6 +1257,12 @@ class User:
     scheduled: set[str] = field(default_factory=set, metadata=DERIVED)  # its pending ids
     stored: int = field(default=0, metadata=DERIVED)  # bytes of its files still kept
 
+    @property
+    def origin(self) -> str:
+        """Where it registered from, as the per-address rules count it (bans, stored files);
+        a user from before addresses were kept is one of its own."""
+        return self.address or f"@{self.name}"
+
 
 @dataclass(slots=True)
 class Chat:
@@ -1691,9 +1701,8 @@ class Moderation:
 
     def _counted(self, reporters: set[str]) -> int:
         """Reporters as a ban counts them: once per address they registered from, so that
-        one stranger's accounts are one voice (a user from before addresses were kept
-        counts alone)."""
-        return len({self._users[name].address or f"@{name}" for name in reporters})
+        one stranger's accounts are one voice."""
+        return len({self._users[name].origin for name in reporters})
 
 
 class Uploads:
@@ -1708,14 +1717,22 @@ class Uploads:
         self._users = messenger.users
         self._files = messenger.files
         self._rules = messenger.rules
+        self.stored_by_origin: dict[str, int] = {}  # bytes stored by users' ``origin``
 
     def check_upload(self, owner: str, size: int) -> None:
-        """403 when ``size`` more bytes would take the user past its upload quota."""
-        stored = self._users[owner].stored
-        if stored + _charged(size) > self._rules.upload_quota:
+        """403 when ``size`` more bytes would take the user past its upload quota, or the
+        users registered from its address past theirs (accounts are free to make)."""
+        user = self._users[owner]
+        if user.stored + _charged(size) > self._rules.upload_quota:
             raise QuotaExceeded(
                 f"your stored files may total at most {self._rules.upload_quota} bytes "
-                f"({stored} used)"
+                f"({user.stored} used)"
+            )
+        by_address = self.stored_by_origin.get(user.origin, 0)
+        if by_address + _charged(size) > self._rules.upload_quota_per_ip:
+            raise QuotaExceeded(
+                "the stored files of the users registered from your address may total at most "
+                f"{self._rules.upload_quota_per_ip} bytes ({by_address} used)"
             )
 
     def add_file(
@@ -1769,12 +1786,21 @@ class Uploads:
 
     def add(self, stored: StoredFile) -> None:
         self._files[stored.id] = stored
-        self._users[stored.owner].stored += _charged(stored.size)
+        self._count(self._users[stored.owner], _charged(stored.size))
         self._messenger.deadlines.add_file(stored.id)
 
     def _remove(self, stored: StoredFile) -> None:
         del self._files[stored.id]
-        self._users[stored.owner].stored -= _charged(stored.size)
+        self._count(self._users[stored.owner], -_charged(stored.size))
+
+    def _count(self, owner: User, size: int) -> None:
+        """``size`` more bytes stored (fewer if negative) by ``owner`` and its address."""
+        owner.stored += size
+        by_address = self.stored_by_origin.get(owner.origin, 0) + size
+        if by_address:
+            self.stored_by_origin[owner.origin] = by_address
+        else:
+            del self.stored_by_origin[owner.origin]
 
 
 class Membership:

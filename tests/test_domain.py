@@ -962,6 +962,32 @@ def add_file(messenger: ms.Messenger, owner: str, file_id: str = F) -> ms.Stored
     return messenger.uploads.add_file(owner, file_id, "cat.png", 3, "image/png", "ab" * 32)
 
 
+def test_files_are_capped_per_registration_address(clock: FakeClock) -> None:
+    """Found by review: the upload quota was per account, and accounts are free: one
+    address stored 500 MiB an hour. The users registered from one address share
+    ``upload_quota_per_ip``; others are not concerned, and a file gone frees its place."""
+    messenger, events = make_messenger(clock, upload_quota_per_ip=3 * ms.FILE_BLOCK)
+    for name, address in (("a", "home"), ("b", "home"), ("c", "away")):
+        messenger.accounts.register(name, b"hash", b"salt", 4, f"token-{name}", address)
+    add_file(messenger, "a", fid("a1"))
+    add_file(messenger, "a", fid("a2"))
+    add_file(messenger, "b", fid("b1"))  # the third block of "home"
+    with pytest.raises(ms.QuotaExceeded, match=re.escape(
+        "the stored files of the users registered from your address may total at most "
+        f"{3 * ms.FILE_BLOCK} bytes ({3 * ms.FILE_BLOCK} used)"
+    )):
+        add_file(messenger, "b", fid("b2"))
+    add_file(messenger, "c", fid("c1"))
+    again = ms.Messenger(messenger.rules, clock)
+    for event in events:
+        again.replay(event)
+    assert again.uploads.stored_by_origin == messenger.uploads.stored_by_origin
+    clock.advance(TTL)
+    messenger.tick()  # unused files go after the TTL
+    assert messenger.uploads.stored_by_origin == {}
+    add_file(messenger, "b", fid("b2"))
+
+
 def files_gone(messenger: ms.Messenger) -> list[str]:
     """The ids of the files ``messenger`` drops from now on, filled as it drops them."""
     gone: list[str] = []
