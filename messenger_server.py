@@ -5211,6 +5211,9 @@ class Connection:
                     await self._send_file(response.file, response.file_size)
         else:
             self._writer.write(head + response.body if with_body else head)
+            # The transport keeps what it could not send yet: the answer is not kept twice
+            # while a slow client reads.
+            response.body = b""
         if self._writer.transport.is_closing():  # no use answering what else it sent
             raise ConnectionResetError("the client went away")
         if self._writer.transport.get_write_buffer_size():
