@@ -102,11 +102,11 @@ IDLE_TIMEOUT: Final = 75.0  # seconds an idle keep-alive connection is kept
 SHUTDOWN_TIMEOUT: Final = 10.0  # seconds in-flight requests get to finish at shutdown
 LINGER_TIMEOUT: Final = 2.0  # seconds a refused request's remaining bytes are taken in
 SKIP_LIMIT: Final = 1024 * 1024  # bytes of an unread body read past to keep a connection
-MAX_CONNECTIONS: Final = 10_000  # open connections in all; 503 above
+MAX_CONNECTIONS: Final = 10_000  # open connections in all; then the longest idle makes room
 MAX_CONNECTIONS_PER_IP: Final = 256  # open connections per client address; 503 above
 # File descriptors kept from connections, under the open-file limit (RLIMIT_NOFILE): the
-# listening sockets, the state folder's lock, journal and snapshot files, uploads and downloads
-# under way, the event loop's own. --max-connections is lowered to fit below the limit.
+# listening sockets, the state folder's lock, journal and snapshot files, the event loop's own.
+# --max-connections is lowered to fit below the limit.
 FD_RESERVE: Final = 64
 # Descriptors asked for each connection: its socket, and a file it downloads or uploads. One
 # is required; when the limit allows no more, a download that finds none is answered 503.
@@ -302,6 +302,25 @@ class ServerConfig:
     def largest_body(self) -> int:
         """Bytes of the largest body any route takes: a bigger one is refused at once."""
         return max(self.max_json_body, self.max_file_size)
+
+
+class Throttled:
+    """A warning that may repeat fast (a refusal per connection, a failing accept): one
+    record per LOG_EVERY seconds at most, which counts those left out since the last."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" ({self._left_out} more like it in the last {LOG_EVERY:g} s)"
+        self._next, self._left_out = now + LOG_EVERY, 0
+        logger.warning(message, *args)
 
 
 # Errors ####################################################################
@@ -1238,8 +1257,9 @@ class User:
     sessions: set[str] = field(default_factory=set, metadata=DERIVED)  # token hashes
     reporters: set[str] = field(default_factory=set)
     banned_until: float | None = None
-    # Reporters whose reports banned it -> when that ban ended (see Moderation._spent_until).
-    spent_reporters: dict[str, float] = field(default_factory=dict)
+    # Addresses (``origin``) whose users' reports banned it -> when that ban ended (see
+    # Moderation._spent_until).
+    spent_origins: dict[str, float] = field(default_factory=dict)
     general: Window = field(default_factory=Window)  # messages sent to general
     flood: Window = field(default_factory=Window)  # messages sent anywhere
     reports_made: Window = field(default_factory=Window)
@@ -1253,7 +1273,7 @@ class User:
     # Its live messages by conversation (a chat's name, "@" and a recipient): who may report it.
     sent: dict[str, int] = field(default_factory=dict, metadata=DERIVED)
     undelivered: int = field(default=0, metadata=DERIVED)  # its private ones nobody received
-    kept_text: int = field(default=0, metadata=DERIVED)  # UTF-8 bytes of its texts, scheduled too
+    kept_text: int = field(default=0, metadata=DERIVED)  # bytes it pays for (Messenger._payer)
     scheduled: set[str] = field(default_factory=set, metadata=DERIVED)  # its pending ids
     stored: int = field(default=0, metadata=DERIVED)  # bytes of its files still kept
 
@@ -1503,6 +1523,7 @@ class Accounts:
         self.login_failures = WindowsByKey(self._rules.login_window)  # by (name, address)
         self.password_checks = WindowsByKey(self._rules.login_window)  # by address
         self.registrations = WindowsByKey(self._rules.registration_window)  # by address
+        self._closed = Throttled()  # registration refused at --max-users
 
     def check_login_allowed(self, name: str, address: str) -> None:
         """429 while a name has had too many wrong passwords from an address in the login
@@ -1534,7 +1555,8 @@ class Accounts:
         the server holds as many users as it may (accounts are never removed: only the
         operator can open registration again, with a larger --max-users)."""
         if len(self._users) >= self._rules.max_users:
-            logger.warning("registration refused: %d users, the most allowed", len(self._users))
+            self._closed.warning("registration refused: %d users, the most allowed",
+                                 len(self._users))
             raise Unavailable("registration is closed: the server has as many users as it may "
                               "hold")
         now = self._messenger.clock()
@@ -1673,23 +1695,26 @@ class Moderation:
 
     def _spent_until(self, user: User, reporter: str, now: float) -> float:
         """Until when ``reporter`` counts toward no new ban of ``user``: ``report_memory``
-        after a ban its report helped cause ended (else 0). Without it, the same few
-        accounts could report their target again the moment each ban ends."""
-        if _ban_ended(user, now) and reporter in user.reporters:
+        after the end of a ban reported from its address (``User.origin``, as a ban counts
+        reporters), else 0. Without it, the same few addresses could report their target
+        again the moment each ban ends, with new accounts if need be."""
+        origin = self._users[reporter].origin
+        if _ban_ended(user, now) and origin in self._origins(user.reporters):
             ended = user.banned_until
         else:
-            ended = user.spent_reporters.get(reporter)
+            ended = user.spent_origins.get(origin)
         return 0.0 if ended is None else ended + self._rules.report_memory
 
     def _apply_report(self, reporter: str, target: str, reason: str, ts: float) -> None:
         user = self._users[target]
         if self._spent_until(user, reporter, ts) > ts:
             return
-        if user.banned_until is not None and user.banned_until <= ts:  # the ban has ended
+        ended_at = user.banned_until
+        if ended_at is not None and ended_at <= ts:  # the ban has ended
             memory = self._rules.report_memory
-            spent = {name: ended for name, ended in user.spent_reporters.items()
+            spent = {origin: ended for origin, ended in user.spent_origins.items()
                      if ended + memory > ts}
-            user.spent_reporters = spent | dict.fromkeys(user.reporters, user.banned_until)
+            user.spent_origins = spent | dict.fromkeys(self._origins(user.reporters), ended_at)
             user.banned_until = None
             user.reporters.clear()
         if reporter in user.reporters:
@@ -1702,7 +1727,10 @@ class Moderation:
     def _counted(self, reporters: set[str]) -> int:
         """Reporters as a ban counts them: once per address they registered from, so that
         one stranger's accounts are one voice."""
-        return len({self._users[name].origin for name in reporters})
+        return len(self._origins(reporters))
+
+    def _origins(self, reporters: set[str]) -> set[str]:
+        return {self._users[name].origin for name in reporters}
 
 
 class Uploads:
@@ -1825,6 +1853,7 @@ class Membership:
         self._rules = messenger.rules
         self.public_names = sorted(c.name for c in self._chats.values() if not c.private)
         self._links: dict[str, str] = {}  # link token hash -> chat
+        self._full = Throttled()  # a chat refused at --max-chats
 
     def member_chat(self, user: User, chat_name: str) -> Chat:
         chat = self._chats.get(chat_name)
@@ -1870,9 +1899,9 @@ class Membership:
                 f"you may create at most {how_many(self._rules.max_owned_chats, 'chat')}"
             )
         elif len(self._chats) >= self._rules.max_chats:
-            logger.warning("chat %r not created: %d chats, the most allowed", chat_name,
-                           len(self._chats))
-            raise Unavailable("no new chat for now: the server holds as many chats as it may")
+            self._full.warning("chat %r not created: %d chats, the most allowed", chat_name,
+                               len(self._chats))
+            raise Unavailable("no new chat: the server holds as many chats as it may")
         if chat is None or name not in chat.members:
             self.check_memberships(user)
         self._messenger.emit("join", chat_name, name, bool(private), self._messenger.clock())
@@ -2055,7 +2084,8 @@ class Messenger:
         self.last_id = 0
         self.changes = 0  # events applied and messages expired; snapshots watch it
         self.delivered: dict[int, float] = {}  # private message id -> first received
-        self.kept_text = 0  # UTF-8 bytes of the texts of all messages, scheduled ones too
+        self.kept_text = 0  # bytes of all kept messages, notices and scheduled ones (kept_size)
+        self._text_full = Throttled()  # a send refused at --max-total-text
         self._replies: dict[int, list[int]] = {}  # message id -> comment ids
         self.deadlines = Deadlines(self)
         self.accounts = Accounts(self)
@@ -2224,7 +2254,8 @@ class Messenger:
                 f"text and {MESSAGE_COST}): older ones must expire first"
             )
         if self.kept_text + size > self.rules.max_total_text:
-            logger.warning("message text is at its limit of %d bytes", self.rules.max_total_text)
+            self._text_full.warning("kept messages are at their limit of %d bytes",
+                                    self.rules.max_total_text)
             raise Unavailable("the server keeps as much message text as it may: try again later",
                               retry_after=60)
 
@@ -3073,7 +3104,8 @@ def _plain_layout(cls: type) -> PlainLayout:
     if layout is None:
         fields = _record_fields(cls)
         names = tuple(name for name, _, _ in fields)
-        assert len(names) > 1  # attrgetter gives a tuple
+        if len(names) < 2:  # attrgetter gives a tuple of two or more
+            raise TypeError(f"{cls.__name__} has fewer than two saved fields")
         copied = tuple(name for name, hint, _ in fields if _holds_container(hint))
         nested = tuple(
             name for name, hint, _ in fields
@@ -4991,7 +5023,6 @@ class Connection:
     async def serve(self) -> None:
         idle = self._server.idle
         try:
-            idle[self] = None
             while True:
                 request = await self._read_request()
                 if request is None:
@@ -5020,8 +5051,6 @@ class Connection:
                 self.deadline = self._loop.time() + self._config.idle_timeout
                 if self._buffer:  # pipelined requests wait their turn behind other clients
                     await asyncio.sleep(0)
-                else:
-                    idle[self] = None
         except MessengerError as exc:
             if not self.cut_off:
                 logger.info("bad request from %s: %d %r", self.peer, exc.status, exc.message)
@@ -5121,6 +5150,8 @@ class Connection:
                     self._server.idle.pop(self, None)
                 check_partial_head(buffer, self._config.http, checked)
                 checked = len(buffer)
+            elif self.phase == Phase.IDLE:  # waiting for a request, since it was first here
+                self._server.idle.setdefault(self)
             if not await self._fill():
                 if buffer and not self.cut_off:
                     raise BadRequest("the connection ended in the middle of a request head")
@@ -5295,25 +5326,6 @@ def connection_cap(wanted: int) -> int:
         "unlimited" if hard == resource.RLIM_INFINITY else hard, soft - cap,
     )
     return cap
-
-
-class Throttled:
-    """A warning that may repeat fast (a refusal per connection, a failing accept): one
-    record per LOG_EVERY seconds at most, which counts those left out since the last."""
-
-    def __init__(self) -> None:
-        self._next = 0.0
-        self._left_out = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._left_out += 1
-            return
-        if self._left_out:
-            message += f" ({self._left_out} more like it in the last {LOG_EVERY:g} s)"
-        self._next, self._left_out = now + LOG_EVERY, 0
-        logger.warning(message, *args)
 
 
 def _freeze_loaded_state() -> None:
@@ -5526,9 +5538,9 @@ class MessengerServer:
                 loop.remove_reader(listener.fileno())
                 loop.call_later(ACCEPT_PAUSE, self._resume_accepting, listener)
                 return
+            peer = address[0] if isinstance(address, tuple) else "?"
             at_cap = self._open_sockets >= self.max_connections
-            if at_cap and not self._close_longest_idle():
-                peer = address[0] if isinstance(address, tuple) else "?"
+            if at_cap and not (self._admissible(peer) and self._close_longest_idle()):
                 self._refuse_now(client, peer, "too many open connections: try again later")
                 continue
             self._open_sockets += 1
@@ -5537,6 +5549,17 @@ class MessengerServer:
             task.add_done_callback(self._starting.discard)
             if at_cap:  # the next ones once the loop has let the closed one's descriptor go
                 return
+
+    def _admissible(self, peer: str) -> bool:
+        """Whether a connection from ``peer`` would be admitted (``admit``), as far as is
+        known at accept: none while closing, nor from an address at its cap (the clients of
+        a trusted proxy are known by their requests only). One that would not makes no room."""
+        if self.closing:
+            return False
+        if _is_trusted(peer, self.config.forwarded_allow_ips):
+            return True
+        group = address_group(peer, self.config.ipv6_prefix)
+        return self._per_address.get(group, 0) < self.config.max_connections_per_ip
 
     def _close_longest_idle(self) -> bool:
         """At the cap, close the connection waiting longest for a request, to make room for

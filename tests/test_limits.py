@@ -960,6 +960,49 @@ async def test_max_connections_in_all_makes_room_from_the_longest_idle(
                     )
 
 
+@pytest.mark.asyncio
+async def test_a_newcomer_refused_by_its_address_cap_makes_no_room(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: at the cap, an idle connection was closed before the newcomer was
+    found over its own address's cap: each refused attempt closed someone else's."""
+    config = make_config(tmp_path, max_connections=2, max_connections_per_ip=1)
+    async with (
+        ms.MessengerServer(config, clock) as server,
+        SourceClient(server.port, "127.0.0.2") as first,
+        SourceClient(server.port, "127.0.0.3") as second,
+    ):
+        for client in (first, second):
+            assert (await client.request("GET", "/health")).status == 200
+        async with SourceClient(server.port, "127.0.0.2") as again:
+            assert_error(await again.response(), 503, "unavailable",
+                         "too many open connections: try again later")
+        for client in (first, second):
+            assert (await client.request("GET", "/health")).status == 200
+
+
+@pytest.mark.asyncio
+async def test_a_connection_idle_after_an_extra_crlf_makes_room_first(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Found by review: a request followed by a stray CRLF (allowed before the next request
+    line) left its connection out of the idle ones: a younger idle connection was closed
+    in its place."""
+    config = make_config(tmp_path, max_connections=2)
+    async with (
+        ms.MessengerServer(config, clock) as server,
+        SourceClient(server.port, "127.0.0.2") as older,
+        SourceClient(server.port, "127.0.0.3") as younger,
+    ):
+        await older.send_raw(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n\r\n")
+        assert (await older.response()).status == 200
+        assert (await younger.request("GET", "/health")).status == 200
+        async with SourceClient(server.port, "127.0.0.4") as newcomer:
+            assert (await newcomer.request("GET", "/health")).status == 200
+            assert await older.closed()
+            assert (await younger.request("GET", "/health")).status == 200
+
+
 @pytest.mark.parametrize(
     ("entry", "client"),
     [("192.0.2.7:4711", "192.0.2.7"), ("[2001:db8::7]:4711", "2001:db8::7"),
