@@ -4249,11 +4249,19 @@ class MessengerApp:
     def _messages(self, messages: Iterable[Message]) -> list[dict[str, Any]]:
         return [self._message(message) for message in messages]
 
-    def _message_list(self, messages: list[Message], more: bytes = b"") -> Response:
-        """The answer ``{"messages": [...]}``, with ``more`` fields after the list (encoded):
-        the bytes ``Response.json`` would make, each message as ``rendered`` keeps it."""
-        listed = b",".join(map(self.rendered, messages))
-        return Response(HTTPStatus.OK, b'{"messages":[' + listed + b"]" + more + b"}")
+    def _listed(self, messages: list[Message]) -> bytes:
+        """A JSON list of messages, each as ``rendered`` keeps it."""
+        return b"[" + b",".join(map(self.rendered, messages)) + b"]"
+
+    @staticmethod
+    def _encoded(
+        status: HTTPStatus = HTTPStatus.OK, headers: list[tuple[str, str]] | None = None,
+        **fields: bytes,
+    ) -> Response:
+        """A JSON object answer of fields encoded already (messages: ``_listed``,
+        ``rendered``): the bytes ``Response.json`` would make of them."""
+        pairs = b",".join(b'"%s":%s' % (name.encode(), value) for name, value in fields.items())
+        return Response(status, b"{" + pairs + b"}", headers=headers or [])
 
     @staticmethod
     def _file(stored: StoredFile, *, with_digest: bool = True) -> dict[str, Any]:
@@ -4404,8 +4412,7 @@ class MessengerApp:
         assert result.message is not None
         status = HTTPStatus.CREATED if result.created else HTTPStatus.OK
         # Rendered once here, the message is ready for the long-polls the send wakes.
-        return Response(status, b'{"message":' + self.rendered(result.message) + b"}",
-                        headers=headers)
+        return self._encoded(status, headers, message=self.rendered(result.message))
 
     async def poll(self, call: Call) -> Response:
         """New messages; with ``wait``, a long-poll answered as soon as there is one."""
@@ -4435,7 +4442,7 @@ class MessengerApp:
                     break
                 await self.waiters.wait(call.user, remaining, client_read)
                 found, next_id = self.messenger.poll(call.user, since, chats, limit, mark=mark)
-        return self._message_list(found, b',"next":%d' % next_id)
+        return self._encoded(messages=self._listed(found), next=b"%d" % next_id)
 
     async def thread(self, call: Call) -> Response:
         message_id = call.params[0]
@@ -4447,8 +4454,7 @@ class MessengerApp:
         message, comments = self.messenger.thread(
             call.user, int(message_id), after, limit, mark=call.request.method != "HEAD"
         )
-        answer = {"message": self._message(message), "comments": self._messages(comments)}
-        return Response.json(answer)
+        return self._encoded(message=self.rendered(message), comments=self._listed(comments))
 
     async def history(self, call: Call) -> Response:
         query = self._query(call)
@@ -4457,7 +4463,7 @@ class MessengerApp:
         limit = min(query.optional_int("limit", minimum=1) or self.config.rules.history, MAX_LIMIT)
         chat = chat or self.messenger.users[call.user].active_chat
         found = self.messenger.history(call.user, chat, before, limit)
-        return self._message_list(found)
+        return self._encoded(messages=self._listed(found))
 
     async def scheduled(self, call: Call) -> Response:
         pending = self.messenger.scheduled_of(call.user)

@@ -507,8 +507,9 @@ async def test_messages_next_is_the_start_when_empty(server: ms.MessengerServer)
 @pytest.mark.asyncio
 async def test_messages_come_as_the_bytes_of_their_json(server: ms.MessengerServer) -> None:
     """A message is encoded once for all its readers (``RenderedMessages``): the answers
-    that carry it, to the sender and to others, are byte for byte the compact UTF-8 JSON
-    of what they say, whatever the text, and say what the send answered."""
+    that carry it (a send, a poll, a history, a thread), to the sender and to others, are
+    byte for byte the compact UTF-8 JSON of what they say, whatever the text, and say what
+    the send answered."""
     alice, bob = await login(server, "alice", "bob")
     stored = await alice.uploaded(b"data", name='caf\u00e9 "q".txt')
     texts = ["plain", 'a "quote" and a back\\slash', "caf\u00e9 \u2713 \U0001f600",
@@ -521,6 +522,8 @@ async def test_messages_come_as_the_bytes_of_their_json(server: ms.MessengerServ
     sent = [response.json()["message"] for response in sends]
     assert [m["text"] for m in sent] == [*texts, "", "psst"]
     assert sent[-2]["file"] == {key: stored[key] for key in ("id", "name", "size", "type")}
+    thread = await bob.get(f"/messages/{sent[0]['id']}")
+    assert thread.body == ms.encode_json(thread.json()) and thread.json()["message"] == sent[0]
     for path in ["/messages?since=0", "/messages", "/history?chat=general&limit=100"]:
         for reader in (alice, bob):
             response = await reader.get(path)
