@@ -1467,10 +1467,11 @@ class Deadlines:
 
     def expired_client_ids(self, now: float) -> list[tuple[float, str, str]]:
         """Take out the client_ids remembered (ts, user, id) whose lifetime is over."""
-        lifetime = self._messenger.client_id_lifetime()
         expired: list[tuple[float, str, str]] = []
-        while self._client_ids and self._client_ids[0][0] + lifetime <= now:
-            expired.append(self._client_ids.popleft())
+        if self._client_ids:  # most sends carry none: then nothing to work out
+            lifetime = self._messenger.client_id_lifetime()
+            while self._client_ids and self._client_ids[0][0] + lifetime <= now:
+                expired.append(self._client_ids.popleft())
         return expired
 
     def expired_file(self, now: float) -> StoredFile | None:
