@@ -1662,7 +1662,7 @@ class Moderation:
         if not self._has_seen_from(reporter, user):
             raise Forbidden(f"you can report {target} only for a message of theirs you can see")
         now = self._messenger.clock()
-        already_counted = reporter in user.reporters and not _ban_ended(user, now)
+        already_counted = reporter in user.reporters and _ended_ban(user, now) is None
         if not already_counted and self._spent_until(user, reporter, now) <= now:
             made = self._users[reporter].reports_made
             if made.used(now, self._rules.rate_window) >= self._rules.report_limit:
@@ -1690,7 +1690,7 @@ class Moderation:
     def standing(self, name: str) -> Standing:
         """A user's reports and ban as of now: when a ban has ended, the count restarts."""
         user = self._users[name]
-        if _ban_ended(user, self._messenger.clock()):
+        if _ended_ban(user, self._messenger.clock()) is not None:
             return Standing(0, None)
         return Standing(len(user.reporters), user.banned_until)
 
@@ -1700,9 +1700,8 @@ class Moderation:
         reporters), else 0. Without it, the same few addresses could report their target
         again the moment each ban ends, with new accounts if need be."""
         origin = self._users[reporter].origin
-        if _ban_ended(user, now) and origin in self._origins(user.reporters):
-            ended = user.banned_until
-        else:
+        ended = _ended_ban(user, now)
+        if ended is None or origin not in self._origins(user.reporters):
             ended = user.spent_origins.get(origin)
         return 0.0 if ended is None else ended + self._rules.report_memory
 
@@ -1710,8 +1709,8 @@ class Moderation:
         user = self._users[target]
         if self._spent_until(user, reporter, ts) > ts:
             return
-        ended_at = user.banned_until
-        if ended_at is not None and ended_at <= ts:  # the ban has ended
+        ended_at = _ended_ban(user, ts)
+        if ended_at is not None:
             memory = self._rules.report_memory
             spent = {origin: ended for origin, ended in user.spent_origins.items()
                      if ended + memory > ts}
@@ -2936,8 +2935,10 @@ def _charged(size: int) -> int:
     return max(size, FILE_BLOCK)
 
 
-def _ban_ended(user: User, now: float) -> bool:
-    return user.banned_until is not None and user.banned_until <= now
+def _ended_ban(user: User, now: float) -> float | None:
+    """When the user's ban ended, if one has by ``now``."""
+    ended = user.banned_until
+    return ended if ended is not None and ended <= now else None
 
 
 def _remove_ids(ids: list[int], gone: list[int]) -> None:
@@ -4247,9 +4248,6 @@ class MessengerApp:
             "notice": message.notice,
         }
 
-    def _messages(self, messages: Iterable[Message]) -> list[dict[str, Any]]:
-        return [self._message(message) for message in messages]
-
     def _listed(self, messages: list[Message]) -> bytes:
         """A JSON list of messages, each as ``rendered`` keeps it."""
         return b"[" + b",".join(map(self.rendered, messages)) + b"]"
@@ -4316,14 +4314,11 @@ class MessengerApp:
             status = HTTPStatus.OK
             user = await self._log_in(name, password, token, group, call.address)
         history = self.messenger.history(name, user.active_chat, None, self.config.rules.history)
-        answer = {
-            "token": token,
-            "user": name,
-            "chat": user.active_chat,
-            "history": self._messages(history),
-            "unread": self.messenger.unread(name).total,
-        }
-        return Response.json(answer, status)
+        return self._encoded(
+            status, token=encode_json(token), user=encode_json(name),
+            chat=encode_json(user.active_chat), history=self._listed(history),
+            unread=b"%d" % self.messenger.unread(name).total,
+        )
 
     async def _register(self, name: str, password: str, token: str, group: str) -> User | None:
         """A new user with its first session; None when the name is taken. ``group`` is
@@ -4490,9 +4485,10 @@ class MessengerApp:
         private = body.optional_bool("private")
         chat, created = self.messenger.membership.join(call.user, name, private)
         history = self.messenger.history(call.user, name, None, self.config.rules.history)
-        answer = {"chat": self._chat(chat, call.user), "history": self._messages(history)}
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
-        return Response.json(answer, status)
+        return self._encoded(
+            status, chat=encode_json(self._chat(chat, call.user)), history=self._listed(history)
+        )
 
     def _chat_param(self, call: Call) -> str:
         name = call.params[0]
@@ -5565,8 +5561,7 @@ class MessengerServer:
             return False
         if _is_trusted(peer, self.config.forwarded_allow_ips):
             return True
-        group = address_group(peer, self.config.ipv6_prefix)
-        return self._per_address.get(group, 0) < self.config.max_connections_per_ip
+        return self._has_room(address_group(peer, self.config.ipv6_prefix))
 
     def _close_longest_idle(self) -> bool:
         """At the cap, close the connection waiting longest for a request, to make room for
@@ -5637,11 +5632,14 @@ class MessengerServer:
         """Count one more open connection from ``address`` (its group: ``address_group``),
         unless it is at its cap."""
         group = address_group(address, self.config.ipv6_prefix)
-        count = self._per_address.get(group, 0)
-        if count >= self.config.max_connections_per_ip:
+        if not self._has_room(group):
             return False
-        self._per_address[group] = count + 1
+        self._per_address[group] = self._per_address.get(group, 0) + 1
         return True
+
+    def _has_room(self, group: str) -> bool:
+        """Whether an address group is below its cap of open connections."""
+        return self._per_address.get(group, 0) < self.config.max_connections_per_ip
 
     def release(self, address: str | None) -> None:
         if address is not None:
